@@ -1,0 +1,112 @@
+"""The committed text corpus and seeded loaders that cut it into fixed-length token sequences.
+
+The corpus is Python source (code + docstrings) from the CPython standard library, split by file
+into train / valid / test. It is PSF-licensed and redistributable (see data/LICENSE-PSF.txt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+# Directories of the stdlib left out: tests (huge, repetitive), code tables and vendored data.
+_EXCLUDED_PARTS = {"test", "tests", "site-packages", "encodings", "ensurepip", "idlelib",
+                   "lib2to3", "__pycache__", "turtledemo", "config-3.11-x86_64-linux-gnu"}
+
+
+class Split(str, Enum):
+    TRAIN = "train"
+    VALID = "valid"
+    TEST = "test"
+
+
+def _split_of(rel_path: str) -> Split:
+    """Files go to a split by a stable hash of their path: ~90% train, 5% valid, 5% test."""
+    bucket = int(hashlib.sha256(rel_path.encode()).hexdigest(), 16) % 100
+    if bucket < 5:
+        return Split.TEST
+    if bucket < 10:
+        return Split.VALID
+    return Split.TRAIN
+
+
+def build_corpus(stdlib_dir: Path, out_dir: Path, max_file_bytes: int = 200_000) -> dict[str, int]:
+    """Write train/valid/test text files from a CPython stdlib directory; returns bytes per split."""
+    parts: dict[Split, list[str]] = {s: [] for s in Split}
+    for path in sorted(stdlib_dir.rglob("*.py")):
+        rel = path.relative_to(stdlib_dir).as_posix()
+        if set(Path(rel).parts) & _EXCLUDED_PARTS or rel.startswith("_sysconfigdata"):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if len(text.encode()) > max_file_bytes:
+            continue
+        parts[_split_of(rel)].append(f"# file: {rel}\n{text.strip()}\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split, docs in parts.items():
+        body = "\n".join(docs)
+        (out_dir / f"{split.value}.txt").write_text(body, encoding="utf-8")
+        sizes[split.value] = len(body.encode())
+    return sizes
+
+
+def load_text(split: Split | str, data_dir: Path | None = None) -> str:
+    split = Split(split)
+    path = (data_dir or DEFAULT_DATA_DIR) / f"{split.value}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus split {split.value!r} not found at {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def corpus_hash(split: Split | str, data_dir: Path | None = None) -> str:
+    return hashlib.sha256(load_text(split, data_dir).encode()).hexdigest()[:16]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Encode in chunks (per file) so fast tokenizers never see one giant string."""
+    docs = text.split("\n# file: ")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # fast path: batch-encode without length warnings
+        encoded = backend.encode_batch(docs, add_special_tokens=False)
+        return [i for enc in encoded for i in enc.ids]
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def token_sequences(
+    tokenizer,
+    split: Split | str,
+    seq_len: int,
+    n_seqs: int | None = None,
+    seed: int | None = None,
+    data_dir: Path | None = None,
+) -> torch.Tensor:
+    """Cut a split into non-overlapping windows of `seq_len` tokens, shape [N, seq_len].
+
+    With `seed` None the first `n_seqs` windows are taken in order (evaluation: fixed sequences,
+    fixed order); with a seed, `n_seqs` windows are drawn without replacement (calibration).
+    """
+    if seq_len < 2:
+        raise ValueError("seq_len must be at least 2")
+    ids = torch.tensor(_encode(tokenizer, load_text(split, data_dir)), dtype=torch.long)
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise ValueError(f"split {Split(split).value!r} is shorter than one sequence of {seq_len}")
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    if n_seqs is None or n_seqs >= n_windows:
+        n_seqs = n_windows
+    if seed is None:
+        return windows[:n_seqs].clone()
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_windows, generator=gen)[:n_seqs]
+    return windows[pick].clone()

@@ -1,0 +1,202 @@
+"""Load Hugging Face causal LMs and discover their compressible linears.
+
+Safetensors only, `trust_remote_code` only when the caller (an operator setting) allows it.
+Discovery runs on a meta-device skeleton built from the config, so listing the layers of a
+large model never loads its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_BLOCK_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+class ModelLoadError(ValueError):
+    """A model reference that cannot be loaded; the message says why, for the user."""
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    name: str            # module path, e.g. model.layers.3.mlp.down_proj
+    out_features: int
+    in_features: int
+    block: int | None    # decoder block index, None outside the blocks
+    kind: str            # "linear" or "conv1d" (GPT-2 stores Conv1D weights transposed)
+    has_bias: bool
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class KeptParam:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+@dataclass
+class Inventory:
+    linears: list[LinearInfo]
+    kept: list[KeptParam]
+    num_blocks: int
+    config: dict = field(default_factory=dict)
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(k.nbytes for k in self.kept)
+
+    @property
+    def linear_params(self) -> int:
+        return sum(li.numel for li in self.linears)
+
+    def to_dict(self) -> dict:
+        return {"linears": [asdict(li) for li in self.linears],
+                "kept": [asdict(k) | {"shape": list(k.shape)} for k in self.kept],
+                "num_blocks": self.num_blocks}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def block_index(name: str) -> int | None:
+    m = _BLOCK_RE.search("." + name + ".")
+    return int(m.group(1)) if m else None
+
+
+def discover(model: nn.Module, head_names: tuple[str, ...] = ("lm_head",)) -> Inventory:
+    """Every nn.Linear / Conv1D inside the decoder blocks is compressible; all other parameters
+    (embeddings, norms, the head, biases of compressed linears) are kept at their stored dtype."""
+    linears: list[LinearInfo] = []
+    compressed_weights: set[str] = set()
+    for name, mod in model.named_modules():
+        blk = block_index(name)
+        if blk is None or name.split(".")[-1] in head_names:
+            continue
+        if isinstance(mod, nn.Linear):
+            out_f, in_f = mod.out_features, mod.in_features
+            kind = "linear"
+        elif _is_conv1d(mod):
+            in_f, out_f = mod.weight.shape  # Conv1D weight is [in, out]
+            kind = "conv1d"
+        else:
+            continue
+        linears.append(LinearInfo(name, out_f, in_f, blk, kind, mod.bias is not None))
+        compressed_weights.add(f"{name}.weight")
+    kept = []
+    seen: set[int] = set()
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if pname in compressed_weights or id(p) in seen:
+            continue
+        seen.add(id(p))  # tied weights (embedding == head) are stored once
+        kept.append(KeptParam(pname, tuple(p.shape), str(p.dtype).removeprefix("torch."),
+                              p.numel() * p.element_size()))
+    blocks = {li.block for li in linears if li.block is not None}
+    return Inventory(linears, kept, (max(blocks) + 1) if blocks else 0)
+
+
+def _check_local(path: Path, trust_remote_code: bool) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise ModelLoadError(
+            f"model at {path} needs remote code (auto_map in config.json); refused because "
+            "trust_remote_code is off (set BITPLAN_TRUST_REMOTE_CODE=1 to allow it)")
+    has_st = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+    if not has_st:
+        if has_pickle:
+            raise ModelLoadError(f"model at {path} has only pickle checkpoints (.bin/.pt); "
+                                 "bitplan loads safetensors weights only")
+        raise ModelLoadError(f"model at {path} has no .safetensors weights")
+    return cfg
+
+
+def resolve(ref: str | os.PathLike, trust_remote_code: bool = False) -> Path | str:
+    """A local directory is checked here; anything else is passed to the hub client as an id."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is not a directory")
+        _check_local(path, trust_remote_code)
+        return path.resolve()
+    return str(ref)
+
+
+def load_config(ref: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    target = resolve(ref, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(f"model {ref!r} needs remote code; refused because "
+                                 "trust_remote_code is off") from exc
+        raise ModelLoadError(f"cannot load config of {ref!r}: {exc}") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"model {ref!r} not found locally or on the hub "
+                             f"(offline={os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}") from exc
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise ModelLoadError(f"model {ref!r} needs remote code; refused because "
+                             "trust_remote_code is off")
+    return config
+
+
+def inventory(ref: str | os.PathLike, trust_remote_code: bool = False) -> Inventory:
+    """Layer inventory from the config alone: a meta-device skeleton, no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(ref, trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    inv = discover(skeleton)
+    dtype = getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    size = torch.tensor([], dtype=dtype).element_size()
+    inv.kept = [KeptParam(k.name, k.shape, str(dtype).removeprefix("torch."),
+                          int(torch.Size(k.shape).numel()) * size) for k in inv.kept]
+    inv.config = config.to_dict()
+    return inv
+
+
+def load_model(ref: str | os.PathLike, trust_remote_code: bool = False,
+               device: str = "cpu", dtype: torch.dtype | None = torch.float32):
+    """Load a causal LM (safetensors weights only) in eval mode; returns the model."""
+    from transformers import AutoModelForCausalLM
+
+    load_config(ref, trust_remote_code)  # validates remote-code and existence first
+    target = resolve(ref, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            target, trust_remote_code=trust_remote_code, use_safetensors=True, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load weights of {ref!r}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def load_tokenizer(ref: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    target = resolve(ref, trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load tokenizer of {ref!r}: {exc}") from exc

@@ -1,0 +1,39 @@
+"""`bitplan bench NAME [--json]`: benchmarks print figures as ratios measured in the same run."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+# name -> module under service.bench exposing `add_arguments(parser)` (optional) and `run(args)`.
+BENCHES = ["quant", "solver", "profile", "api", "e2e", "load"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHES) + ", or all")
+    p.add_argument("name", choices=BENCHES + ["all"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.set_defaults(func=cmd_bench)
+
+
+def _run_one(name: str, args) -> dict:
+    try:
+        mod = importlib.import_module(f"service.bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"service.bench.{name}":
+            return {"error": f"benchmark {name!r} is not available in this build"}
+        raise
+    return mod.run(args)
+
+
+def cmd_bench(args) -> int:
+    names = BENCHES if args.name == "all" else [args.name]
+    result = {n: _run_one(n, args) for n in names}
+    out = result if args.name == "all" else result[args.name]
+    text = json.dumps(out, indent=None if args.json else 2)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,113 @@
+"""Model commands: train-demo, eval, generate, layers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from service.settings import DEMO_MODEL, get_settings
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train-demo", help="train the bundled demo model (Qwen2, BPE tokenizer)")
+    p.add_argument("--out", type=Path, default=DEMO_MODEL)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_demo)
+
+    p = sub.add_parser("eval", help="test-split perplexity; KL and top-1 vs a reference")
+    p.add_argument("model", help="model directory, hub id, or compressed artifact directory")
+    p.add_argument("--reference", help="reference model for KL(reference ‖ model) and top-1")
+    p.add_argument("--seqs", type=int, default=None, help="number of test sequences")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample a continuation of a prompt")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("layers", help="list compressible linears and kept parameters")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_layers)
+
+
+def cmd_train_demo(args) -> int:
+    import dataclasses
+
+    from compressor.demo_model import DemoConfig, train_demo
+
+    cfg = DemoConfig(seed=args.seed)
+    if args.steps:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    record = train_demo(args.out, cfg)
+    print(json.dumps({"out": str(args.out), "params": record["params"],
+                      "final": record["curve"][-1]}, indent=2))
+    return 0
+
+
+def load_any(ref: str):
+    """A plain HF model or a compressed artifact directory (it has a bitplan manifest)."""
+    from compressor.loading import load_model, load_tokenizer
+
+    settings = get_settings()
+    path = Path(ref)
+    if (path / "bitplan_manifest.json").is_file():
+        from compressor.artifact import load_compressed
+
+        model, tokenizer = load_compressed(path, device=settings.device)
+        return model, tokenizer
+    model = load_model(ref, trust_remote_code=settings.trust_remote_code, device=settings.device)
+    return model, load_tokenizer(ref, trust_remote_code=settings.trust_remote_code)
+
+
+def cmd_eval(args) -> int:
+    from compressor.evaluate import eval_sequences, evaluate, reference_logprobs, unigram_ppl
+
+    settings = get_settings()
+    model, tokenizer = load_any(args.model)
+    seqs = eval_sequences(tokenizer, args.seq_len or settings.eval_seq_len,
+                          args.seqs or settings.eval_seqs)
+    ref = None
+    if args.reference:
+        ref_model, _ = load_any(args.reference)
+        ref = reference_logprobs(ref_model, seqs)
+        del ref_model
+    result = evaluate(model, seqs, reference=ref, progress=sys.stderr.isatty())
+    out = result.to_dict() | {"unigram_ppl": unigram_ppl(tokenizer, seqs)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:>12}: {v}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    model, tokenizer = load_any(args.model)
+    torch.manual_seed(args.seed)
+    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, top_k=40,
+                         temperature=0.8, pad_token_id=tokenizer.eos_token_id)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def cmd_layers(args) -> int:
+    from compressor.loading import inventory
+
+    inv = inventory(args.model, trust_remote_code=get_settings().trust_remote_code)
+    if args.json:
+        print(json.dumps(inv.to_dict()))
+        return 0
+    for li in inv.linears:
+        print(f"{li.name:<45} {li.out_features:>6} x {li.in_features:<6} block {li.block} {li.kind}")
+    print(f"kept: {len(inv.kept)} tensors, {inv.kept_bytes:,} bytes")
+    return 0

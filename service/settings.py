@@ -1,0 +1,38 @@
+"""One settings object for the whole service, read from BITPLAN_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO_ROOT / "models" / "bitplan-demo"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BITPLAN_", extra="ignore")
+
+    data_dir: Path = Field(default=REPO_ROOT / "var", description="profiles, artifacts, SQLite")
+    database_url: str | None = Field(default=None, description="default: SQLite under data_dir")
+    redis_url: str | None = Field(default=None, description="unset = in-process queue")
+    model_roots: list[Path] = Field(default_factory=lambda: [REPO_ROOT / "models"])
+    trust_remote_code: bool = False
+    device: str = "cpu"
+    eval_seq_len: int = 256
+    eval_seqs: int = 96
+    require_services: bool = False
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.data_dir / 'bitplan.sqlite3'}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
