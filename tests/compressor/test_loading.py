@@ -1,0 +1,96 @@
+"""Layer discovery on Qwen2, Llama and GPT-2 (Conv1D) configs; remote code and pickle refusal."""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config
+from transformers import Qwen2ForCausalLM
+
+from compressor.loading import ModelLoadError, discover, inventory, load_model
+
+
+def _qwen2(tmp_path=None):
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=136, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg)
+
+
+def test_discover_qwen2_gqa_and_tied_head():
+    inv = discover(_qwen2())
+    names = [li.name for li in inv.linears]
+    assert len(names) == 3 * 7
+    assert names[:7] == [f"model.layers.0.{s}" for s in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    k = next(li for li in inv.linears if li.name == "model.layers.2.self_attn.k_proj")
+    assert (k.out_features, k.in_features, k.block, k.kind, k.has_bias) == (32, 64, 2, "linear", True)
+    down = next(li for li in inv.linears if li.name.endswith("1.mlp.down_proj"))
+    assert (down.out_features, down.in_features) == (64, 136)
+    kept = {p.name: p for p in inv.kept}
+    # tied embedding and head are stored once; q/k/v biases and norms are kept
+    assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
+    assert kept["model.embed_tokens.weight"].nbytes == 300 * 64 * 4
+    assert "model.layers.0.self_attn.q_proj.bias" in kept
+    assert "model.norm.weight" in kept
+    assert inv.num_blocks == 3
+
+
+def test_discover_llama():
+    cfg = LlamaConfig(vocab_size=200, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    inv = discover(LlamaForCausalLM(cfg))
+    assert len(inv.linears) == 14
+    assert all(not li.has_bias for li in inv.linears)
+    kept = {p.name for p in inv.kept}
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= kept
+    total = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    assert inv.linear_params + sum(p.nbytes for p in inv.kept) // 4 == total
+
+
+def test_discover_gpt2_conv1d():
+    cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    inv = discover(GPT2LMHeadModel(cfg))
+    by_name = {li.name: li for li in inv.linears}
+    assert set(by_name) == {f"transformer.h.{i}.{s}" for i in range(2)
+                            for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    c_attn = by_name["transformer.h.0.attn.c_attn"]
+    assert (c_attn.kind, c_attn.out_features, c_attn.in_features) == ("conv1d", 96, 32)
+    assert by_name["transformer.h.1.mlp.c_fc"].out_features == 128
+
+
+def _save(model, path):
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_inventory_matches_loaded_model_without_weights(tmp_path):
+    path = _save(_qwen2(), tmp_path / "m")
+    inv = inventory(path)
+    loaded = discover(load_model(path))
+    assert [li.name for li in inv.linears] == [li.name for li in loaded.linears]
+    assert inv.kept_bytes == loaded.kept_bytes
+
+
+def test_remote_code_refused_by_default(tmp_path):
+    path = _save(_qwen2(), tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="remote code"):
+        load_model(path)
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        inventory(path)
+
+
+def test_pickle_only_checkpoint_refused(tmp_path):
+    path = _save(_qwen2(), tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    torch.save({}, path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(path)
+
+
+def test_unknown_model_id_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model("no-such-org/no-such-model-xyz")
