@@ -32,9 +32,9 @@ class DemoConfig:
     num_kv_heads: int = 2
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 1200
+    steps: int = 800
     lr: float = 3e-3
-    warmup: int = 60
+    warmup: int = 50
     weight_decay: float = 0.05
     eval_every: int = 100
     seed: int = 0
@@ -78,7 +78,8 @@ def _eval_loss(model, ids: torch.Tensor, seq_len: int, max_seqs: int = 64) -> fl
     return sum(losses) / len(losses)
 
 
-def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | None = None) -> dict:
+def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | None = None,
+               checkpoint_dir: Path | None = None) -> dict:
     """Train tokenizer + model, save both to out_dir in HF format, return the training record."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -125,6 +126,9 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | N
                           "elapsed_s": round(elapsed, 1)})
             log.info("step %d train %.3f valid %.3f (ppl %.2f) %.0fs", step + 1, loss.item(),
                      vloss, math.exp(vloss), elapsed)
+            if checkpoint_dir is not None:  # intermediate snapshots, for work in parallel
+                model.save_pretrained(checkpoint_dir, safe_serialization=True)
+                tokenizer.save_pretrained(checkpoint_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
