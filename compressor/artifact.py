@@ -1,0 +1,270 @@
+"""Compressed-model artifact: packed tensors in safetensors + `bitplan_manifest.json`.
+
+Layout of an artifact directory:
+    compressed.safetensors   per linear "<name>.q.packed", ".q.scale", ".q.zero", ".l.*", ".r.*"
+                             — exactly the bytes `solver.bytes.option_bytes` counts (tested)
+    kept.safetensors         every other parameter / persistent buffer at its stored dtype
+                             (embeddings, norms, head, biases); tied tensors stored once
+    config.json, tokenizer files
+    bitplan_manifest.json    per-linear option/config/errors, the plan, library versions,
+                             sha256 of the source weights and of every file written here
+Writes go to a temporary sibling directory that is renamed into place, so a reader never sees
+a half-written artifact; `load_compressed` verifies every file's sha256 before using it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from compressor.decompose import Decomposed
+from compressor.modules import CompressedLinear, replace_linear
+from solver.bytes import option_bytes
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "bitplan_manifest.json"
+COMPRESSED = "compressed.safetensors"
+KEPT = "kept.safetensors"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """A missing, tampered or inconsistent artifact; the message says what."""
+
+
+@dataclass
+class Manifest:
+    source_ref: str | None
+    source_sha256: str | None          # over the source's *.safetensors files, in name order
+    linears: dict[str, dict]           # name → Decomposed.record() + kind, has_bias
+    plan: dict | None
+    versions: dict[str, str]
+    files: dict[str, str]              # file name → sha256 (every file but the manifest)
+    compressed_bytes: int              # tensor bytes in compressed.safetensors
+    accounted_bytes: int               # Σ option_bytes over the linears (== compressed_bytes)
+    kept_bytes: int
+    dtype: str                         # dtype the model skeleton is built in
+    tied: dict[str, str] = field(default_factory=dict)   # alias → stored name
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @property
+    def total_bytes(self) -> int:
+        return self.compressed_bytes + self.kept_bytes
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_sha256(source_ref: str | Path | None) -> str | None:
+    """sha256 over the source model's safetensors files (a local directory, or a hub id found
+    in the local cache); None when the weights are not at hand."""
+    if source_ref is None:
+        return None
+    path = Path(source_ref).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(source_ref), local_files_only=True,
+                                          allow_patterns=["*.safetensors"]))
+        except Exception as exc:  # noqa: BLE001 — any failure means "not at hand"
+            log.warning("no local weights for %s to hash: %s", source_ref, exc)
+            return None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("bitplan", "torch", "transformers", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _kept_state(model: nn.Module, names: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Everything in the state dict but the compressed linears' weights / packed buffers;
+    tensors sharing storage are stored once (returns the tensors and alias → stored name)."""
+    kept: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict(keep_vars=False).items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in names and leaf != "bias":
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if ident in seen and t.numel():
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        kept[key] = t.detach().cpu().contiguous()
+    return kept, tied
+
+
+def save_artifact(
+    model: nn.Module,
+    tokenizer,
+    decomposed: Mapping[str, Decomposed],
+    out_dir: str | Path,
+    plan: dict | None = None,
+    source_ref: str | Path | None = None,
+) -> Manifest:
+    """Write the artifact of `model` whose linears `decomposed` names are compressed (the model
+    may hold them as CompressedLinear already, or still as the original linears)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    names = set(decomposed)
+    modules = dict(model.named_modules())
+    compressed: dict[str, Tensor] = {}
+    linears: dict[str, dict] = {}
+    accounted = 0
+    for name, dec in decomposed.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise ArtifactError(f"model has no module {name}")
+        kind = "conv1d" if type(mod).__name__ == "Conv1D" else "linear"
+        linears[name] = dec.record() | {"kind": kind, "has_bias": mod.bias is not None}
+        compressed |= {f"{name}.{k}": v.detach().cpu().contiguous()
+                       for k, v in dec.tensors().items()}
+        accounted += option_bytes(*dec.shape, dec.option)
+    kept, tied = _kept_state(model, names)
+    float_dtypes = [t.dtype for t in kept.values() if t.is_floating_point()]
+    dtype = str(float_dtypes[0] if float_dtypes else torch.float32).removeprefix("torch.")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(compressed, tmp / COMPRESSED, metadata={"format": "bitplan"})
+        save_file(kept, tmp / KEPT, metadata={"format": "bitplan"})
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = Manifest(
+            source_ref=None if source_ref is None else str(source_ref),
+            source_sha256=source_sha256(source_ref), linears=linears, plan=plan,
+            versions=_versions(),
+            files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+            compressed_bytes=sum(t.nbytes for t in compressed.values()),
+            accounted_bytes=accounted, kept_bytes=sum(t.nbytes for t in kept.values()),
+            dtype=dtype, tied=tied, created=datetime.now(UTC).isoformat(timespec="seconds"))
+        if manifest.compressed_bytes != manifest.accounted_bytes:
+            raise ArtifactError(f"compressed tensors hold {manifest.compressed_bytes} bytes, "
+                                f"the options account for {manifest.accounted_bytes}")
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("artifact %s: %d linears, %d compressed + %d kept bytes", out_dir, len(linears),
+             manifest.compressed_bytes, manifest.kept_bytes)
+    return manifest
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        raise ArtifactError(f"{path} has no {MANIFEST}: not a bitplan artifact")
+    return Manifest.from_dict(json.loads(f.read_text()))
+
+
+def verify_artifact(path: str | Path) -> Manifest:
+    """Check every file's sha256 against the manifest; raises ArtifactError on any mismatch."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for fname, digest in manifest.files.items():
+        f = path / fname
+        if not f.is_file():
+            raise ArtifactError(f"artifact file {fname} is missing")
+        if sha256_file(f) != digest:
+            raise ArtifactError(f"artifact file {fname} does not match its sha256 "
+                                "(modified or corrupt)")
+    return manifest
+
+
+def load_compressed(path: str | Path, device: str | torch.device = "cpu",
+                    verify: bool = True, cache_weight: bool = True):
+    """(model, tokenizer) from an artifact: the architecture from config.json (no remote code),
+    CompressedLinear at every compressed linear, kept tensors loaded as stored."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_utils import no_init_weights
+
+    path = Path(path)
+    manifest = verify_artifact(path) if verify else read_manifest(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if getattr(config, "auto_map", None):
+        raise ArtifactError(f"{path}: config needs remote code; refused")
+    dtype = getattr(torch, manifest.dtype)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = load_file(path / COMPRESSED) if (path / COMPRESSED).is_file() else {}
+    by_linear: dict[str, dict[str, Tensor]] = {n: {} for n in manifest.linears}
+    for key, t in tensors.items():
+        name, part, leaf = key.rsplit(".", 2)
+        if name not in by_linear:
+            raise ArtifactError(f"tensor {key} belongs to no linear in the manifest")
+        by_linear[name][f"{part}.{leaf}"] = t
+    for name, record in manifest.linears.items():
+        dec = Decomposed.from_tensors(by_linear[name], record)
+        replace_linear(model, name, dec, cache_weight=cache_weight)
+    kept = load_file(path / KEPT)
+    result = model.load_state_dict(kept, strict=False)
+    if result.unexpected_keys:
+        raise ArtifactError(f"kept tensors the model does not have: {result.unexpected_keys[:5]}")
+    packed = {k for k, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    missing = [k for k in result.missing_keys
+               if k not in manifest.tied and k.rpartition(".")[0] not in packed]
+    if missing:
+        raise ArtifactError(f"artifact lacks tensors: {missing[:5]}")
+    if manifest.tied:
+        model.tie_weights()
+        state = model.state_dict()
+        for alias, stored in manifest.tied.items():
+            if state[alias].data_ptr() != state[stored].data_ptr():
+                state[alias].copy_(state[stored])
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() \
+        else None
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,285 @@
+"""Groupwise uniform quantization, bit packing, and exact stored bytes.
+
+The storage format is the one `solver.bytes` defines and counts (read its docstring); this
+module writes exactly those bytes:
+- a tensor of any shape is viewed as [rows, cols] with cols = its last dimension (a 0-d tensor
+  is [1, 1]); groups of `group_size` run along cols and the last group of a row may be partial;
+- codes are `bits`-bit unsigned integers, packed contiguously row-major, LSB first within each
+  byte (code i occupies bits i·b … i·b+b−1 of the little-endian bit stream);
+- each group stores an fp16 scale s and, asymmetric, an fp16 zero point z (in code units):
+      asymmetric  x̂ = (q − z)·s,          q ∈ [0, 2^b − 1], z = −min/s
+      symmetric   x̂ = (q − (2^b−1)/2)·s,  the midpoint is implicit, so no zero is stored;
+  the symmetric grid is the half-integer one, which uses all 2^b levels (the usual
+  absmax/(2^(b−1)−1) grid wastes one; at 2 bits that is a quarter of them);
+- codes are computed against the fp16-rounded scale and zero, so dequantization sees exactly
+  the parameters it was quantized with;
+- 16 "bits" means plain fp16 (codes are the fp16 values, no scales).
+
+Pure primitives in pairs (hqq style): `quantize` → (codes, meta) / `dequantize`, and
+`pack` / `unpack`; no device moves, no printing, no caching.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from solver.bytes import FP16_BITS, MAX_BITS, MIN_BITS, quantized_bytes
+
+FP16_MAX = 65504.0
+FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): a scale never rounds to zero
+_PACK_CHUNK = 1 << 20   # elements per packing chunk; a multiple of 8 so chunks end on bytes
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one tensor is quantized (the per-tensor half of a `solver.bytes.Option`)."""
+
+    bits: int
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits)
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+
+
+@dataclass(frozen=True)
+class QuantMeta:
+    """Everything but the codes: shape, format, and the per-group fp16 scales / zero points
+    (shape [rows, n_groups]; None for 16-bit tensors, zero None when symmetric)."""
+
+    shape: tuple[int, ...]
+    bits: int
+    group_size: int
+    symmetric: bool
+    scale: Tensor | None
+    zero: Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return _rows_cols(self.shape)[0]
+
+    @property
+    def cols(self) -> int:
+        return _rows_cols(self.shape)[1]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> QuantMeta:
+        scale = None if self.scale is None else self.scale.to(device)
+        zero = None if self.zero is None else self.zero.to(device)
+        return QuantMeta(self.shape, self.bits, self.group_size, self.symmetric, scale, zero)
+
+
+def _check_bits(bits: int) -> None:
+    if not (MIN_BITS <= bits <= MAX_BITS or bits == FP16_BITS):
+        raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS} or 16, got {bits}")
+
+
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) == 0:
+        return 1, 1
+    cols = shape[-1]
+    return math.prod(shape[:-1]), cols
+
+
+def _grouped(x2: Tensor, group_size: int) -> Tensor:
+    """[rows, cols] → [rows, n_groups, group_size]; a partial last group is padded with copies
+    of the row's last element, which changes neither its min, max nor absmax. (The research
+    note's bug was trimming every group instead of the tail: we only ever trim the tail.)"""
+    rows, cols = x2.shape
+    n_groups = -(-cols // group_size)
+    pad = n_groups * group_size - cols
+    if pad:
+        x2 = torch.cat([x2, x2[:, -1:].expand(rows, pad)], dim=1)
+    return x2.reshape(rows, n_groups, group_size)
+
+
+def group_params(x: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+    """fp16 scale (and zero) for groups laid out along the last dim of `x` [..., group]."""
+    qmax = (1 << bits) - 1
+    xf = x.float()
+    if symmetric:
+        amax = xf.abs().amax(dim=-1)
+        scale = (amax / (qmax / 2)).clamp(FP16_TINY, FP16_MAX).half()
+        return scale, None
+    lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)
+    span = hi - lo
+    # A constant group has no span: take |value|/qmax so that z = ±qmax stays representable.
+    flat = torch.maximum(lo.abs(), hi.abs()) / qmax
+    scale = torch.where(span > 0, span / qmax, flat).clamp(FP16_TINY, FP16_MAX).half()
+    zero = (-lo / scale.float()).clamp(-FP16_MAX, FP16_MAX).half()
+    return scale, zero
+
+
+def quantize_with(x: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Tensor:
+    """Codes of `x` on a given grid; `scale`/`zero` broadcast against `x` (the LDLQ loop calls
+    this one column at a time with a group's parameters)."""
+    qmax = (1 << bits) - 1
+    offset = zero.float() if zero is not None else qmax / 2
+    return torch.round(x.float() / scale.float() + offset).clamp_(0, qmax).to(torch.uint8)
+
+
+def dequantize_with(codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Tensor:
+    qmax = (1 << bits) - 1
+    offset = zero.float() if zero is not None else qmax / 2
+    return (codes.float() - offset) * scale.float()
+
+
+def quantize(x: Tensor, bits: int, group_size: int = 128,
+             symmetric: bool = False) -> tuple[Tensor, QuantMeta]:
+    """Round-to-nearest groupwise quantization → (uint8 codes of x's shape, meta).
+
+    16 bits returns the fp16 values as the codes."""
+    _check_bits(bits)
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    shape = tuple(x.shape)
+    if bits == FP16_BITS:
+        return x.detach().half().clone(), QuantMeta(shape, bits, group_size, symmetric, None, None)
+    rows, cols = _rows_cols(shape)
+    x2 = x.detach().reshape(rows, cols)
+    n_groups = -(-cols // group_size)
+    if x2.numel() == 0:
+        empty = torch.empty(rows, n_groups, dtype=torch.float16, device=x.device)
+        codes = torch.empty(shape, dtype=torch.uint8, device=x.device)
+        return codes, QuantMeta(shape, bits, group_size, symmetric, empty,
+                                None if symmetric else empty.clone())
+    g = _grouped(x2, group_size)
+    scale, zero = group_params(g, bits, symmetric)
+    codes = quantize_with(g, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1),
+                          bits)
+    codes = codes.reshape(rows, n_groups * group_size)[:, :cols].reshape(shape)
+    return codes.contiguous(), QuantMeta(shape, bits, group_size, symmetric, scale, zero)
+
+
+def dequantize(codes: Tensor, meta: QuantMeta, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of `quantize` (up to rounding): a tensor of meta.shape in `dtype`."""
+    if meta.bits == FP16_BITS:
+        return codes.reshape(meta.shape).to(dtype)
+    rows, cols = meta.rows, meta.cols
+    if rows * cols == 0:
+        return torch.zeros(meta.shape, dtype=dtype, device=codes.device)
+    gs = meta.group_size
+    n_groups = -(-cols // gs)
+    c2 = codes.reshape(rows, cols)
+    pad = n_groups * gs - cols
+    if pad:
+        c2 = torch.cat([c2, c2.new_zeros(rows, pad)], dim=1)
+    zero = None if meta.zero is None else meta.zero.unsqueeze(-1)
+    x = dequantize_with(c2.reshape(rows, n_groups, gs), meta.scale.unsqueeze(-1), zero, meta.bits)
+    return x.reshape(rows, n_groups * gs)[:, :cols].reshape(meta.shape).to(dtype)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Codes (any shape) → 1-D uint8 of exactly ceil(numel·bits/8) bytes (16 bits: fp16 bytes)."""
+    _check_bits(bits)
+    if bits == FP16_BITS:
+        return codes.detach().half().contiguous().reshape(-1).view(torch.uint8).clone()
+    flat = codes.reshape(-1).to(torch.uint8)
+    n = flat.numel()
+    out = torch.empty(-(-n * bits // 8), dtype=torch.uint8, device=codes.device)
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+    byte_w = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
+    for start in range(0, n, _PACK_CHUNK):
+        chunk = flat[start:start + _PACK_CHUNK]
+        stream = ((chunk.unsqueeze(-1) >> shifts) & 1).reshape(-1)      # LSB-first bit stream
+        tail = -stream.numel() % 8
+        if tail:
+            stream = torch.cat([stream, stream.new_zeros(tail)])
+        byte_vals = (stream.view(-1, 8).to(torch.int32) * byte_w).sum(-1).to(torch.uint8)
+        first = start * bits // 8                                     # exact: start % 8 == 0
+        out[first:first + byte_vals.numel()] = byte_vals
+    return out
+
+
+def unpack(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of `pack`: uint8 codes (fp16 values for 16 bits) of `shape`."""
+    _check_bits(bits)
+    n = math.prod(shape)
+    if bits == FP16_BITS:
+        return packed.reshape(-1)[: 2 * n].view(torch.float16).reshape(shape).clone()
+    expected = -(-n * bits // 8)
+    if packed.numel() != expected:
+        raise ValueError(f"{packed.numel()} packed bytes, expected {expected} for {shape} "
+                         f"at {bits} bits")
+    out = torch.empty(n, dtype=torch.uint8, device=packed.device)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    code_w = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))
+    for start in range(0, n, _PACK_CHUNK):
+        count = min(_PACK_CHUNK, n - start)
+        first = start * bits // 8
+        chunk = packed[first:first + -(-count * bits // 8)]
+        stream = ((chunk.unsqueeze(-1) >> shifts) & 1).reshape(-1)[: count * bits]
+        out[start:start + count] = (stream.view(count, bits).to(torch.int32) * code_w).sum(-1)
+    return out.reshape(shape)
+
+
+def stored_bytes(shape: tuple[int, ...], bits: int, group_size: int,
+                 symmetric: bool = False) -> int:
+    """Exact stored bytes of a quantized tensor; delegates to `solver.bytes.quantized_bytes`."""
+    rows, cols = _rows_cols(tuple(shape))
+    return quantized_bytes(rows, cols, bits, group_size, symmetric)
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes + meta: the stored form of one tensor (what the artifact writes)."""
+
+    packed: Tensor
+    meta: QuantMeta
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, meta: QuantMeta) -> QuantizedTensor:
+        return cls(pack(codes, meta.bits), meta)
+
+    @classmethod
+    def quantize(cls, x: Tensor, bits: int, group_size: int = 128,
+                 symmetric: bool = False) -> QuantizedTensor:
+        return cls.from_codes(*quantize(x, bits, group_size, symmetric))
+
+    def codes(self) -> Tensor:
+        return unpack(self.packed, self.meta.bits, self.meta.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.codes(), self.meta, dtype)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by suffix (empty ones left out: they hold no bytes)."""
+        out = {"packed": self.packed, "scale": self.meta.scale, "zero": self.meta.zero}
+        return {k: v.contiguous() for k, v in out.items() if v is not None and v.numel() > 0}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held by the stored tensors (tests hold this == `stored_bytes`)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def accounted_bytes(self) -> int:
+        m = self.meta
+        return stored_bytes(m.shape, m.bits, m.group_size, m.symmetric)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], shape: tuple[int, ...], bits: int,
+                     group_size: int, symmetric: bool) -> QuantizedTensor:
+        """Rebuild from `tensors()` output; missing (empty) tensors are recreated empty."""
+        rows, cols = _rows_cols(tuple(shape))
+        n_groups = -(-cols // group_size)
+        dev = next((t.device for t in tensors.values()), torch.device("cpu"))
+        empty = torch.empty(0, dtype=torch.float16, device=dev)
+        packed = tensors.get("packed", torch.empty(0, dtype=torch.uint8, device=dev))
+        if bits == FP16_BITS:
+            return cls(packed, QuantMeta(tuple(shape), bits, group_size, symmetric, None, None))
+        scale = tensors.get("scale", empty).reshape(rows, n_groups)
+        zero = None if symmetric else tensors.get("zero", empty).reshape(rows, n_groups)
+        return cls(packed, QuantMeta(tuple(shape), bits, group_size, symmetric, scale, zero))
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        return QuantizedTensor(self.packed.to(device), self.meta.to(device))
