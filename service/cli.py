@@ -12,6 +12,7 @@ import sys
 COMMAND_MODULES = [
     "service.commands.model",
     "service.commands.bench",
+    "service.commands.server",
 ]
 
 

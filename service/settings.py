@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     eval_seq_len: int = 256
     eval_seqs: int = 96
     require_services: bool = False
+    # service / queue
+    redis_prefix: str = Field(default="bitplan:", description="prefix of every broker key")
+    visibility_timeout_s: int = Field(default=3600, description="unacked task redelivery")
+    inprocess_workers: int = Field(default=2, description="threads of the in-process queue")
+    max_body_bytes: int = Field(default=1_000_000, description="largest accepted request body")
 
     @property
     def resolved_database_url(self) -> str:

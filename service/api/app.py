@@ -1,0 +1,93 @@
+"""The FastAPI app factory: `create_app(settings)` wires the database, the queue, the error
+handlers and the /v1 routes. OpenAPI lives at /docs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import errors
+from service.api.routes import artifacts, health, jobs, models, plans
+from service.db.session import get_database
+from service.jobs.queue import Queue, make_queue
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for request bodies over `limit` bytes (declared or streamed)."""
+
+    def __init__(self, app, limit: int) -> None:  # noqa: ANN001
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._reject(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send) -> None:  # noqa: ANN001
+        body = json.dumps({"error": {"code": "payload_too_large", "message":
+                                     f"request body over {self.limit} bytes"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None, *, queue: Queue | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if app.state.owns_queue:
+            app.state.queue.close()
+
+    app = FastAPI(title="bitplan", version="1",
+                  description="Optimal per-layer (bits, rank) plans for CALDERA-style LLM "
+                              "compression under a byte budget.",
+                  lifespan=lifespan,
+                  responses={400: {"model": errors_model()}, 401: {"model": errors_model()},
+                             404: {"model": errors_model()}, 422: {"model": errors_model()}})
+    app.state.settings = settings
+    app.state.db = get_database(settings.resolved_database_url)
+    app.state.owns_queue = queue is None
+    app.state.queue = queue if queue is not None else make_queue(settings)
+    errors.install(app)
+    app.include_router(health.router)
+    for mod in (plans, jobs, models, artifacts):
+        app.include_router(mod.router, prefix="/v1")
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def errors_model():
+    from service.api.schemas import ErrorResponse
+
+    return ErrorResponse

@@ -1,0 +1,190 @@
+"""Request and response bodies (pydantic), kept apart from the ORM rows."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Method = Literal["exact", "cpsat", "greedy"]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class PlanCreate(BaseModel):
+    """A plan request: which model, how many bytes, and how to solve."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "bitplan-demo", "budget": "3.25bpp"}]})
+
+    model: str = Field(min_length=1, max_length=500,
+                       description="a model name or path under the server's model roots")
+    budget: str | int | float = Field(
+        description='bytes ("1.2GB", "850MiB", 123456789), bits per parameter ("3.25bpp") or a '
+                    'fraction of the fp16 size ("0.22x")')
+    constraints: dict[str, Any] | None = Field(default=None, description="solver constraints")
+    method: Method = "exact"
+    compress: bool = False
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: str | int | float) -> str:
+        if isinstance(v, bool):
+            raise ValueError("budget must be a string or a number, not a boolean")
+        if isinstance(v, int | float):
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError("a numeric budget must be a positive, finite number of bytes")
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError("a numeric budget is a whole number of bytes")
+            return str(int(v))
+        v = v.strip()
+        if not v or len(v) > 100:
+            raise ValueError("budget must be 1-100 characters")
+        return v
+
+
+class Links(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class PlanAccepted(BaseModel):
+    plan_id: str
+    job_id: str
+    profile_job_id: str | None = None
+    status: str
+    links: dict[str, str]
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: str
+    status: str
+    stage: str
+    progress: float
+    attempts: int
+    error: ErrorBody | None = None
+    waiting_on: str | None = None
+    plan_id: str | None = None
+    profile_id: str | None = None
+    artifact_id: str | None = None
+    result: dict[str, Any] = {}
+    history: list[list[str]] = []
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    links: dict[str, str] = {}
+
+
+class ModelRef(BaseModel):
+    id: str
+    ref: str
+
+
+class PlanPublic(BaseModel):
+    id: str
+    status: str
+    model: ModelRef
+    budget: str
+    method: str
+    constraints: dict[str, Any]
+    budget_bytes: int | None = None
+    total_bytes: int | None = None
+    predicted_error: float | None = None
+    optimality_gap: float | None = None
+    linears: list[dict[str, Any]] = []
+    plan: dict[str, Any] = {}
+    job_id: str | None = None
+    profile_id: str | None = None
+    created_at: datetime
+    solved_at: datetime | None = None
+    links: dict[str, str] = {}
+
+
+class FrontierPoint(BaseModel):
+    bytes: int
+    error: float
+
+
+class FrontierPublic(BaseModel):
+    plan_id: str
+    points: list[FrontierPoint]
+    chosen: FrontierPoint | None = None
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=500)
+
+
+class ModelPublic(BaseModel):
+    id: str
+    ref: str
+    num_linears: int
+    linear_params: int
+    kept_bytes: int
+    weights_hash: str | None = None
+    profile_id: str | None = None
+    profiled: bool
+    created_at: datetime
+    links: dict[str, str] = {}
+
+
+class ProfileLinear(BaseModel):
+    name: str
+    block: int | None
+    out_features: int
+    in_features: int
+    alpha: float
+    proxy: float
+    n_samples: int
+    fit_r2: float | None = None
+
+
+class ProfilePublic(BaseModel):
+    id: str
+    key: str
+    model_id: str | None
+    complete: bool
+    fixed_bytes: int
+    block_sensitivity: list[float]
+    block_proxy: list[float]
+    stats: dict[str, Any]
+    linears: list[ProfileLinear]
+    links: dict[str, str] = {}
+
+
+class Feasibility(BaseModel):
+    model_id: str
+    min_bytes: int
+    max_bytes: int
+    source: Literal["profile", "inventory"]
+
+
+class ArtifactPublic(BaseModel):
+    id: str
+    plan_id: str
+    job_id: str | None
+    status: str
+    bytes: int | None = None
+    tensor_bytes: int | None = None
+    sha256: str | None = None
+    metrics: dict[str, Any] = {}
+    created_at: datetime
+    finished_at: datetime | None = None
+    links: dict[str, str] = {}
+
+
+class CompressAccepted(BaseModel):
+    artifact_id: str
+    job_id: str
+    links: dict[str, str]

@@ -1,0 +1,166 @@
+"""Service commands: serve, worker, db upgrade, teams create, keys create/revoke."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from service.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser("serve", help="run the REST API (embedded default: SQLite + in-process "
+                                     "jobs)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--no-migrate", action="store_true",
+                   help="do not upgrade the SQLite schema on start (Postgres never is)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker (needs BITPLAN_REDIS_URL)")
+    p.add_argument("--queues", default="gpu,cpu", help="comma-separated: gpu, cpu")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--pool", default="threads", choices=["threads", "solo", "prefork"])
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("db", help="database administration")
+    dsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("upgrade", help="apply the Alembic migrations (default: to head)")
+    q.add_argument("revision", nargs="?", default="head")
+    q.set_defaults(func=cmd_db_upgrade)
+    q = dsub.add_parser("current", help="print the schema revision")
+    q.set_defaults(func=cmd_db_current)
+
+    p = sub.add_parser("teams", help="team administration")
+    tsub = p.add_subparsers(dest="teams_command", required=True, metavar="ACTION")
+    q = tsub.add_parser("create", help="create a team")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_teams_create)
+    q = tsub.add_parser("list", help="list teams")
+    q.set_defaults(func=cmd_teams_list)
+
+    p = sub.add_parser("keys", help="API key administration")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    q = ksub.add_parser("create", help="create an API key for a team (printed once)")
+    q.add_argument("team", help="team name or id")
+    q.add_argument("--label", default=None)
+    q.set_defaults(func=cmd_keys_create)
+    q = ksub.add_parser("revoke", help="revoke an API key (the key itself or its key id)")
+    q.add_argument("key")
+    q.set_defaults(func=cmd_keys_revoke)
+
+
+def _db():
+    from service.db.session import get_database
+
+    return get_database(get_settings().resolved_database_url)
+
+
+def cmd_serve(args) -> int:  # noqa: ANN001
+    import uvicorn
+
+    settings = get_settings()
+    url = settings.resolved_database_url
+    if url.startswith("sqlite") and not args.no_migrate:
+        from service.db.migrate import upgrade
+
+        upgrade(url)
+    mode = "Celery via Redis" if settings.redis_url else "in-process jobs"
+    log.info("bitplan API on http://%s:%d (docs at /docs), %s", args.host, args.port, mode)
+    if args.workers > 1:
+        if not settings.redis_url:
+            raise ValueError("--workers > 1 needs BITPLAN_REDIS_URL (in-process jobs live in one "
+                             "process)")
+        uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_level="info")
+    else:
+        from service.api import create_app
+
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_worker(args) -> int:  # noqa: ANN001
+    from service.jobs.queue import QUEUES
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    bad = [q for q in queues if q not in QUEUES]
+    if bad or not queues:
+        raise ValueError(f"unknown queue(s) {bad or queues}; choose from {', '.join(QUEUES)}")
+    if not get_settings().redis_url:
+        raise ValueError("a worker needs BITPLAN_REDIS_URL; without it `bitplan serve` runs "
+                         "jobs in-process")
+    from workers.app import app
+
+    argv = ["worker", "-Q", ",".join(queues), "--concurrency", str(args.concurrency),
+            "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
+            "--without-mingle", "-n", f"bitplan-{'-'.join(queues)}@%h"]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_db_upgrade(args) -> int:  # noqa: ANN001
+    from service.db.migrate import upgrade
+
+    upgrade(get_settings().resolved_database_url, args.revision)
+    print(f"database at revision {args.revision}")
+    return 0
+
+
+def cmd_db_current(args) -> int:  # noqa: ANN001
+    from service.db.migrate import current
+
+    print(current(get_settings().resolved_database_url) or "(empty)")
+    return 0
+
+
+def cmd_teams_create(args) -> int:  # noqa: ANN001
+    from service.db.auth import create_team
+
+    with _db().session() as s:
+        team = create_team(s, args.name)
+        print(json.dumps({"id": team.id, "name": team.name}))
+    return 0
+
+
+def cmd_teams_list(args) -> int:  # noqa: ANN001
+    from sqlalchemy import select
+
+    from service.db.models import Team
+
+    with _db().session() as s:
+        for t in s.scalars(select(Team).order_by(Team.name)):
+            print(f"{t.id}  {t.name}")
+    return 0
+
+
+def cmd_keys_create(args) -> int:  # noqa: ANN001
+    from service.db.auth import create_key, find_team
+
+    with _db().session() as s:
+        team = find_team(s, args.team)
+        if team is None:
+            raise ValueError(f"no team {args.team!r}; create it with `bitplan teams create`")
+        row, key = create_key(s, team, args.label)
+    print(key)
+    if sys.stderr.isatty() or os.environ.get("BITPLAN_VERBOSE_KEYS"):
+        print(f"key id {row.key_id} for team {team.name}: shown once, store it now",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:  # noqa: ANN001
+    from service.db.auth import revoke_key
+
+    with _db().session() as s:
+        n = revoke_key(s, args.key)
+    if n == 0:
+        raise ValueError("no active key matches")
+    print(f"revoked {n} key(s)")
+    return 0

@@ -1,0 +1,123 @@
+"""The database-backed ProfileStore (same interface as compressor.profile_store's file store).
+
+Profiles are shared by every team and unique on their key; sensitivities, error samples and fitted
+error models are unique per (profile, linear). Every write is an upsert, so a resumed or
+redelivered profiling run never duplicates rows.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from compressor.profile_store import LinearProfile, Profile
+from service.db.models import (
+    ErrorModel,
+    ErrorSamples,
+    LinearSensitivity,
+    ProfileRow,
+    new_id,
+    utcnow,
+)
+from service.db.session import Database
+from service.db.upsert import upsert
+
+_PROFILE_FIELDS = ("model_ref", "weights_hash", "calib_hash", "config", "fixed_bytes",
+                   "block_sensitivity", "block_proxy", "stats")
+
+
+class DbProfileStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- rows ---------------------------------------------------------------------------------
+    def _ensure_row(self, s: Session, key: str) -> str:
+        upsert(s, ProfileRow.__table__,
+               [{"id": new_id(), "key": key, "config": {}, "fixed_bytes": 0, "linear_order": [],
+                 "block_sensitivity": [], "block_proxy": [], "stats": {}, "complete": False,
+                 "created_at": utcnow()}], keys=["key"], update_cols=[])
+        return s.scalar(select(ProfileRow.id).where(ProfileRow.key == key))
+
+    def _put_linears(self, s: Session, profile_id: str, records: list[LinearProfile]) -> None:
+        if not records:
+            return
+        upsert(s, LinearSensitivity.__table__, [
+            {"profile_id": profile_id, "linear": r.name, "block": r.block,
+             "out_features": r.out_features, "in_features": r.in_features,
+             "alpha": float(r.alpha), "proxy": float(r.proxy)} for r in records],
+            keys=["profile_id", "linear"])
+        upsert(s, ErrorSamples.__table__, [
+            {"profile_id": profile_id, "linear": r.name, "samples": r.samples,
+             "n_samples": len(r.samples)} for r in records], keys=["profile_id", "linear"])
+        upsert(s, ErrorModel.__table__, [
+            {"profile_id": profile_id, "linear": r.name, "fit": r.fit, "r2": _r2(r.fit)}
+            for r in records], keys=["profile_id", "linear"])
+
+    def _load_linears(self, s: Session, profile_id: str) -> dict[str, LinearProfile]:
+        sens = s.execute(select(LinearSensitivity).where(
+            LinearSensitivity.profile_id == profile_id)).scalars().all()
+        samples = dict(s.execute(select(ErrorSamples.linear, ErrorSamples.samples).where(
+            ErrorSamples.profile_id == profile_id)).all())
+        fits = dict(s.execute(select(ErrorModel.linear, ErrorModel.fit).where(
+            ErrorModel.profile_id == profile_id)).all())
+        return {r.linear: LinearProfile(
+            name=r.linear, block=r.block, out_features=r.out_features,
+            in_features=r.in_features, alpha=r.alpha, proxy=r.proxy,
+            samples=samples.get(r.linear, []), fit=fits.get(r.linear, {})) for r in sens}
+
+    # -- ProfileStore -------------------------------------------------------------------------
+    def get(self, key: str) -> Profile | None:
+        with self.db.session() as s:
+            row = s.scalar(select(ProfileRow).where(ProfileRow.key == key,
+                                                    ProfileRow.complete.is_(True)))
+            if row is None:
+                return None
+            return self.to_profile(s, row)
+
+    def to_profile(self, s: Session, row: ProfileRow) -> Profile:
+        recs = self._load_linears(s, row.id)
+        order = row.linear_order or sorted(recs)
+        return Profile(key=row.key, model_ref=row.model_ref or "",
+                       weights_hash=row.weights_hash or "", calib_hash=row.calib_hash or "",
+                       config=row.config, fixed_bytes=row.fixed_bytes,
+                       linears=[recs[n] for n in order if n in recs],
+                       block_sensitivity=list(row.block_sensitivity),
+                       block_proxy=list(row.block_proxy), stats=dict(row.stats))
+
+    def put(self, profile: Profile) -> None:
+        with self.db.session() as s:
+            pid = self._ensure_row(s, profile.key)
+            self._put_linears(s, pid, profile.linears)
+            values = {f: getattr(profile, f) for f in _PROFILE_FIELDS}
+            s.execute(update(ProfileRow).where(ProfileRow.id == pid).values(
+                **values, linear_order=[lp.name for lp in profile.linears], complete=True,
+                completed_at=utcnow()))
+
+    def linear_records(self, key: str) -> dict[str, LinearProfile]:
+        with self.db.session() as s:
+            pid = s.scalar(select(ProfileRow.id).where(ProfileRow.key == key))
+            return self._load_linears(s, pid) if pid else {}
+
+    def put_linear(self, key: str, record: LinearProfile) -> None:
+        with self.db.session() as s:
+            self._put_linears(s, self._ensure_row(s, key), [record])
+
+    # -- service helpers ----------------------------------------------------------------------
+    def link_model(self, key: str, model_id: str) -> str | None:
+        with self.db.session() as s:
+            s.execute(update(ProfileRow).where(ProfileRow.key == key)
+                      .values(model_id=model_id))
+            return s.scalar(select(ProfileRow.id).where(ProfileRow.key == key))
+
+    def get_by_id(self, profile_id: str) -> Profile | None:
+        with self.db.session() as s:
+            row = s.get(ProfileRow, profile_id)
+            return self.to_profile(s, row) if row is not None and row.complete else None
+
+
+def _r2(fit: dict) -> float | None:
+    for k in ("r2_heldout", "r2", "heldout_r2"):
+        v = fit.get(k) if isinstance(fit, dict) else None
+        if isinstance(v, int | float):
+            return float(v)
+    return None

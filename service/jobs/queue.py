@@ -1,0 +1,152 @@
+"""The queue interface: `enqueue(task_name, job_id)`.
+
+Two implementations run the same runner (service.jobs.runner.run_task):
+- `CeleryQueue` publishes Celery protocol-2 messages by task name with kombu, so the API never
+  imports celery or workers; a Celery worker (workers/) consumes them from the `gpu`/`cpu` queues.
+- `InProcessQueue` runs them on a small thread pool when no Redis URL is set (embedded mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = "bitplan"
+# task name -> queue. gpu: profile, compress, evaluate; cpu: fit, solve.
+TASK_QUEUES: dict[str, str] = {
+    "bitplan.profile": "gpu",
+    "bitplan.compress": "gpu",
+    "bitplan.evaluate": "gpu",
+    "bitplan.fit": "cpu",
+    "bitplan.solve": "cpu",
+}
+QUEUES = ("gpu", "cpu")
+
+
+class Queue(Protocol):
+    def enqueue(self, task_name: str, job_id: str) -> None: ...
+    def ping(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+def broker_transport_options(settings: Settings) -> dict:
+    return {"global_keyprefix": settings.redis_prefix,
+            "visibility_timeout": settings.visibility_timeout_s}
+
+
+def kombu_queues():
+    from kombu import Exchange
+    from kombu import Queue as KQueue
+
+    exchange = Exchange(EXCHANGE, type="direct", durable=True)
+    return exchange, {q: KQueue(q, exchange, routing_key=q, durable=True) for q in QUEUES}
+
+
+class CeleryQueue:
+    """Publishes to Redis exactly what `celery_app.send_task(name, args=[job_id])` would."""
+
+    def __init__(self, settings: Settings) -> None:
+        from kombu import Connection
+
+        assert settings.redis_url, "CeleryQueue needs a Redis URL"
+        self._conn = Connection(settings.redis_url,
+                                transport_options=broker_transport_options(settings))
+        self._exchange, self._queues = kombu_queues()
+        self._lock = threading.Lock()
+        self._producer = None
+
+    def enqueue(self, task_name: str, job_id: str) -> None:
+        queue = self._queues[TASK_QUEUES[task_name]]
+        task_id = uuid.uuid4().hex
+        args = [job_id]
+        headers = {
+            "lang": "py", "task": task_name, "id": task_id, "shadow": None, "eta": None,
+            "expires": None, "group": None, "group_index": None, "retries": 0,
+            "timelimit": [None, None], "root_id": task_id, "parent_id": None,
+            "argsrepr": repr(args), "kwargsrepr": "{}", "origin": "bitplan-api",
+            "ignore_result": True,
+        }
+        body = (args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+        with self._lock:
+            if self._producer is None:
+                self._producer = self._conn.Producer(serializer="json")
+            self._producer.publish(
+                body, exchange=self._exchange, routing_key=queue.routing_key,
+                declare=[queue], headers=headers, correlation_id=task_id, reply_to="",
+                delivery_mode=2, content_type="application/json", content_encoding="utf-8",
+                retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2,
+                                          "interval_step": 0.5, "interval_max": 2})
+        log.info("enqueued %s(%s) on %s", task_name, job_id, queue.name)
+
+    def ping(self) -> bool:
+        try:
+            with self._lock:
+                self._conn.ensure_connection(max_retries=1, timeout=2)
+                client = self._conn.default_channel.client
+                return bool(client.ping())
+        except Exception:  # noqa: BLE001 - readiness is a yes/no answer
+            log.warning("queue not reachable", exc_info=True)
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.release()
+
+
+class InProcessQueue:
+    """Runs tasks on a thread pool in this process, with the same runner and retry policy."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pool = ThreadPoolExecutor(max_workers=max(1, settings.inprocess_workers),
+                                        thread_name_prefix="bitplan-job")
+        self._pending = 0
+        self._cv = threading.Condition()
+
+    def enqueue(self, task_name: str, job_id: str) -> None:
+        if task_name not in TASK_QUEUES:
+            raise ValueError(f"unknown task {task_name!r}")
+        with self._cv:
+            self._pending += 1
+        self._pool.submit(self._run, task_name, job_id)
+
+    def _run(self, task_name: str, job_id: str) -> None:
+        from service.jobs.runner import run_with_retries
+
+        try:
+            run_with_retries(task_name, job_id, self.settings, queue=self)
+        except Exception:
+            log.exception("in-process task %s(%s) failed", task_name, job_id)
+        finally:
+            with self._cv:
+                self._pending -= 1
+                self._cv.notify_all()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Tests and the CLI: wait until no task is queued or running."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_queue(settings: Settings) -> Queue:
+    return CeleryQueue(settings) if settings.redis_url else InProcessQueue(settings)

@@ -1,0 +1,172 @@
+"""The job state machine: queued → running → succeeded | failed, with stage and progress.
+
+Claiming is idempotent: a terminal job is never run again (a redelivered task is a no-op), a job
+whose dependency has not succeeded waits, and a `running` job may be claimed again (its worker
+died and the broker redelivered it with acks_late; every stage's writes are upserts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import TERMINAL, Job, JobStatus, utcnow
+from service.db.session import Database
+
+log = logging.getLogger(__name__)
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    kind: str
+    attempt: int
+
+
+class JobFailed(Exception):
+    """A job that cannot succeed; `code` and the message are shown to the user."""
+
+    def __init__(self, message: str, code: str = "job_failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _lock(s: Session, job_id: str) -> Job | None:
+    stmt = select(Job).where(Job.id == job_id)
+    if s.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return s.scalar(stmt)
+
+
+def _history(job: Job, stage: str) -> list:
+    hist = list(job.history or [])
+    if not hist or hist[-1][0] != stage:
+        hist.append([stage, utcnow().isoformat()])
+    return hist
+
+
+def claim(db: Database, job_id: str, stage: str) -> Claim | None:
+    """Mark the job running and return it, or None when there is nothing to do (yet)."""
+    with db.session() as s:
+        job = _lock(s, job_id)
+        if job is None:
+            log.warning("job %s does not exist; dropping the task", job_id)
+            return None
+        if job.status in TERMINAL:
+            log.info("job %s already %s; redelivery is a no-op", job_id, job.status)
+            return None
+        if job.depends_on:
+            dep = s.get(Job, job.depends_on)
+            if dep is not None and dep.status == JobStatus.FAILED:
+                _fail(job, f"{dep.kind} job {dep.id} failed: {dep.error}", "dependency_failed")
+                return None
+            if dep is not None and dep.status != JobStatus.SUCCEEDED:
+                log.info("job %s waits for %s (%s)", job_id, dep.id, dep.status)
+                return None
+        job.status = JobStatus.RUNNING
+        job.attempts += 1
+        job.stage = stage
+        job.history = _history(job, stage)
+        job.worker = WORKER_ID
+        job.started_at = job.started_at or utcnow()
+        job.heartbeat_at = job.updated_at = utcnow()
+        job.error = job.error_code = None
+        return Claim(job.id, job.kind, job.attempts)
+
+
+def set_progress(db: Database, job_id: str, stage: str, progress: float) -> None:
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status in TERMINAL:
+            return
+        job.progress = min(max(float(progress), 0.0), 1.0)
+        if stage != job.stage:
+            job.stage = stage
+            job.history = _history(job, stage)
+        job.heartbeat_at = job.updated_at = utcnow()
+
+
+def succeed(db: Database, job_id: str, result: dict | None = None, **links: str | None) -> None:
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return
+        job.status = JobStatus.SUCCEEDED
+        job.stage = "done"
+        job.history = _history(job, "done")
+        job.progress = 1.0
+        job.result = result or {}
+        for k, v in links.items():
+            setattr(job, k, v)
+        job.error = job.error_code = None
+        job.finished_at = job.updated_at = utcnow()
+
+
+def _fail(job: Job, message: str, code: str) -> None:
+    job.status = JobStatus.FAILED
+    job.error = message[:4000]
+    job.error_code = code
+    job.history = _history(job, "failed")
+    job.finished_at = job.updated_at = utcnow()
+
+
+def fail(db: Database, job_id: str, message: str, code: str = "job_failed") -> list[str]:
+    """Fail the job and every job waiting on it; returns the ids failed."""
+    failed: list[str] = []
+    with db.session() as s:
+        pending = [job_id]
+        while pending:
+            jid = pending.pop()
+            job = _lock(s, jid)
+            if job is None or job.status in TERMINAL:
+                continue
+            if jid == job_id:
+                _fail(job, message, code)
+            else:
+                _fail(job, f"depends on job {job_id}, which failed: {message}",
+                      "dependency_failed")
+            failed.append(jid)
+            pending += s.scalars(select(Job.id).where(Job.depends_on == jid)).all()
+    return failed
+
+
+def requeue(db: Database, job_id: str, message: str) -> None:
+    """A transient failure: back to queued so the retry (or a sweeper) can claim it."""
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                  .values(status=JobStatus.QUEUED, error=f"retrying: {message}"[:4000],
+                          updated_at=utcnow()))
+
+
+def waiting_dependents(db: Database, job_id: str) -> list[tuple[str, str]]:
+    """(kind, id) of queued jobs that wait on `job_id` — released when it succeeds."""
+    with db.session() as s:
+        rows = s.execute(select(Job.kind, Job.id).where(Job.depends_on == job_id,
+                                                        Job.status == JobStatus.QUEUED)).all()
+    return [(k, i) for k, i in rows]
+
+
+class Reporter:
+    """The progress callback handed to stages: writes at most every `interval` seconds, and
+    always when the stage name changes."""
+
+    def __init__(self, db: Database, job_id: str, interval: float = 0.5,
+                 span: tuple[float, float] = (0.0, 1.0)) -> None:
+        self.db, self.job_id, self.interval, self.span = db, job_id, interval, span
+        self._last = 0.0
+        self._stage: str | None = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        if stage == self._stage and now - self._last < self.interval and fraction < 1.0:
+            return
+        lo, hi = self.span
+        self._stage, self._last = stage, now
+        set_progress(self.db, self.job_id, stage, lo + (hi - lo) * max(0.0, min(1.0, fraction)))

@@ -1,0 +1,191 @@
+"""Turning requests into rows and tasks: models seen once, one shared profile job per model,
+plan jobs that wait on it, idempotency keys per team."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.models import (
+    Job,
+    JobKind,
+    JobStatus,
+    ModelRow,
+    PlanRow,
+    ProfileRow,
+    new_id,
+    utcnow,
+)
+from service.db.profile_store import DbProfileStore
+from service.db.session import Database
+from service.db.upsert import upsert
+from service.errors import Conflict, NotFound
+from service.jobs.queue import Queue
+from service.modelrefs import ResolvedModel, resolve_model
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    plan_id: str
+    job_id: str
+    profile_job_id: str | None
+    created: bool          # False: an idempotent replay of an earlier request
+
+
+def request_hash(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def get_or_create_model(db: Database, resolved: ResolvedModel, settings: Settings) -> ModelRow:
+    """Look a model up by fingerprint; on first sight read its layer inventory (config only)."""
+    with db.session() as s:
+        row = s.scalar(select(ModelRow).where(ModelRow.fingerprint == resolved.fingerprint))
+        if row is not None:
+            return row
+    from compressor.loading import inventory
+
+    inv = inventory(str(resolved.path), trust_remote_code=settings.trust_remote_code)
+    with db.session() as s:
+        upsert(s, ModelRow.__table__, [{
+            "id": new_id(), "ref": resolved.ref, "path": str(resolved.path),
+            "fingerprint": resolved.fingerprint, "num_linears": len(inv.linears),
+            "linear_params": inv.linear_params, "kept_bytes": inv.kept_bytes,
+            "inventory": inv.to_dict(), "created_at": utcnow()}],
+            keys=["fingerprint"], update_cols=[])
+        return s.scalar(select(ModelRow).where(ModelRow.fingerprint == resolved.fingerprint))
+
+
+def resolve_and_register(db: Database, ref: str, settings: Settings) -> ModelRow:
+    resolved = resolve_model(ref, settings.model_roots, settings.trust_remote_code)
+    return get_or_create_model(db, resolved, settings)
+
+
+def latest_profile_id(s: Session, model_id: str) -> str | None:
+    return s.scalar(select(ProfileRow.id).where(ProfileRow.model_id == model_id,
+                                                ProfileRow.complete.is_(True))
+                    .order_by(ProfileRow.completed_at.desc()).limit(1))
+
+
+def ensure_profile_job(s: Session, model: ModelRow, team_id: str) -> tuple[Job, bool]:
+    """The one profile job of this model (shared by all teams). Returns (job, needs_enqueue):
+    True when it was just created, or when an earlier attempt failed and is being retried."""
+    dedup = f"profile:{model.fingerprint}"
+    new = new_id()
+    upsert(s, Job.__table__, [{
+        "id": new, "team_id": None, "created_by_team": team_id, "kind": JobKind.PROFILE,
+        "status": JobStatus.QUEUED, "stage": "queued", "progress": 0.0, "attempts": 0,
+        "dedup_key": dedup, "model_id": model.id, "payload": {"model": model.ref},
+        "result": {}, "history": [["queued", utcnow().isoformat()]], "created_at": utcnow(),
+        "updated_at": utcnow()}], keys=["dedup_key"], update_cols=[])
+    job = s.scalar(select(Job).where(Job.dedup_key == dedup))
+    if job.id == new:
+        return job, True
+    if job.status == JobStatus.FAILED or (job.status == JobStatus.SUCCEEDED
+                                          and latest_profile_id(s, model.id) is None):
+        log.info("re-queuing profile job %s (was %s)", job.id, job.status)
+        job.status, job.stage, job.progress = JobStatus.QUEUED, "queued", 0.0
+        job.error = job.error_code = None
+        job.finished_at = None
+        job.updated_at = utcnow()
+        return job, True
+    return job, False
+
+
+def _replay(s: Session, team_id: str, idem_key: str, rhash: str) -> Submitted | None:
+    job = s.scalar(select(Job).where(Job.team_id == team_id, Job.idempotency_key == idem_key))
+    if job is None:
+        return None
+    if job.request_hash != rhash:
+        raise Conflict(f"idempotency key {idem_key!r} was already used with a different request",
+                       code="idempotency_conflict")
+    return Submitted(job.plan_id, job.id, job.depends_on, created=False)
+
+
+def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, body: dict,
+                idem_key: str | None = None) -> Submitted:
+    """Create the plan and its job; profile first when the model has no profile yet."""
+    rhash = request_hash(body)
+    if idem_key:
+        with db.session() as s:
+            replay = _replay(s, team_id, idem_key, rhash)
+        if replay:
+            return replay
+    model = resolve_and_register(db, body["model"], settings)
+    with db.session() as s:
+        profile_id = latest_profile_id(s, model.id)
+    if profile_id is not None:   # bad budgets fail now, with the solver's message, not later
+        from service import pipeline
+
+        profile = DbProfileStore(db).get_by_id(profile_id)
+        if profile is not None:
+            pipeline.check_budget(profile, body["budget"], body.get("constraints"))
+
+    to_enqueue: list[tuple[str, str]] = []
+    try:
+        with db.session() as s:
+            plan = PlanRow(team_id=team_id, model_id=model.id, profile_id=profile_id,
+                           budget=str(body["budget"]), method=body.get("method") or "exact",
+                           constraints=body.get("constraints") or {},
+                           compress=bool(body.get("compress")), status="pending")
+            s.add(plan)
+            s.flush()
+            job = Job(team_id=team_id, kind=JobKind.PLAN, status=JobStatus.QUEUED,
+                      idempotency_key=idem_key, request_hash=rhash, plan_id=plan.id,
+                      model_id=model.id, profile_id=profile_id, payload=body,
+                      stage="queued", history=[["queued", utcnow().isoformat()]])
+            profile_job_id = None
+            if profile_id is None:
+                pjob, needs = ensure_profile_job(s, model, team_id)
+                profile_job_id = job.depends_on = pjob.id
+                job.stage = "waiting for profile"
+                if needs:
+                    to_enqueue.append(("bitplan.profile", pjob.id))
+            else:
+                to_enqueue.append(("bitplan.solve", job.id))
+            s.add(job)
+            s.flush()
+            plan.job_id = job.id
+            plan_id, job_id = plan.id, job.id
+    except IntegrityError:
+        if not idem_key:
+            raise
+        with db.session() as s:     # a concurrent request with the same key won the race
+            replay = _replay(s, team_id, idem_key, rhash)
+        if replay is None:
+            raise
+        return replay
+    for task, jid in to_enqueue:
+        queue.enqueue(task, jid)
+    if profile_job_id is not None:   # the profile may have finished while we were committing
+        with db.session() as s:
+            dep_status = s.scalar(select(Job.status).where(Job.id == profile_job_id))
+        if dep_status == JobStatus.SUCCEEDED:
+            queue.enqueue("bitplan.solve", job_id)
+    return Submitted(plan_id, job_id, profile_job_id, created=True)
+
+
+def request_compress(db: Database, queue: Queue, team_id: str, plan_id: str) -> tuple[str, str]:
+    """(artifact id, job id) for compressing a solved plan; asking twice returns the same."""
+    from service import pipeline
+
+    with db.session() as s:
+        plan = s.scalar(select(PlanRow).where(PlanRow.id == plan_id, PlanRow.team_id == team_id))
+        if plan is None:
+            raise NotFound(f"plan {plan_id} not found")
+        if plan.status != "solved":
+            raise Conflict(f"plan {plan_id} is not solved yet (status {plan.status})",
+                           code="plan_not_ready")
+        job = pipeline.create_compress_job(s, plan)
+        job_id, art_id, status = job.id, job.artifact_id, job.status
+    if status == JobStatus.QUEUED:
+        queue.enqueue("bitplan.compress", job_id)
+    return art_id, job_id

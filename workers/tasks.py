@@ -1,0 +1,75 @@
+"""Thin Celery tasks: each takes a job id and hands it to service.jobs.runner, which opens its
+own session, records stage and progress, and is idempotent. Only transient errors (database or
+broker unreachable) reach here; they are retried with exponential backoff."""
+
+from __future__ import annotations
+
+import logging
+
+from workers.app import app
+
+from service.jobs.queue import CeleryQueue
+from service.jobs.runner import backoff, is_transient, run_task
+from service.settings import get_settings
+
+log = logging.getLogger(__name__)
+MAX_RETRIES = 8
+_queue: CeleryQueue | None = None
+
+
+def _follow_up_queue() -> CeleryQueue:
+    global _queue
+    if _queue is None:
+        _queue = CeleryQueue(get_settings())
+    return _queue
+
+
+def _run(task, task_name: str, job_id: str) -> str:  # noqa: ANN001
+    try:
+        return run_task(task_name, job_id, get_settings(), _follow_up_queue())
+    except Exception as exc:
+        if is_transient(exc) and task.request.retries < MAX_RETRIES:
+            delay = backoff(task.request.retries)
+            log.warning("%s(%s): transient %s; retry in %.1fs", task_name, job_id,
+                        type(exc).__name__, delay)
+            raise task.retry(exc=exc, countdown=delay) from exc
+        if is_transient(exc):
+            _give_up(job_id, exc)
+        raise
+
+
+def _give_up(job_id: str, exc: Exception) -> None:
+    from service.db.session import get_database
+    from service.jobs import state
+
+    try:
+        state.fail(get_database(get_settings().resolved_database_url), job_id,
+                   f"gave up after {MAX_RETRIES} retries: {type(exc).__name__}: {exc}",
+                   "transient_exhausted")
+    except Exception:  # noqa: BLE001 - still unreachable: a sweeper picks it up later
+        log.warning("could not mark job %s failed", job_id)
+
+
+@app.task(name="bitplan.profile", bind=True, max_retries=MAX_RETRIES)
+def profile(self, job_id: str) -> str:
+    return _run(self, "bitplan.profile", job_id)
+
+
+@app.task(name="bitplan.fit", bind=True, max_retries=MAX_RETRIES)
+def fit(self, job_id: str) -> str:
+    return _run(self, "bitplan.fit", job_id)
+
+
+@app.task(name="bitplan.solve", bind=True, max_retries=MAX_RETRIES)
+def solve(self, job_id: str) -> str:
+    return _run(self, "bitplan.solve", job_id)
+
+
+@app.task(name="bitplan.compress", bind=True, max_retries=MAX_RETRIES)
+def compress(self, job_id: str) -> str:
+    return _run(self, "bitplan.compress", job_id)
+
+
+@app.task(name="bitplan.evaluate", bind=True, max_retries=MAX_RETRIES)
+def evaluate(self, job_id: str) -> str:
+    return _run(self, "bitplan.evaluate", job_id)
