@@ -28,11 +28,13 @@ def create_team(s: Session, name: str) -> Team:
     name = name.strip()
     if not name or len(name) > 100:
         raise ValueError("team name must be 1-100 characters")
+    if s.scalar(select(Team.id).where(Team.name == name)) is not None:
+        raise ValueError(f"team {name!r} already exists")
     team = Team(name=name)
-    s.add(team)
     try:
-        s.flush()
-    except IntegrityError as exc:
+        with s.begin_nested():
+            s.add(team)
+    except IntegrityError as exc:   # created concurrently
         raise ValueError(f"team {name!r} already exists") from exc
     return team
 

@@ -1,0 +1,155 @@
+"""Service test fixtures: a private Postgres DATABASE per test session (created and dropped
+here), SQLite files, a private Redis key prefix, a tiny safetensors model under a model root,
+and apps with teams and keys. Shared by tests/service and tests/workers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from service.db.session import dispose_all
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def create_pg_database(base_url: str, prefix: str = "bitplan_test") -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(make_url(base_url).set(database="postgres"),
+                             isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(base_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    dispose_all()
+    u = make_url(url)
+    admin = sa.create_engine(u.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{u.database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def fresh_pg_url(postgres_url) -> Iterator[str]:
+    """An empty Postgres database for this one test."""
+    url = create_pg_database(postgres_url)
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+@pytest.fixture(scope="session")
+def pg_url(postgres_url) -> Iterator[str]:
+    """A Postgres database migrated to head, private to this test session."""
+    from service.db.migrate import upgrade
+
+    url = create_pg_database(postgres_url)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    from service.db.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'bitplan.sqlite3'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request) -> str:
+    """Run the test on both databases (each migrated to head)."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-root")
+
+
+def write_tiny_model(path: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A real (random) Qwen2 causal LM in safetensors: config + weights, a few hundred KB."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=72,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, tie_word_embeddings=True)
+    Qwen2ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_root) -> Path:
+    return write_tiny_model(model_root / "tiny-qwen")
+
+
+def make_settings(tmp: Path, db_url: str, *, redis_url: str | None = None,
+                  model_roots: list[Path] | None = None, **extra):
+    from service.settings import Settings
+
+    return Settings(data_dir=tmp, database_url=db_url, redis_url=redis_url,
+                    model_roots=model_roots or [], redis_prefix=f"bitplan-test-{uuid.uuid4().hex}:",
+                    **extra)
+
+
+class RecordingQueue:
+    """Records what the API enqueues, for tests of the API alone (the queue has its own)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    def enqueue(self, task_name: str, job_id: str) -> None:
+        self.sent.append((task_name, job_id))
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class ApiEnv:
+    client: object
+    settings: object
+    db: object
+    keys: dict[str, str]          # team name -> bearer key
+    queue: object
+
+    def h(self, team: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[team]}"}
+
+
+def make_env(settings, queue=None, teams=("alpha", "beta")) -> ApiEnv:
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.db.auth import create_key, create_team
+    from service.db.session import get_database
+
+    db = get_database(settings.resolved_database_url)
+    keys = {}
+    with db.session() as s:
+        for name in teams:
+            team = create_team(s, f"{name}-{uuid.uuid4().hex[:6]}")
+            keys[name] = create_key(s, team)[1]
+    app = create_app(settings, queue=queue)
+    client = TestClient(app, raise_server_exceptions=False)
+    return ApiEnv(client, settings, db, keys, app.state.queue)
