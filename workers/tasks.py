@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import logging
 
-from workers.app import app
-
 from service.jobs.queue import CeleryQueue
 from service.jobs.runner import backoff, is_transient, run_task
 from service.settings import get_settings
+from workers.app import app
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 8
