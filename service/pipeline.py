@@ -130,18 +130,32 @@ def _load(ctx: StageContext) -> tuple[Job, ModelRow | None, PlanRow | None]:
         return job, model, plan
 
 
+def profile_config(settings):
+    """The operator's ProfileConfig (part of the profile key: change it, get a new profile)."""
+    from compressor.profile import ProfileConfig
+
+    return ProfileConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in (settings.profile_config or {}).items()})
+
+
 def profile_stage(ctx: StageContext) -> StageResult:
-    """GPU queue: profile the model (resumable per linear through the DB store)."""
+    """GPU queue: profile the model (resumable per linear through the DB store), then check and
+    summarise the fitted error models (stage `fit`)."""
     job, model, _ = _load(ctx)
     if model is None:
         raise JobFailed("profile job has no model", "invalid_job")
     prof = _require("compressor.profile", "profiling")
     store = DbProfileStore(ctx.db)
+
+    def progress(stage: str, frac: float) -> None:   # load/hessians/linears → profile/…
+        if stage != "done":
+            ctx.report(f"profile/{stage}", 0.95 * frac)
+
     ctx.report("profile", 0.0)
     profile = prof.run_profile(model.path, store, device=ctx.settings.device,
                                trust_remote_code=ctx.settings.trust_remote_code,
-                               progress=ctx.report)
-    ctx.report("fit", 1.0)
+                               progress=progress, config=profile_config(ctx.settings))
+    ctx.report("fit", 0.96)
     if store.get(profile.key) is None:
         store.put(profile)
     profile_id = store.link_model(profile.key, model.id)
@@ -149,26 +163,31 @@ def profile_stage(ctx: StageContext) -> StageResult:
         row = s.get(ModelRow, model.id)
         if row is not None and profile.weights_hash:
             row.weights_hash = profile.weights_hash
-    fits = [lp.fit for lp in profile.linears]
-    return _result(result={"profile_id": profile_id, "profile_key": profile.key,
-                           "linears": len(profile.linears),
-                           "fitted": sum(1 for f in fits if f)},
-                   links={"profile_id": profile_id})
+    return _result(result={"profile_id": profile_id, "profile_key": profile.key}
+                   | fit_summary(profile), links={"profile_id": profile_id})
+
+
+def fit_summary(profile: Profile) -> dict:
+    """Every linear must carry a fitted E_i(b, r); report how well they fit."""
+    missing = [lp.name for lp in profile.linears if not lp.fit]
+    if missing:
+        raise JobFailed(f"{len(missing)} linears lack a fitted error model "
+                        f"(first: {missing[0]})", "fit_missing")
+    r2 = [v for lp in profile.linears for k, v in lp.fit.items()
+          if k in ("r2_heldout", "r2_fit", "r2") and isinstance(v, int | float)]
+    return {"linears": len(profile.linears), "fitted": len(profile.linears),
+            "fit_r2_mean": round(sum(r2) / len(r2), 4) if r2 else None}
 
 
 def fit_stage(ctx: StageContext) -> StageResult:
-    """CPU queue: check that every linear of the job's profile carries a fitted error model."""
+    """CPU queue: check the fitted error models of the job's stored profile."""
     job, _, _ = _load(ctx)
     if not job.profile_id:
         raise JobFailed("fit job has no profile", "invalid_job")
     profile = DbProfileStore(ctx.db).get_by_id(job.profile_id)
     if profile is None:
         raise JobFailed(f"profile {job.profile_id} is not complete", "invalid_job")
-    missing = [lp.name for lp in profile.linears if not lp.fit]
-    if missing:
-        raise JobFailed(f"{len(missing)} linears lack a fitted error model "
-                        f"(first: {missing[0]})", "fit_missing")
-    return _result(result={"fitted": len(profile.linears)})
+    return _result(result=fit_summary(profile))
 
 
 def _profile_for(ctx: StageContext, job: Job, plan: PlanRow) -> str | None:

@@ -3,32 +3,13 @@ key and per (profile, linear), idempotent upserts — on SQLite and Postgres."""
 
 from __future__ import annotations
 
-import uuid
-
 import sqlalchemy as sa
 
-from compressor.profile_store import FileProfileStore, LinearProfile, Profile
+from compressor.profile_store import FileProfileStore, LinearProfile
 from service.db.models import ErrorModel, ErrorSamples, LinearSensitivity, ProfileRow
 from service.db.profile_store import DbProfileStore
 from service.db.session import get_database
-
-
-def synthetic_profile(n_blocks: int = 3, key: str | None = None) -> Profile:
-    """A profile built from numbers: error falls 4x per bit and with rank."""
-    linears = []
-    for b in range(n_blocks):
-        for kind, (m, n) in {"self_attn.q_proj": (32, 32), "mlp.down_proj": (32, 72)}.items():
-            alpha = 1.0 + b * 0.5 + (0.3 if "mlp" in kind else 0.0)
-            samples = [[bits, rank, 4.0 ** -(bits - 2) / (1 + rank / 8)]
-                       for bits in (2, 3, 4, 6, 8) for rank in (0, 8, 16)]
-            linears.append(LinearProfile(
-                name=f"model.layers.{b}.{kind}", block=b, out_features=m, in_features=n,
-                alpha=alpha, proxy=alpha / 2, samples=samples,
-                fit={"family": "exp-bits", "a": 1.0, "c": 4.0, "r2_heldout": 0.99}))
-    return Profile(key=key or uuid.uuid4().hex[:32], model_ref="tiny", weights_hash="w" * 64,
-                   calib_hash="c" * 64, config={"grid": "sparse"}, fixed_bytes=12345,
-                   linears=linears, block_sensitivity=[1.0, 0.5, 2.0][:n_blocks],
-                   block_proxy=[0.1, 0.2, 0.3][:n_blocks], stats={"fit_r2_heldout": 0.99})
+from tests.service.fixtures import synthetic_profile
 
 
 def _counts(db, key: str) -> dict[str, int]:
