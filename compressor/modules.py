@@ -31,7 +31,13 @@ class CompressedLinear(nn.Module):
         self.record = decomposed.record()
         self.cache_weight = cache_weight
         self._keys = list(decomposed.tensors())
+        self._fp16_keys = set()
         for key, t in decomposed.tensors().items():
+            if t.dtype == torch.float16:
+                # fp16 scales/zeros are held as their int16 bit patterns, so model.to(dtype)
+                # or .half()/.bfloat16() casts leave the stored format (and bytes) untouched.
+                self._fp16_keys.add(key)
+                t = t.view(torch.int16)
             self.register_buffer(key.replace(".", "_"), t)
         if bias is not None:
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
@@ -42,6 +48,8 @@ class CompressedLinear(nn.Module):
     def decomposed(self) -> Decomposed:
         """The `Decomposed` backed by this module's (current-device) buffers."""
         tensors = {k: getattr(self, k.replace(".", "_")) for k in self._keys}
+        tensors = {k: t.view(torch.float16) if k in self._fp16_keys else t
+                   for k, t in tensors.items()}
         return Decomposed.from_tensors(tensors, self.record)
 
     def weight_hat(self, dtype: torch.dtype = torch.float32) -> Tensor:

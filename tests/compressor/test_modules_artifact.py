@@ -80,8 +80,10 @@ def test_compressed_linear_computes_q_plus_lr() -> None:
     assert torch.allclose(new(x), expect, atol=1e-5)
     assert new.nbytes == option_bytes(24, 40, Option(3, 6, 4, 16))
     assert torch.allclose(new.double()(x.double()), expect.double(), atol=1e-5)  # cache follows
-    uncached = CompressedLinear(d, lin.bias, cache_weight=False)
+    uncached = CompressedLinear(d, lin.bias.detach().clone(), cache_weight=False)
     assert torch.allclose(uncached(x), expect, atol=1e-5) and uncached._w is None
+    assert uncached.bfloat16().nbytes == new.nbytes            # dtype casts keep the format
+    assert torch.equal(uncached.weight_hat(), d.w_hat())
     with pytest.raises(ValueError):
         replace_linear(nn.Sequential(nn.Linear(41, 24)), "0", d)
     with pytest.raises(TypeError):
