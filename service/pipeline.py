@@ -132,10 +132,19 @@ def _load(ctx: StageContext) -> tuple[Job, ModelRow | None, PlanRow | None]:
 
 def profile_config(settings):
     """The operator's ProfileConfig (part of the profile key: change it, get a new profile)."""
+    from compressor.decompose import DecompositionConfig
     from compressor.profile import ProfileConfig
 
-    return ProfileConfig(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in (settings.profile_config or {}).items()})
+    def norm(v):  # noqa: ANN001, ANN202 - JSON lists back to the config's tuples
+        return tuple(norm(x) for x in v) if isinstance(v, list) else v
+
+    over = {k: norm(v) for k, v in (settings.profile_config or {}).items()}
+    if isinstance(over.get("decomposition"), dict):
+        over["decomposition"] = DecompositionConfig.from_dict(over["decomposition"])
+    unknown = set(over) - set(ProfileConfig.__dataclass_fields__)
+    if unknown:
+        raise JobFailed(f"unknown profile_config keys: {sorted(unknown)}", "bad_settings")
+    return ProfileConfig(**over)
 
 
 def profile_stage(ctx: StageContext) -> StageResult:

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=3600, description="unacked task redelivery")
     inprocess_workers: int = Field(default=2, description="threads of the in-process queue")
     max_body_bytes: int = Field(default=1_000_000, description="largest accepted request body")
+    job_lease_s: float = Field(default=60.0, description="a running job whose heartbeat is older "
+                               "than this may be claimed again (its worker died)")
     profile_config: dict = Field(default_factory=dict,
                                  description="overrides of compressor.profile.ProfileConfig")
 

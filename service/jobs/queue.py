@@ -81,7 +81,7 @@ class CeleryQueue:
             self._producer.publish(
                 body, exchange=self._exchange, routing_key=queue.routing_key,
                 declare=[queue], headers=headers, correlation_id=task_id, reply_to="",
-                delivery_mode=2, content_type="application/json", content_encoding="utf-8",
+                delivery_mode=2, serializer="json",
                 retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2,
                                           "interval_step": 0.5, "interval_max": 2})
         log.info("enqueued %s(%s) on %s", task_name, job_id, queue.name)

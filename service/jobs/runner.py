@@ -102,7 +102,7 @@ def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | Non
         raise ValueError(f"unknown task {task_name!r}")
     db = get_database(settings.resolved_database_url)
     stage_name, fn = _stages()[task_name]
-    claimed = state.claim(db, job_id, stage_name)
+    claimed = state.claim(db, job_id, stage_name, lease_s=settings.job_lease_s)
     if claimed is None:
         with db.session() as s:
             job = s.get(Job, job_id)
@@ -113,7 +113,8 @@ def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | Non
     log.info("job %s (%s) attempt %d: %s", job_id, claimed.kind, claimed.attempt, task_name)
     ctx = StageContext(db, settings, job_id, queue, state.Reporter(db, job_id))
     try:
-        out = fn(ctx)
+        with state.Heartbeat(db, job_id, every_s=max(settings.job_lease_s / 4, 0.5)):
+            out = fn(ctx)
     except Exception as exc:
         if is_transient(exc):
             log.warning("job %s: transient error, will retry: %s", job_id, exc)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -52,8 +54,14 @@ def _history(job: Job, stage: str) -> list:
     return hist
 
 
-def claim(db: Database, job_id: str, stage: str) -> Claim | None:
-    """Mark the job running and return it, or None when there is nothing to do (yet)."""
+def _aware(t: datetime | None) -> datetime | None:
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
+def claim(db: Database, job_id: str, stage: str, lease_s: float = 60.0) -> Claim | None:
+    """Mark the job running and return it, or None when there is nothing to do (yet): it is
+    finished, waits on another job, or runs elsewhere with a fresh heartbeat (a duplicate
+    delivery). A running job whose heartbeat is older than `lease_s` is claimed again."""
     with db.session() as s:
         job = _lock(s, job_id)
         if job is None:
@@ -61,6 +69,12 @@ def claim(db: Database, job_id: str, stage: str) -> Claim | None:
             return None
         if job.status in TERMINAL:
             log.info("job %s already %s; redelivery is a no-op", job_id, job.status)
+            return None
+        beat = _aware(job.heartbeat_at)
+        if job.status == JobStatus.RUNNING and beat is not None and \
+                (utcnow() - beat).total_seconds() < lease_s:
+            log.info("job %s is running elsewhere (%s); duplicate delivery skipped", job_id,
+                     job.worker)
             return None
         if job.depends_on:
             dep = s.get(Job, job.depends_on)
@@ -79,6 +93,37 @@ def claim(db: Database, job_id: str, stage: str) -> Claim | None:
         job.heartbeat_at = job.updated_at = utcnow()
         job.error = job.error_code = None
         return Claim(job.id, job.kind, job.attempts)
+
+
+def heartbeat(db: Database, job_id: str) -> None:
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                  .values(heartbeat_at=utcnow()))
+
+
+class Heartbeat:
+    """Keeps a running job's heartbeat fresh from a background thread while its stage runs."""
+
+    def __init__(self, db: Database, job_id: str, every_s: float) -> None:
+        self.db, self.job_id, self.every_s = db, job_id, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"heartbeat-{job_id[:8]}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                heartbeat(self.db, self.job_id)
+            except Exception:  # noqa: BLE001 - a missed beat is not fatal
+                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def set_progress(db: Database, job_id: str, stage: str, progress: float) -> None:

@@ -5,4 +5,5 @@ from tests.service.fixtures import (  # noqa: F401
     pg_url,
     sqlite_url,
     tiny_model,
+    tiny_nan_model,
 )

@@ -82,22 +82,57 @@ def model_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("model-root")
 
 
-def write_tiny_model(path: Path, layers: int = 2, seed: int = 0) -> Path:
-    """A real (random) Qwen2 causal LM in safetensors: config + weights, a few hundred KB."""
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer with no merges (vocab 257): instant, no training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<|endoftext|>": len(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                            bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(path)
+
+
+def write_tiny_model(path: Path, layers: int = 2, seed: int = 0, tokenizer: bool = True,
+                     nan_in: str | None = None) -> Path:
+    """A real (random) Qwen2 causal LM in safetensors: config, weights (a few hundred KB) and a
+    byte-level tokenizer. `nan_in` poisons one linear's weights with a NaN."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=72,
+    cfg = Qwen2Config(vocab_size=264, hidden_size=32, intermediate_size=72,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, tie_word_embeddings=True)
-    Qwen2ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+                      max_position_embeddings=128, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg)
+    if nan_in:
+        with torch.no_grad():
+            dict(model.named_modules())[nan_in].weight[0, 0] = float("nan")
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer:
+        write_byte_tokenizer(path)
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_model(model_root) -> Path:
     return write_tiny_model(model_root / "tiny-qwen")
+
+
+@pytest.fixture(scope="session")
+def tiny_nan_model(model_root) -> Path:
+    return write_tiny_model(model_root / "tiny-nan", nan_in="model.layers.1.mlp.up_proj")
+
+
+# Small enough that profiling the tiny model takes seconds (part of the profile key).
+TINY_PROFILE = {"calib_seqs": 4, "seq_len": 64, "q_bits": [2, 4, 8], "anchors": [[3, 0.5]],
+                "decomposition": {"outer_iters": 1, "lr_iters": 1}}
+# The demo model's e2e keeps the default grid but a smaller calibration set.
+DEMO_PROFILE = {"calib_seqs": 8, "seq_len": 128}
 
 
 def synthetic_profile(n_blocks: int = 3, key: str | None = None, model_ref: str = "tiny"):

@@ -39,7 +39,8 @@ def test_state_machine(db_url):
     assert state.claim(db, b, "solve") is None            # waits for a
     first = state.claim(db, a, "fit")
     assert first is not None and first.attempt == 1 and _get(db, a).status == "running"
-    again = state.claim(db, a, "fit")                      # redelivered after a worker died
+    assert state.claim(db, a, "fit") is None               # a duplicate while it runs
+    again = state.claim(db, a, "fit", lease_s=0.0)         # redelivered after a worker died
     assert again is not None and again.attempt == 2
     state.set_progress(db, a, "fit/x", 0.5)
     state.set_progress(db, a, "fit/x", 7.0)

@@ -1,0 +1,42 @@
+"""The embedded default: SQLite + the in-process queue runs the same flow as Celery/Postgres."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.pipeline import available
+from tests.service.fixtures import TINY_PROFILE, make_env, make_settings
+from tests.service.flow import run_plan_flow
+
+needs_profiling = pytest.mark.skipif(
+    not available("compressor.profile"),
+    reason="compressor/profile.py (profiling) is not in this build yet")
+
+
+@needs_profiling
+def test_plan_flow_sqlite_inprocess(tmp_path, sqlite_url, model_root, tiny_model):
+    settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
+                             profile_config=TINY_PROFILE)
+    env = make_env(settings)
+    try:
+        run_plan_flow(env, "tiny-qwen", timeout=240, settle=lambda: env.queue.wait_idle(120))
+    finally:
+        env.queue.close()
+
+
+@needs_profiling
+def test_nan_weights_fail_clearly(tmp_path, sqlite_url, model_root, tiny_nan_model):
+    settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
+                             profile_config=TINY_PROFILE)
+    env = make_env(settings)
+    try:
+        a = env.client.post("/v1/plans", json={"model": "tiny-nan", "budget": "0.5x"},
+                            headers=env.h("alpha")).json()
+        assert env.queue.wait_idle(240)
+        pj = env.client.get(f"/v1/jobs/{a['profile_job_id']}", headers=env.h("alpha")).json()
+        assert pj["status"] == "failed" and pj["error"]["code"] == "invalid_input"
+        assert "NaN" in pj["error"]["message"]
+        j = env.client.get(f"/v1/jobs/{a['job_id']}", headers=env.h("alpha")).json()
+        assert j["status"] == "failed" and j["error"]["code"] == "dependency_failed"
+    finally:
+        env.queue.close()
