@@ -13,6 +13,8 @@ def register(sub) -> None:
     p = sub.add_parser("train-demo", help="train the bundled demo model (Qwen2, BPE tokenizer)")
     p.add_argument("--out", type=Path, default=DEMO_MODEL)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this many steps of the schedule (the bundled model's recipe)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_demo)
 
@@ -45,6 +47,8 @@ def cmd_train_demo(args) -> int:
     cfg = DemoConfig(seed=args.seed)
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.stop_at:
+        cfg = dataclasses.replace(cfg, stop_at=args.stop_at)
     record = train_demo(args.out, cfg)
     print(json.dumps({"out": str(args.out), "params": record["params"],
                       "final": record["curve"][-1]}, indent=2))

@@ -119,12 +119,13 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
             replay = _replay(s, team_id, idem_key, rhash)
         if replay:
             return replay
+    from service import pipeline
+
     model = resolve_and_register(db, body["model"], settings)
+    budget_bytes = pipeline.model_budget_bytes(model.inventory, body["budget"])
     with db.session() as s:
         profile_id = latest_profile_id(s, model.id)
-    if profile_id is not None:   # bad budgets fail now, with the solver's message, not later
-        from service import pipeline
-
+    if profile_id is not None:   # infeasible budgets fail now, with the solver's message
         profile = DbProfileStore(db).get_by_id(profile_id)
         if profile is not None:
             pipeline.check_budget(profile, body["budget"], body.get("constraints"))
@@ -135,7 +136,8 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
             plan = PlanRow(team_id=team_id, model_id=model.id, profile_id=profile_id,
                            budget=str(body["budget"]), method=body.get("method") or "exact",
                            constraints=body.get("constraints") or {},
-                           compress=bool(body.get("compress")), status="pending")
+                           compress=bool(body.get("compress")), status="pending",
+                           budget_bytes=budget_bytes)
             s.add(plan)
             s.flush()
             job = Job(team_id=team_id, kind=JobKind.PLAN, status=JobStatus.QUEUED,
