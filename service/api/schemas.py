@@ -110,6 +110,18 @@ class PlanPublic(BaseModel):
     links: dict[str, str] = {}
 
 
+class PlanSummary(BaseModel):
+    id: str
+    status: str
+    model_id: str
+    budget: str
+    total_bytes: int | None = None
+    predicted_error: float | None = None
+    job_id: str | None = None
+    created_at: datetime
+    links: dict[str, str] = {}
+
+
 class FrontierPoint(BaseModel):
     bytes: int
     error: float

@@ -7,6 +7,9 @@ redelivered profiling run never duplicates rows.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -110,9 +113,28 @@ class DbProfileStore:
             return s.scalar(select(ProfileRow.id).where(ProfileRow.key == key))
 
     def get_by_id(self, profile_id: str) -> Profile | None:
+        """A complete profile by row id. Complete profiles never change (same key, same
+        content), so they are cached in-process: a cached-profile plan request reads no rows."""
+        ck = (self.db.url, profile_id)
+        with _CACHE_LOCK:
+            hit = _CACHE.get(ck)
+            if hit is not None:
+                _CACHE.move_to_end(ck)
+                return hit
         with self.db.session() as s:
             row = s.get(ProfileRow, profile_id)
-            return self.to_profile(s, row) if row is not None and row.complete else None
+            prof = self.to_profile(s, row) if row is not None and row.complete else None
+        if prof is not None:
+            with _CACHE_LOCK:
+                _CACHE[ck] = prof
+                while len(_CACHE) > _CACHE_SIZE:
+                    _CACHE.popitem(last=False)
+        return prof
+
+
+_CACHE: OrderedDict[tuple[str, str], Profile] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 16
 
 
 def _r2(fit: dict) -> float | None:

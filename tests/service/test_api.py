@@ -72,6 +72,8 @@ BAD_REQUESTS = [
     ("unknown artifact", "get", "/v1/artifacts/0123", {}, 404, "not_found"),
     ("unknown route", "get", "/v1/nothing", {}, 404, "not_found"),
     ("wrong method", "delete", "/v1/plans", {}, 405, "method_not_allowed"),
+    ("bad list limit", "get", "/v1/jobs?limit=0", {}, 422, "invalid_request"),
+    ("bad status filter", "get", "/v1/jobs?status=weird", {}, 422, "invalid_request"),
     ("blank idempotency key", "post", "/v1/plans",
      {"json": {"model": "tiny-qwen", "budget": "1GB"}, "headers": {"Idempotency-Key": " "}},
      422, "invalid_request"),
@@ -142,6 +144,11 @@ def test_shared_profile_job_and_team_isolation(env):
                  f"/v1/plans/{a['plan_id']}/recipe.yaml", f"/v1/plans/{a['plan_id']}/frontier"):
         r = env.client.get(path, headers=env.h("beta"))
         assert r.status_code == 404, (path, r.text)
+    for team, mine in (("alpha", a), ("beta", b)):
+        plans = env.client.get("/v1/plans", headers=env.h(team)).json()
+        jobs = env.client.get("/v1/jobs", headers=env.h(team)).json()
+        assert [p["id"] for p in plans] == [mine["plan_id"]]
+        assert [j["id"] for j in jobs] == [mine["job_id"]]
     r = env.client.post(f"/v1/plans/{a['plan_id']}/compress", headers=env.h("beta"))
     assert r.status_code == 404
     for team in ("alpha", "beta"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
@@ -51,6 +53,18 @@ def job_public(s: Session, job: Job) -> JobPublic:
         history=[[str(a), str(b)] for a, b in (job.history or [])],
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
         finished_at=job.finished_at, links=links)
+
+
+@router.get("/jobs", response_model=list[JobPublic])
+def list_jobs(team: TeamDep, db: DbDep, status: JobStatus | None = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[JobPublic]:
+    """This team's jobs, newest first (shared profile jobs are reached through their links)."""
+    with db.session() as s:
+        q = select(Job).where(Job.team_id == team.id)
+        if status is not None:
+            q = q.where(Job.status == status)
+        rows = s.scalars(q.order_by(Job.created_at.desc()).limit(limit)).all()
+        return [job_public(s, j) for j in rows]
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)

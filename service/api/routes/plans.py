@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,6 +19,7 @@ from service.api.schemas import (
     PlanAccepted,
     PlanCreate,
     PlanPublic,
+    PlanSummary,
 )
 from service.db.models import ModelRow, PlanRow, Team
 from service.db.profile_store import DbProfileStore
@@ -56,6 +57,19 @@ def create_plan(body: PlanCreate, team: TeamDep, db: DbDep, queue: QueueDep,
                        links={"job": f"/v1/jobs/{sub.job_id}", "plan": f"/v1/plans/{sub.plan_id}"})
     return JSONResponse(out.model_dump(), status_code=202 if sub.created else 200,
                         headers={"Location": f"/v1/jobs/{sub.job_id}"})
+
+
+@router.get("/plans", response_model=list[PlanSummary])
+def list_plans(team: TeamDep, db: DbDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
+               ) -> list[PlanSummary]:
+    """This team's plans, newest first."""
+    with db.session() as s:
+        rows = s.scalars(select(PlanRow).where(PlanRow.team_id == team.id)
+                         .order_by(PlanRow.created_at.desc()).limit(limit)).all()
+        return [PlanSummary(id=p.id, status=p.status, model_id=p.model_id, budget=p.budget,
+                            total_bytes=p.total_bytes, predicted_error=p.predicted_error,
+                            job_id=p.job_id, created_at=p.created_at,
+                            links={"self": f"/v1/plans/{p.id}"}) for p in rows]
 
 
 @router.get("/plans/{plan_id}", response_model=PlanPublic)
