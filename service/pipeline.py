@@ -129,10 +129,12 @@ def plan_summary(plan_dict: dict) -> dict:
 
 
 def linear_table(plan_dict: dict) -> list[dict]:
-    rows = plan_dict.get("linears") or plan_dict.get("assignments") or []
+    """One row per linear: its option (bits, rank, factor bits, group size), bytes, error."""
+    rows = plan_dict.get("assignments") or {}
+    lb, le = plan_dict.get("linear_bytes") or {}, plan_dict.get("linear_errors") or {}
     if isinstance(rows, dict):
         return [{"name": k} | (v if isinstance(v, dict) else {"option": v})
-                for k, v in rows.items()]
+                | {"bytes": lb.get(k), "predicted_error": le.get(k)} for k, v in rows.items()]
     return list(rows)
 
 
