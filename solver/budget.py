@@ -1,0 +1,107 @@
+"""Budget parsing: the one place a budget string becomes a byte count.
+
+Accepted forms (whitespace and unit case are ignored):
+- bytes: an int, a finite float (floored), or a string of digits ``"1234567"``;
+- sizes: ``"1.2GB"`` (10**9), ``"850MiB"`` (2**20); units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB;
+- bits per parameter: ``"3.25bpp"`` = ``fixed_bytes + floor(3.25 * total_linear_params / 8)``,
+  i.e. the bpp figure covers the compressible linears only and everything left uncompressed
+  (embeddings, norms, head) is added on top at its stored size;
+- fraction of fp16: ``"0.22x"`` = ``floor(0.22 * fp16_bytes)`` where ``fp16_bytes`` is the fp16
+  size of the whole model (every parameter at 2 bytes).
+Every result is floored to whole bytes: a budget is a cap, so rounding never goes above it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+
+UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_NUMBER = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)$")
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be understood (garbage, unknown unit, not a positive finite size)."""
+
+
+class InfeasibleBudget(BudgetError):
+    """A budget below the smallest plan the menus and constraints allow."""
+
+    def __init__(self, budget: int, min_bytes: int, max_bytes: int, what: str = "") -> None:
+        self.budget, self.min_bytes, self.max_bytes = budget, min_bytes, max_bytes
+        short = min_bytes - budget
+        super().__init__(
+            f"budget {format_bytes(budget)} ({budget} B) is below the minimum feasible "
+            f"{format_bytes(min_bytes)} ({min_bytes} B){' for ' + what if what else ''}, "
+            f"short by {short} B; feasible budgets are {min_bytes}..{max_bytes} B "
+            f"(more than {max_bytes} B buys nothing)")
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable binary size, e.g. ``1.23 GiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"  # pragma: no cover - loop always returns
+
+
+def _positive_int(value: Fraction, original: object) -> int:
+    if value <= 0:
+        raise BudgetError(f"budget must be positive, got {original!r}")
+    out = math.floor(value)
+    if out < 1:
+        raise BudgetError(f"budget {original!r} rounds down to 0 bytes")
+    return out
+
+
+def parse_budget(text_or_int: str | int | float, *, total_linear_params: int,
+                 fp16_bytes: int, fixed_bytes: int = 0) -> int:
+    """Parse a budget into whole bytes (see the module docstring for the accepted forms).
+
+    ``fixed_bytes`` only matters for ``bpp`` budgets; pass the problem's fixed bytes there
+    (``AllocationProblem.parse_budget`` does) or the bpp figure covers the linears alone.
+    """
+    if isinstance(text_or_int, bool):
+        raise BudgetError(f"budget must be a number of bytes or a string, got {text_or_int!r}")
+    if isinstance(text_or_int, int):
+        return _positive_int(Fraction(text_or_int), text_or_int)
+    if isinstance(text_or_int, float):
+        if not math.isfinite(text_or_int):
+            raise BudgetError(f"budget must be finite, got {text_or_int!r}")
+        return _positive_int(Fraction(text_or_int), text_or_int)
+    if not isinstance(text_or_int, str):
+        raise BudgetError(f"budget must be a number of bytes or a string, "
+                          f"got {type(text_or_int).__name__}")
+    text = text_or_int.strip().lower().replace(" ", "").replace("_", "")
+    if not text:
+        raise BudgetError("budget is empty")
+    if any(word in text for word in ("nan", "inf")):
+        raise BudgetError(f"budget must be a finite number, got {text_or_int!r}")
+    match = _NUMBER.match(text)
+    if not match:
+        raise BudgetError(f"cannot parse budget {text_or_int!r}: expected e.g. 1200000000, "
+                          f"'1.2GB', '850MiB', '3.25bpp' or '0.22x'")
+    number, unit = Fraction(match.group(1)), match.group(2)
+    if number <= 0:
+        raise BudgetError(f"budget must be positive, got {text_or_int!r}")
+    if unit in ("", "b") or unit in UNITS:
+        return _positive_int(number * UNITS.get(unit or "b", 1), text_or_int)
+    if unit == "bpp":
+        if total_linear_params <= 0:
+            raise BudgetError("a bpp budget needs total_linear_params > 0")
+        if number > 64:
+            raise BudgetError(f"{text_or_int!r}: more than 64 bits per parameter is not a budget")
+        return _positive_int(fixed_bytes + number * total_linear_params / 8, text_or_int)
+    if unit == "x":
+        if fp16_bytes <= 0:
+            raise BudgetError("an 'x' budget needs fp16_bytes > 0")
+        return _positive_int(number * fp16_bytes, text_or_int)
+    raise BudgetError(f"unknown budget unit {match.group(2)!r} in {text_or_int!r}; use one of "
+                      f"B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, bpp, x")

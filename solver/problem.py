@@ -1,0 +1,396 @@
+"""The allocation problem: per-linear menus of (option, exact bytes, predicted error), fixed
+bytes, a byte budget and constraints; and the Plan a solver returns.
+
+Constraints and ties are resolved once into *items*: an item is one linear, or a group of tied
+linears merged into a super-item whose options are the ones every member allows, with summed
+bytes and errors. Solvers only ever see items, so ties cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from solver.budget import BudgetError, InfeasibleBudget, format_bytes, parse_budget
+from solver.bytes import Option, option_bytes
+from solver.mckp import LPCurve, Menu, lp_curve, pareto_menus
+
+__all__ = ["AllocationProblem", "BudgetError", "Constraints", "InfeasibleBudget", "Item",
+           "LinearMenu", "Plan", "parse_budget"]
+
+_OPTION_FIELDS = ("bits", "rank", "factor_bits", "group_size", "symmetric")
+
+
+@dataclass
+class LinearMenu:
+    """The options one linear may take, each with exact bytes and a predicted error."""
+
+    name: str
+    out_features: int
+    in_features: int
+    options: list[Option]
+    costs: list[int] | None = None
+    errors: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.out_features < 1 or self.in_features < 1:
+            raise ValueError(f"{self.name}: shape must be positive, "
+                             f"got {self.out_features}x{self.in_features}")
+        self.options = list(self.options)
+        if not self.options:
+            raise ValueError(f"{self.name}: empty menu")
+        if len(set(self.options)) != len(self.options):
+            raise ValueError(f"{self.name}: an option is listed twice")
+        if self.costs is None:
+            self.costs = [option_bytes(self.out_features, self.in_features, o)
+                          for o in self.options]
+        if self.errors is None:
+            raise ValueError(f"{self.name}: errors are required (one per option)")
+        self.costs = [int(c) for c in self.costs]
+        self.errors = [float(e) for e in self.errors]
+        if not (len(self.costs) == len(self.errors) == len(self.options)):
+            raise ValueError(f"{self.name}: {len(self.options)} options, {len(self.costs)} "
+                             f"costs and {len(self.errors)} errors must match")
+        if any(c < 0 for c in self.costs):
+            raise ValueError(f"{self.name}: costs must be >= 0")
+        if not all(math.isfinite(e) for e in self.errors):
+            raise ValueError(f"{self.name}: errors must be finite")
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+    @cached_property
+    def index(self) -> dict[Option, int]:
+        """Option -> its position in this menu."""
+        return {o: k for k, o in enumerate(self.options)}
+
+
+def _as_glob_map(value: Any, what: str) -> dict[str, Any]:
+    """An int/collection applies to every linear (glob ``*``); a mapping is glob -> value."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    return {"*": value}
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Restrictions on the menus. Globs use fnmatch (``*`` also crosses dots); exact names work.
+
+    - ``min_bits`` / ``max_bits``: bounds on Q bits, an int for every linear or glob -> int;
+    - ``pinned``: glob -> Option (exactly that option) or a partial dict such as ``{"rank": 256}``
+      (every field given must match, the note's ``pattern_overrides`` form);
+    - ``allowed_ranks``: a collection of ranks for every linear or glob -> collection;
+    - ``ties``: groups of globs; all linears a group matches share one option (groups that share
+      a linear are merged).
+    Where several globs match one linear, all of them apply.
+    """
+
+    min_bits: Mapping[str, int] | int | None = None
+    max_bits: Mapping[str, int] | int | None = None
+    pinned: Mapping[str, Option | Mapping[str, Any]] = field(default_factory=dict)
+    allowed_ranks: Mapping[str, Collection[int]] | Collection[int] | None = None
+    ties: Sequence[Sequence[str]] = ()
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise once here
+        set_(self, "min_bits", _as_glob_map(self.min_bits, "min_bits"))
+        set_(self, "max_bits", _as_glob_map(self.max_bits, "max_bits"))
+        set_(self, "allowed_ranks", {g: frozenset(int(r) for r in v) for g, v in
+                                     _as_glob_map(self.allowed_ranks, "allowed_ranks").items()})
+        set_(self, "pinned", dict(self.pinned or {}))
+        ties = self.ties
+        if ties and all(isinstance(t, str) for t in ties):
+            ties = [ties]  # a single group given flat
+        set_(self, "ties", [list(group) for group in ties])
+        for glob, pin in self.pinned.items():
+            if isinstance(pin, Mapping):
+                unknown = set(pin) - set(_OPTION_FIELDS)
+                if unknown:
+                    raise ValueError(f"pinned[{glob!r}]: unknown option fields {sorted(unknown)}")
+            elif not isinstance(pin, Option):
+                raise ValueError(f"pinned[{glob!r}] must be an Option or a dict of its fields")
+
+    def filter(self, name: str, options: Sequence[Option]) -> list[int]:
+        """Indices of `options` the per-linear rules (not ties) allow for linear `name`."""
+        def hits(glob: str) -> bool:
+            return fnmatch.fnmatchcase(name, glob)
+        lo = max((v for g, v in self.min_bits.items() if hits(g)), default=None)
+        hi = min((v for g, v in self.max_bits.items() if hits(g)), default=None)
+        rank_sets = [v for g, v in self.allowed_ranks.items() if hits(g)]
+        pins = [v for g, v in self.pinned.items() if hits(g)]
+
+        def ok(opt: Option) -> bool:
+            if (lo is not None and opt.bits < lo) or (hi is not None and opt.bits > hi):
+                return False
+            if any(opt.rank not in ranks for ranks in rank_sets):
+                return False
+            for pin in pins:
+                if isinstance(pin, Option):
+                    if opt != pin:
+                        return False
+                elif any(getattr(opt, k) != v for k, v in pin.items()):
+                    return False
+            return True
+        if lo is None and hi is None and not rank_sets and not pins:
+            return list(range(len(options)))
+        return [k for k, o in enumerate(options) if ok(o)]
+
+    def globs(self) -> list[tuple[str, str]]:
+        """Every (field, glob) pair, for the "matches nothing" check."""
+        out = [(f, g) for f in ("min_bits", "max_bits", "allowed_ranks", "pinned")
+               for g in getattr(self, f)]
+        out += [("ties", g) for group in self.ties for g in group]
+        return out
+
+
+@dataclass(frozen=True)
+class Item:
+    """What solvers see: one linear or a tied group, with its allowed options."""
+
+    names: tuple[str, ...]
+    options: tuple[Option, ...]
+    costs: np.ndarray   # int64, summed over members
+    errors: np.ndarray  # float64, summed over members
+    picks: np.ndarray   # [member, option] -> that member's own menu index
+
+
+class AllocationProblem:
+    """min Σ error  s.t.  Σ bytes + fixed_bytes ≤ budget, one option per linear, constraints."""
+
+    def __init__(self, linears: Sequence[LinearMenu], fixed_bytes: int = 0,
+                 budget: int | None = None, constraints: Constraints | None = None) -> None:
+        self.linears = list(linears)
+        if not self.linears:
+            raise ValueError("a problem needs at least one linear")
+        names = [lin.name for lin in self.linears]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"duplicate linear names: {dup[:5]}")
+        if int(fixed_bytes) != fixed_bytes or fixed_bytes < 0:
+            raise ValueError(f"fixed_bytes must be a non-negative integer, got {fixed_bytes!r}")
+        if budget is not None and (isinstance(budget, bool) or int(budget) != budget
+                                   or budget <= 0):
+            raise BudgetError(f"budget must be a positive integer of bytes or None, "
+                              f"got {budget!r} (parse strings with parse_budget)")
+        self.fixed_bytes = int(fixed_bytes)
+        self.budget = None if budget is None else int(budget)
+        self.constraints = constraints or Constraints()
+        self.by_name = {lin.name: lin for lin in self.linears}
+
+    # -- derived data -------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [lin.name for lin in self.linears]
+
+    @property
+    def total_linear_params(self) -> int:
+        return sum(lin.params for lin in self.linears)
+
+    def with_budget(self, budget: int | str | None) -> AllocationProblem:
+        """The same problem (sharing resolved items) at another budget."""
+        out = AllocationProblem.__new__(AllocationProblem)
+        out.__dict__.update(self.__dict__)
+        out.budget = None if budget is None else self.parse_budget(budget)
+        return out
+
+    def parse_budget(self, text_or_int: str | int, *, fp16_bytes: int | None = None) -> int:
+        """parse_budget with this problem's sizes; fp16_bytes defaults to the linears at fp16
+        plus the fixed bytes (exact when the uncompressed parameters are stored as fp16)."""
+        fp16 = fp16_bytes if fp16_bytes is not None else \
+            2 * self.total_linear_params + self.fixed_bytes
+        return parse_budget(text_or_int, total_linear_params=self.total_linear_params,
+                            fp16_bytes=fp16, fixed_bytes=self.fixed_bytes)
+
+    @cached_property
+    def items(self) -> list[Item]:
+        """Constraints applied and ties merged; raises ValueError on impossible constraints."""
+        cons = self.constraints
+        names = self.names
+        for fld, glob in cons.globs():
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise ValueError(f"constraint {fld} glob {glob!r} matches no linear")
+        allowed: dict[str, list[int]] = {}
+        for lin in self.linears:
+            keep = cons.filter(lin.name, lin.options)
+            if not keep:
+                raise ValueError(f"constraints leave no option for {lin.name}")
+            allowed[lin.name] = keep
+        groups = _tie_groups(names, cons.ties)
+        items = []
+        for group in groups:
+            items.append(self._merge(group, allowed))
+        return items
+
+    @cached_property
+    def menus(self) -> list[Menu]:
+        """Dominance-pruned menus of the items (what the solvers work on)."""
+        items = self.items
+        return pareto_menus([it.costs for it in items], [it.errors for it in items])
+
+    @cached_property
+    def lp(self) -> LPCurve:
+        """The LP relaxation walk over all menus (supported frontier, bounds)."""
+        return lp_curve(self.menus)
+
+    def _merge(self, group: list[str], allowed: dict[str, list[int]]) -> Item:
+        first = self.by_name[group[0]]
+        shared = [first.options[k] for k in allowed[first.name]]
+        for name in group[1:]:
+            lin = self.by_name[name]
+            mine = {lin.options[k] for k in allowed[name]}
+            shared = [o for o in shared if o in mine]
+        if not shared:
+            raise ValueError(f"tied linears {group[:4]}{'...' if len(group) > 4 else ''} "
+                             f"have no allowed option in common")
+        costs = np.zeros(len(shared), np.int64)
+        errors = np.zeros(len(shared), np.float64)
+        picks = np.zeros((len(group), len(shared)), np.int64)
+        for m, name in enumerate(group):
+            lin = self.by_name[name]
+            picks[m] = [lin.index[o] for o in shared]
+            costs += np.asarray(lin.costs, np.int64)[picks[m]]
+            errors += np.asarray(lin.errors, np.float64)[picks[m]]
+        return Item(tuple(group), tuple(shared), costs, errors, picks)
+
+    def feasibility(self) -> tuple[int, int]:
+        """(min_bytes, max_bytes) any plan can have, fixed bytes included."""
+        lo = sum(int(it.costs.min()) for it in self.items)
+        hi = sum(int(it.costs.max()) for it in self.items)
+        return self.fixed_bytes + lo, self.fixed_bytes + hi
+
+    def saturation_bytes(self) -> int:
+        """Bytes of the least-error plan (cheapest among ties): more budget buys nothing."""
+        total = self.fixed_bytes
+        for it in self.items:
+            best = np.flatnonzero(it.errors == it.errors.min())
+            total += int(it.costs[best].min())
+        return total
+
+    def check_budget(self, budget: int | None = None) -> None:
+        """Raise InfeasibleBudget when the budget is below the minimum feasible bytes."""
+        budget = self.budget if budget is None else budget
+        if budget is None:
+            return
+        lo, hi = self.feasibility()
+        if budget < lo:
+            raise InfeasibleBudget(budget, lo, hi)
+
+    def plan_from_choice(self, choice: Sequence[int], **meta: Any) -> Plan:
+        """Build a Plan from one option index per item (indices into Item.options)."""
+        assignments: dict[str, Option] = {}
+        lin_bytes: dict[str, int] = {}
+        lin_errors: dict[str, float] = {}
+        for it, k in zip(self.items, choice, strict=True):
+            opt = it.options[k]
+            for name, j in zip(it.names, it.picks[:, k].tolist(), strict=True):
+                lin = self.by_name[name]
+                assignments[name] = opt
+                lin_bytes[name] = lin.costs[j]
+                lin_errors[name] = lin.errors[j]
+        ordered = {n: assignments[n] for n in self.names}
+        total = self.fixed_bytes + sum(lin_bytes.values())
+        return Plan(assignments=ordered, total_bytes=total,
+                    predicted_error=float(sum(lin_errors[n] for n in self.names)),
+                    budget=self.budget, fixed_bytes=self.fixed_bytes,
+                    linear_bytes={n: lin_bytes[n] for n in self.names},
+                    linear_errors={n: lin_errors[n] for n in self.names}, **meta)
+
+    def evaluate(self, assignments: Mapping[str, Option]) -> tuple[int, float]:
+        """(total bytes, predicted error) of any full assignment; KeyError if not on a menu."""
+        total, err = self.fixed_bytes, 0.0
+        for lin in self.linears:
+            j = lin.index[assignments[lin.name]]
+            total += lin.costs[j]
+            err += lin.errors[j]
+        return total, err
+
+    def __repr__(self) -> str:
+        budget = "none" if self.budget is None else format_bytes(self.budget)
+        return (f"AllocationProblem({len(self.linears)} linears, {len(self.items)} items, "
+                f"fixed={format_bytes(self.fixed_bytes)}, budget={budget})")
+
+
+def _tie_groups(names: list[str], ties: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Union-find over tie groups; every linear ends in exactly one group, in model order."""
+    parent = {n: n for n in names}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for group in ties:
+        members = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in group)]
+        for other in members[1:]:
+            parent[root(other)] = root(members[0])
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(root(n), []).append(n)
+    return list(out.values())
+
+
+def tie_per_block(names: Sequence[str], suffixes: Sequence[str] = (
+        "q_proj", "k_proj", "v_proj")) -> list[list[str]]:
+    """Tie groups for linears reading the same input in each block, e.g. q/k/v per layer."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        head, _, last = n.rpartition(".")
+        if last in suffixes:
+            groups.setdefault(head, []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+@dataclass
+class Plan:
+    """One option per linear, with exact bytes (fixed included) and the predicted error."""
+
+    assignments: dict[str, Option]
+    total_bytes: int
+    predicted_error: float
+    method: str
+    optimal: bool
+    gap: float | None = None
+    solve_ms: float = 0.0
+    budget: int | None = None
+    fixed_bytes: int = 0
+    lower_bound: float | None = None
+    linear_bytes: dict[str, int] = field(default_factory=dict)
+    linear_errors: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def bits_per_param(self, total_linear_params: int) -> float:
+        """Average stored bits per compressible parameter (fixed bytes excluded)."""
+        return 8 * (self.total_bytes - self.fixed_bytes) / total_linear_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "assignments": {n: o.to_dict() for n, o in self.assignments.items()},
+            "total_bytes": self.total_bytes, "predicted_error": self.predicted_error,
+            "method": self.method, "optimal": self.optimal, "gap": self.gap,
+            "solve_ms": self.solve_ms, "budget": self.budget, "fixed_bytes": self.fixed_bytes,
+            "lower_bound": self.lower_bound, "linear_bytes": dict(self.linear_bytes),
+            "linear_errors": dict(self.linear_errors), "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        return cls(
+            assignments={n: Option.from_dict(o) for n, o in d["assignments"].items()},
+            total_bytes=int(d["total_bytes"]), predicted_error=float(d["predicted_error"]),
+            method=str(d["method"]), optimal=bool(d["optimal"]), gap=d.get("gap"),
+            solve_ms=float(d.get("solve_ms", 0.0)), budget=d.get("budget"),
+            fixed_bytes=int(d.get("fixed_bytes", 0)), lower_bound=d.get("lower_bound"),
+            linear_bytes={k: int(v) for k, v in d.get("linear_bytes", {}).items()},
+            linear_errors={k: float(v) for k, v in d.get("linear_errors", {}).items()},
+            info=dict(d.get("info", {})),
+        )
