@@ -5,7 +5,10 @@ so the API starts fast and `service` imports before they exist."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -42,51 +45,71 @@ def _result(**kw: Any) -> StageResult:
 
 
 # -- problem building (shared by the API's synchronous reads and the solve stage) --------------
+_PROBLEMS: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_PROBLEMS_LOCK = threading.Lock()
+_PROBLEMS_SIZE = 32
+
+
 def build_problem(profile: Profile, budget: Any, constraints: dict | None):
     prof = _require("compressor.profile", "planning")
     return prof.build_problem(profile, budget, constraints or None)
 
 
-def feasibility(profile: Profile, constraints: dict | None = None) -> tuple[int, int]:
+def base_problem(profile: Profile, constraints: dict | None, profile_id: str | None = None):
+    """The budget-less problem of a profile + constraints. Complete profiles never change, so
+    it is cached by (profile, constraints): menus and their Pareto/LP data are built once and a
+    cached-profile plan request only parses its budget and solves."""
+    ck = (profile_id or profile.key, json.dumps(constraints or {}, sort_keys=True, default=str))
+    with _PROBLEMS_LOCK:
+        hit = _PROBLEMS.get(ck)
+        if hit is not None:
+            _PROBLEMS.move_to_end(ck)
+            return hit
     problem = build_problem(profile, None, constraints)
-    lo, hi = problem.feasibility()
+    with _PROBLEMS_LOCK:
+        _PROBLEMS[ck] = problem
+        while len(_PROBLEMS) > _PROBLEMS_SIZE:
+            _PROBLEMS.popitem(last=False)
+    return problem
+
+
+def problem_at(profile: Profile, budget: Any, constraints: dict | None,
+               profile_id: str | None = None):
+    """The problem at a budget; InfeasibleBudget (a ValueError, naming the minimum) when the
+    budget is below the minimum feasible bytes."""
+    base = base_problem(profile, constraints, profile_id)
+    fp16 = profile.stats.get("fp16_bytes") if isinstance(profile.stats, dict) else None
+    problem = base.with_budget(base.parse_budget(budget, fp16_bytes=fp16))
+    problem.check_budget()
+    return problem
+
+
+def feasibility(profile: Profile, constraints: dict | None = None,
+                profile_id: str | None = None) -> tuple[int, int]:
+    lo, hi = base_problem(profile, constraints, profile_id).feasibility()
     return int(lo), int(hi)
 
 
-def model_budget_bytes(inventory: dict, budget: Any) -> int:
-    """Parse a budget against the model's layer inventory (before any profile exists): bad
-    strings, units, signs and sizes fail here with the solver's message."""
-    import math as _math
-
-    from solver.budget import parse_budget
-
-    linear_params = sum(int(li["out_features"]) * int(li["in_features"])
-                        for li in inventory.get("linears", []))
-    kept = inventory.get("kept", [])
-    fp16 = 2 * (linear_params + sum(_math.prod(k["shape"]) for k in kept))
-    return parse_budget(budget, total_linear_params=linear_params, fp16_bytes=fp16,
-                        fixed_bytes=sum(int(k["nbytes"]) for k in kept))
-
-
-def check_budget(profile: Profile, budget: str, constraints: dict | None) -> None:
+def check_budget(profile: Profile, budget: str, constraints: dict | None,
+                 profile_id: str | None = None) -> None:
     """Raise ValueError (InfeasibleBudget/BudgetError) when the budget cannot be met."""
-    build_problem(profile, budget, constraints)
+    problem_at(profile, budget, constraints, profile_id)
 
 
-def solve_plan(profile: Profile, budget: str, constraints: dict | None, method: str):
+def solve_plan(profile: Profile, budget: str, constraints: dict | None, method: str,
+               profile_id: str | None = None):
     import solver
 
-    problem = build_problem(profile, budget, constraints)
+    problem = problem_at(profile, budget, constraints, profile_id)
     return problem, solver.solve(problem, method=solver.Method(method))
 
 
-def frontier_points(profile: Profile, budget: Any, constraints: dict | None
-                    ) -> list[tuple[int, float]]:
-    """The whole Pareto frontier (bytes, predicted error) of the plan's problem."""
+def frontier_points(profile: Profile, constraints: dict | None,
+                    profile_id: str | None = None) -> list[tuple[int, float]]:
+    """The Pareto frontier (bytes, predicted error) of the plan's problem (budget-free)."""
     import solver
 
-    problem = build_problem(profile, budget, constraints)
-    pts = solver.frontier(problem)
+    pts = solver.frontier(base_problem(profile, constraints, profile_id))
     out: list[tuple[int, float]] = []
     for p in getattr(pts, "points", pts):
         if isinstance(p, dict):
@@ -239,7 +262,8 @@ def solve_stage(ctx: StageContext) -> StageResult:
     if profile is None:
         raise JobFailed("no complete profile for this model", "profile_missing")
     ctx.report("solve", 0.05)
-    _, result = solve_plan(profile, plan.budget, plan.constraints, plan.method)
+    problem, result = solve_plan(profile, plan.budget, plan.constraints, plan.method,
+                                 profile_id)
     plan_dict = result.to_dict()
     summary = plan_summary(plan_dict)
     follow: list[tuple[str, str]] = []
@@ -252,6 +276,8 @@ def solve_stage(ctx: StageContext) -> StageResult:
         for k in ("total_bytes", "budget_bytes", "predicted_error", "optimality_gap"):
             if isinstance(summary[k], int | float):
                 setattr(row, k, summary[k])
+        if problem.budget is not None:
+            row.budget_bytes = int(problem.budget)
         if row.compress and available("compressor.compress"):
             follow.append(("bitplan.compress", create_compress_job(s, row).id))
     return _result(result=summary | {"plan_id": plan.id}, links={"profile_id": profile_id},
@@ -295,7 +321,11 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
 # -- plots ------------------------------------------------------------------------------------
 def profile_plot_png(profile: Profile) -> bytes:
     prof = _require("compressor.profile", "profile plots")
-    return prof.profile_plot_png(profile)
+    if hasattr(prof, "profile_plot_png"):
+        return prof.profile_plot_png(profile)
+    plots = _require("compressor.plots", "profile plots")
+    return plots.profile_png(profile.block_sensitivity, profile.block_proxy,
+                             f"per-block sensitivity: {profile.model_ref}")
 
 
 def frontier_plot_png(points: list[tuple[float, float]], chosen: tuple[float, float] | None,

@@ -128,7 +128,7 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
     if profile_id is not None:   # infeasible budgets fail now, with the solver's message
         profile = DbProfileStore(db).get_by_id(profile_id)
         if profile is not None:
-            pipeline.check_budget(profile, body["budget"], body.get("constraints"))
+            pipeline.check_budget(profile, body["budget"], body.get("constraints"), profile_id)
 
     to_enqueue: list[tuple[str, str]] = []
     try:

@@ -108,7 +108,7 @@ def get_feasibility(model_id: str, team: TeamDep, db: DbDep) -> Feasibility:
         inventory = row.inventory
     if pid is not None:
         profile = DbProfileStore(db).get_by_id(pid)
-        lo, hi = pipeline.feasibility(profile)
+        lo, hi = pipeline.feasibility(profile, None, pid)
         return Feasibility(model_id=model_id, min_bytes=lo, max_bytes=hi, source="profile")
     lo, hi = pipeline.inventory_feasibility(inventory)
     return Feasibility(model_id=model_id, min_bytes=lo, max_bytes=hi, source="inventory")

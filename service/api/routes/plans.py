@@ -110,12 +110,12 @@ def get_recipe(plan_id: str, team: TeamDep, db: DbDep) -> Response:
 def _frontier(db, team: Team, plan_id: str) -> FrontierPublic:  # noqa: ANN001
     with db.session() as s:
         plan = _solved(s, team, plan_id)
-        budget, constraints, profile_id = plan.budget, plan.constraints, plan.profile_id
+        constraints, profile_id = plan.constraints, plan.profile_id
         total, err = plan.total_bytes, plan.predicted_error
     profile = DbProfileStore(db).get_by_id(profile_id) if profile_id else None
     if profile is None:
         raise NotFound(f"the profile of plan {plan_id} is gone")
-    points = pipeline.frontier_points(profile, budget, constraints)
+    points = pipeline.frontier_points(profile, constraints, profile_id)
     chosen = FrontierPoint(bytes=total, error=err) if total is not None and err is not None \
         else None
     return FrontierPublic(plan_id=plan_id, points=[FrontierPoint(bytes=b, error=e)
