@@ -19,11 +19,17 @@ class Method(str, Enum):
     GREEDY = "greedy"  # LP rounding + greedy fill: fast, certified gap
 
     @classmethod
+    def _missing_(cls, value: object) -> Method | None:
+        if isinstance(value, str):  # case and whitespace insensitive: Method(" CPSAT ")
+            for m in cls:
+                if m.value == value.strip().lower():
+                    return m
+        return None
+
+    @classmethod
     def parse(cls, value: Method | str) -> Method:
-        if isinstance(value, Method):
-            return value
         try:
-            return cls(str(value).strip().lower())
+            return cls(value)
         except ValueError:
             raise ValueError(f"unknown method {value!r}; use one of "
                              f"{[m.value for m in cls]}") from None

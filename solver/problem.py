@@ -119,6 +119,26 @@ class Constraints:
             elif not isinstance(pin, Option):
                 raise ValueError(f"pinned[{glob!r}] must be an Option or a dict of its fields")
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Constraints:
+        """From JSON: pinned values are option-field dicts (all five fields = an exact pin)."""
+        d = dict(d or {})
+        unknown = set(d) - {"min_bits", "max_bits", "pinned", "allowed_ranks", "ties"}
+        if unknown:
+            raise ValueError(f"unknown constraint keys {sorted(unknown)}")
+        return cls(min_bits=d.get("min_bits"), max_bits=d.get("max_bits"),
+                   pinned=dict(d.get("pinned") or {}), allowed_ranks=d.get("allowed_ranks"),
+                   ties=d.get("ties") or ())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "min_bits": dict(self.min_bits), "max_bits": dict(self.max_bits),
+            "pinned": {g: p.to_dict() if isinstance(p, Option) else dict(p)
+                       for g, p in self.pinned.items()},
+            "allowed_ranks": {g: sorted(v) for g, v in self.allowed_ranks.items()},
+            "ties": [list(t) for t in self.ties],
+        }
+
     def filter(self, name: str, options: Sequence[Option]) -> list[int]:
         """Indices of `options` the per-linear rules (not ties) allow for linear `name`."""
         def hits(glob: str) -> bool:

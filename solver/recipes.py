@@ -1,0 +1,138 @@
+"""Plans as the research note's YAML recipes:
+
+    default: {bits: 3, rank: 40, factor_bits: 4, group_size: 128, symmetric: false}
+    pattern_overrides:
+      model.layers.27.*: {rank: 256}
+      model.layers.0.mlp.down_proj: {bits: 4}
+
+Semantics (both directions): a linear takes `default`, unless override globs (fnmatch, in file
+order) match its name; then the LAST matching override wins, and its fields replace the
+default's (an override never inherits fields from another override; `{}` means the default).
+Export picks the most common option as default, then greedily adds block globs
+(``model.layers.N.*``) and cross-block globs (``model.layers.*.mlp.down_proj``) while each one
+fixes at least two linears more than it breaks, then exact names for what is left.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from solver.bytes import Option
+from solver.problem import Plan
+
+FIELDS = ("bits", "rank", "factor_bits", "group_size", "symmetric")
+_BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.)(\d+)\.(.+)$")
+_MAX_RULES = 500
+
+
+def _diff(opt: Option, default: Option) -> dict[str, Any]:
+    return {f: getattr(opt, f) for f in FIELDS if getattr(opt, f) != getattr(default, f)}
+
+
+def _candidate_globs(names: Sequence[str]) -> list[str]:
+    """Block globs and cross-block (same position in every block) globs."""
+    blocks: dict[str, None] = {}
+    across: dict[str, None] = {}
+    for n in names:
+        m = _BLOCK.match(n)
+        if m:
+            head, idx, tail = m.groups()
+            blocks[glob.escape(f"{head}{idx}.") + "*"] = None
+            across[glob.escape(head) + "*." + glob.escape(tail)] = None
+    return list(blocks) + list(across)
+
+
+def compact_overrides(assignments: dict[str, Option]) -> tuple[Option, list[tuple[str, Option]]]:
+    """(default, ordered [(glob, option)]) that reproduce `assignments` exactly."""
+    names = list(assignments)
+    counts = Counter(assignments[n] for n in names)
+    default = max(counts, key=lambda o: (counts[o], -names.index(
+        next(n for n in names if assignments[n] == o))))
+    current = {n: default for n in names}
+    rules: list[tuple[str, Option]] = []
+    members = {g: [n for n in names if fnmatch.fnmatchcase(n, g)]
+               for g in _candidate_globs(names)}
+    for _ in range(_MAX_RULES):
+        best: tuple[int, str, Option] | None = None
+        for g, ms in members.items():
+            wrong = [assignments[n] for n in ms if current[n] != assignments[n]]
+            if len(wrong) < 2:
+                continue
+            opt, _ = Counter(wrong).most_common(1)[0]
+            fixed = sum(1 for n in ms if current[n] != assignments[n] == opt)
+            broken = sum(1 for n in ms if current[n] == assignments[n] != opt)
+            if fixed - broken >= 2 and (best is None or fixed - broken > best[0]):
+                best = (fixed - broken, g, opt)
+        if best is None:
+            break
+        _, g, opt = best
+        rules.append((g, opt))
+        for n in members[g]:
+            current[n] = opt
+    rules += [(glob.escape(n), assignments[n]) for n in names if current[n] != assignments[n]]
+    return default, rules
+
+
+def plan_to_yaml(plan: Plan) -> str:
+    """The note's recipe form, compacted; a comment header carries the plan's figures."""
+    default, rules = compact_overrides(dict(plan.assignments))
+    doc = {"default": default.to_dict(),
+           "pattern_overrides": {g: _diff(o, default) for g, o in rules}}
+    header = (f"# bitplan plan: method={plan.method} total_bytes={plan.total_bytes} "
+              f"predicted_error={plan.predicted_error:.6g} optimal={plan.optimal}"
+              f"{'' if plan.budget is None else f' budget={plan.budget}'}\n")
+    body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=10_000)
+    return header + body
+
+
+def _fields(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping of option fields, got {value!r}")
+    unknown = set(value) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown option fields {sorted(unknown)} "
+                         f"(known: {', '.join(FIELDS)})")
+    return dict(value)
+
+
+def plan_from_yaml(text: str, linear_names: Sequence[str]) -> dict[str, Option]:
+    """Assignments for `linear_names` from a recipe (see the module docstring)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"recipe is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError("recipe must be a mapping with 'default' and 'pattern_overrides'")
+    unknown = set(doc) - {"default", "pattern_overrides"}
+    if unknown:
+        raise ValueError(f"recipe: unknown keys {sorted(unknown)}")
+    default = _fields(doc.get("default"), "default")
+    overrides = doc.get("pattern_overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError("pattern_overrides must be a mapping of glob -> option fields")
+    rules = [(str(g), _fields(v, f"pattern_overrides[{g!r}]")) for g, v in overrides.items()]
+    for g, _ in rules:
+        if not any(fnmatch.fnmatchcase(n, g) for n in linear_names):
+            raise ValueError(f"pattern_overrides glob {g!r} matches no linear")
+    out: dict[str, Option] = {}
+    for n in linear_names:
+        fields = dict(default)
+        for g, f in rules:
+            if fnmatch.fnmatchcase(n, g):
+                fields = {**default, **f}
+        if "bits" not in fields:
+            raise ValueError(f"no bits for {n}: give them in 'default' or an override")
+        try:
+            out[n] = Option(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{n}: {exc}") from None
+    return out
