@@ -67,6 +67,14 @@ class LinearMenu:
         return self.out_features * self.in_features
 
     @cached_property
+    def cost_array(self) -> np.ndarray:
+        return np.asarray(self.costs, np.int64)
+
+    @cached_property
+    def error_array(self) -> np.ndarray:
+        return np.asarray(self.errors, np.float64)
+
+    @cached_property
     def index(self) -> dict[Option, int]:
         """Option -> its position in this menu."""
         return {o: k for k, o in enumerate(self.options)}
@@ -263,6 +271,14 @@ class AllocationProblem:
 
     def _merge(self, group: list[str], allowed: dict[str, list[int]]) -> Item:
         first = self.by_name[group[0]]
+        if len(group) == 1:  # the common case: no hashing of options
+            ks = allowed[first.name]
+            keep = np.asarray(ks, np.int64)
+            if len(ks) == len(first.options):
+                return Item((first.name,), tuple(first.options), first.cost_array,
+                            first.error_array, keep[None, :])
+            return Item((first.name,), tuple(first.options[k] for k in ks),
+                        first.cost_array[keep], first.error_array[keep], keep[None, :])
         shared = [first.options[k] for k in allowed[first.name]]
         for name in group[1:]:
             lin = self.by_name[name]
@@ -277,8 +293,8 @@ class AllocationProblem:
         for m, name in enumerate(group):
             lin = self.by_name[name]
             picks[m] = [lin.index[o] for o in shared]
-            costs += np.asarray(lin.costs, np.int64)[picks[m]]
-            errors += np.asarray(lin.errors, np.float64)[picks[m]]
+            costs += lin.cost_array[picks[m]]
+            errors += lin.error_array[picks[m]]
         return Item(tuple(group), tuple(shared), costs, errors, picks)
 
     def feasibility(self) -> tuple[int, int]:
