@@ -213,6 +213,15 @@ class AllocationProblem:
         self.budget = None if budget is None else int(budget)
         self.constraints = constraints or Constraints()
         self.by_name = {lin.name: lin for lin in self.linears}
+        # budget-free derived data (items, menus, LP walk), shared by every with_budget copy
+        # so a cached budget-less problem pays for it once; races only duplicate work
+        self._shared: dict[str, Any] = {}
+
+    def _derived(self, key: str, build: Any) -> Any:
+        value = self._shared.get(key)
+        if value is None:
+            value = self._shared[key] = build()
+        return value
 
     # -- derived data -------------------------------------------------------------------------
     @property
@@ -238,9 +247,12 @@ class AllocationProblem:
         return parse_budget(text_or_int, total_linear_params=self.total_linear_params,
                             fp16_bytes=fp16, fixed_bytes=self.fixed_bytes)
 
-    @cached_property
+    @property
     def items(self) -> list[Item]:
         """Constraints applied and ties merged; raises ValueError on impossible constraints."""
+        return self._derived("items", self._resolve)
+
+    def _resolve(self) -> list[Item]:
         cons = self.constraints
         names = self.names
         for fld, glob in cons.globs():
@@ -258,16 +270,17 @@ class AllocationProblem:
             items.append(self._merge(group, allowed))
         return items
 
-    @cached_property
+    @property
     def menus(self) -> list[Menu]:
         """Dominance-pruned menus of the items (what the solvers work on)."""
         items = self.items
-        return pareto_menus([it.costs for it in items], [it.errors for it in items])
+        return self._derived("menus", lambda: pareto_menus([it.costs for it in items],
+                                                           [it.errors for it in items]))
 
-    @cached_property
+    @property
     def lp(self) -> LPCurve:
         """The LP relaxation walk over all menus (supported frontier, bounds)."""
-        return lp_curve(self.menus)
+        return self._derived("lp", lambda: lp_curve(self.menus))
 
     def _merge(self, group: list[str], allowed: dict[str, list[int]]) -> Item:
         first = self.by_name[group[0]]

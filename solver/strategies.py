@@ -156,3 +156,36 @@ def all_baselines(problem: AllocationProblem, block_scores: Mapping[int, float] 
                   block_of: Mapping[str, int], **kw: int) -> dict[str, Plan]:
     """Every strategy at the problem's budget, keyed by name."""
     return {name: baseline(name, problem, block_scores, block_of, **kw) for name in STRATEGIES}
+
+
+Scores = Mapping[int, float] | Sequence[float]
+
+
+def uniform(problem: AllocationProblem, scores: Scores, block_of: Mapping[str, int]) -> Plan:
+    """One rank everywhere (the note's r=64), scaled to the budget."""
+    return baseline("uniform", problem, scores, block_of)
+
+
+def fidelity(problem: AllocationProblem, scores: Scores, block_of: Mapping[str, int]) -> Plan:
+    """Rank proportional to block sensitivity."""
+    return baseline("fidelity", problem, scores, block_of)
+
+
+def aggressive(problem: AllocationProblem, scores: Scores, block_of: Mapping[str, int]) -> Plan:
+    """Rank proportional to sensitivity squared."""
+    return baseline("aggressive", problem, scores, block_of)
+
+
+def tiered(problem: AllocationProblem, scores: Scores, block_of: Mapping[str, int]) -> Plan:
+    """Critical/high/low tiers at 128:72:44."""
+    return baseline("tiered", problem, scores, block_of)
+
+
+def ultra(problem: AllocationProblem, scores: Scores, block_of: Mapping[str, int]) -> Plan:
+    """Top 2/28 : next 2/28 : rest at 256:128:40 (the note's best)."""
+    return baseline("ultra", problem, scores, block_of)
+
+
+def extreme(problem: AllocationProblem, scores: Scores, block_of: Mapping[str, int]) -> Plan:
+    """Top 5/28 : rest at 128:32."""
+    return baseline("extreme", problem, scores, block_of)

@@ -145,3 +145,10 @@ def test_exact_equals_brute_force_on_wider_instances():
         plan = solve(problem)
         assert plan.predicted_error == pytest.approx(want, abs=TOL)
         assert plan.total_bytes <= problem.budget
+
+
+def test_budget_copies_share_the_prepared_menus():
+    problem, _, _ = synthetic_problem(QWEN2_1_5B, 20, seed=16, layers=2)
+    a, b = problem.with_budget("3bpp"), problem.with_budget("4bpp")
+    assert a.menus is b.menus is problem.menus and a.lp is problem.lp
+    assert solve(a).predicted_error > solve(b).predicted_error

@@ -63,3 +63,12 @@ def test_baseline_errors(model):
     lo, _ = problem.feasibility()
     with pytest.raises(InfeasibleBudget, match="baseline uniform at 3-bit"):
         baseline("uniform", problem.with_budget(lo + 1), scores, block_of)
+
+
+def test_named_generators_match_baseline(model):
+    from solver import strategies
+
+    problem, scores, block_of = model
+    for name in STRATEGIES:
+        plan = getattr(strategies, name)(problem, scores, block_of)
+        assert plan.assignments == baseline(name, problem, scores, block_of).assignments
