@@ -86,7 +86,7 @@ def collect_hessians(
         for i in range(0, len(seqs), batch_size):
             batch = seqs[i:i + batch_size].to(device)
             last["input"] = last["xtx"] = None
-            model(input_ids=batch)
+            model(input_ids=batch, use_cache=False)
             tokens += batch.numel()
     finally:
         for h in handles:
