@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,19 @@ def feasibility(profile: Profile, constraints: dict | None = None,
                 profile_id: str | None = None) -> tuple[int, int]:
     lo, hi = base_problem(profile, constraints, profile_id).feasibility()
     return int(lo), int(hi)
+
+
+def model_budget_bytes(inventory: dict, budget: Any) -> int:
+    """Parse a budget against the model's layer inventory (before any profile exists): bad
+    strings, units, signs and sizes fail here with the solver's message."""
+    from solver.budget import parse_budget
+
+    linear_params = sum(int(li["out_features"]) * int(li["in_features"])
+                        for li in inventory.get("linears", []))
+    kept = inventory.get("kept", [])
+    fp16 = 2 * (linear_params + sum(math.prod(k["shape"]) for k in kept))
+    return parse_budget(budget, total_linear_params=linear_params, fp16_bytes=fp16,
+                        fixed_bytes=sum(int(k["nbytes"]) for k in kept))
 
 
 def check_budget(profile: Profile, budget: str, constraints: dict | None,

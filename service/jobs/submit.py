@@ -133,14 +133,14 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
     to_enqueue: list[tuple[str, str]] = []
     try:
         with db.session() as s:
-            plan = PlanRow(team_id=team_id, model_id=model.id, profile_id=profile_id,
+            plan = PlanRow(id=new_id(), team_id=team_id, model_id=model.id, profile_id=profile_id,
                            budget=str(body["budget"]), method=body.get("method") or "exact",
                            constraints=body.get("constraints") or {},
                            compress=bool(body.get("compress")), status="pending",
                            budget_bytes=budget_bytes)
             s.add(plan)
             s.flush()
-            job = Job(team_id=team_id, kind=JobKind.PLAN, status=JobStatus.QUEUED,
+            job = Job(id=new_id(), team_id=team_id, kind=JobKind.PLAN, status=JobStatus.QUEUED,
                       idempotency_key=idem_key, request_hash=rhash, plan_id=plan.id,
                       model_id=model.id, profile_id=profile_id, payload=body,
                       stage="queued", history=[["queued", utcnow().isoformat()]])
