@@ -8,8 +8,9 @@ from enum import Enum
 import numpy as np
 
 from solver.cpsat import solve_cpsat
-from solver.dp import pareto_frontier, solve_exact
+from solver.dp import ExactResult, pareto_frontier, solve_exact
 from solver.greedy import greedy
+from solver.mckp import Menu
 from solver.problem import AllocationProblem, Plan
 
 
@@ -41,7 +42,9 @@ def solve(problem: AllocationProblem, method: Method | str = Method.EXACT, *,
 
     Raises InfeasibleBudget (a ValueError carrying min_bytes/max_bytes) when the budget is below
     the cheapest plan, and ValueError when constraints leave a linear without options.
-    `time_limit_s` and `workers` only apply to CP-SAT.
+    `time_limit_s` and `workers` only apply to CP-SAT (also used by EXACT as a fallback on
+    pathological menus where the DP exceeds its work limit; the plan then says whether CP-SAT
+    proved it, with an honest gap, in `optimal`, `gap` and `info["fallback"]`).
     """
     method = Method.parse(method)
     t0 = time.perf_counter()
@@ -57,6 +60,10 @@ def solve(problem: AllocationProblem, method: Method | str = Method.EXACT, *,
         if method is Method.EXACT:
             res = solve_exact(menus, cap, curve)
             pos, optimal, gap, lb, info = res.pos, True, 0.0, res.lower_bound, res.stats
+            if not res.proven:  # pathological menus: let CP-SAT try, report an honest gap
+                pos, optimal, gap, lb, more = _cpsat_fallback(menus, cap, res, time_limit_s,
+                                                              workers)
+                info = {**info, **more}
         elif method is Method.GREEDY:
             heur = greedy(menus, cap, curve)
             pos, optimal, gap, lb = heur.pos, heur.gap <= 0.0, heur.gap, heur.lower_bound
@@ -73,6 +80,23 @@ def solve(problem: AllocationProblem, method: Method | str = Method.EXACT, *,
         raise AssertionError(f"solver {method.value} overspent: {plan.total_bytes} > "
                              f"{problem.budget}")  # a bug, never an input error
     return plan
+
+
+def _cpsat_fallback(menus: list[Menu], cap: int, res: ExactResult, time_limit_s: float,
+                    workers: int) -> tuple[np.ndarray, bool, float, float, dict]:
+    info: dict = {"fallback": "cpsat"}
+    pos, error, lb, optimal = res.pos, res.error, res.lower_bound, False
+    try:
+        cp = solve_cpsat(menus, cap, time_limit_s=time_limit_s, workers=workers, hint=res.pos)
+        info["status"] = cp.status
+        lb = max(lb, cp.lower_bound)
+        if cp.error < error:
+            pos, error = cp.pos, cp.error
+        optimal = cp.optimal and cp.error <= error
+    except RuntimeError as exc:  # no CP-SAT plan in time: keep the heuristic one
+        info["status"] = str(exc)
+    gap = 0.0 if optimal else max(0.0, error - lb) / max(abs(error), 1e-300)
+    return pos, optimal, gap, lb, info
 
 
 def frontier(problem: AllocationProblem, *, complete: bool = False,

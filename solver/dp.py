@@ -33,12 +33,20 @@ from solver.greedy import greedy
 from solver.mckp import Flat, LPCurve, Menu, error_scale, hull_segments, lp_curve, pareto_indices
 
 REL_TOL = 1e-10
+# DP candidates (all runs together) before giving up. Real menus need well under 10M; strongly
+# correlated menus (errors almost linear in bytes, the classic hard MCKP case) can need far more,
+# and the caller then falls back to CP-SAT seeded with the best plan found.
+MAX_WORK = 20_000_000
 DELTA_START = 1.0 / 64  # first δ as a fraction of UB - LB
 DELTA_GROWTH = 3.0
 
 
 class FrontierTooLarge(ValueError):
     """The complete Pareto set outgrew the caller's `max_points`."""
+
+
+class _WorkExceeded(Exception):
+    pass
 
 
 @dataclass
@@ -48,16 +56,20 @@ class ExactResult:
     error: float
     lower_bound: float        # the LP bound (the optimum itself once proven)
     stats: dict = field(default_factory=dict)
+    proven: bool = True       # False: MAX_WORK hit, pos is the heuristic plan
 
 
-def solve_exact(menus: list[Menu], cap: int, curve: LPCurve | None = None) -> ExactResult:
-    """The optimum of min Σ err s.t. Σ cost <= cap. `cap` must be >= the cheapest plan."""
+def solve_exact(menus: list[Menu], cap: int, curve: LPCurve | None = None,
+                max_work: int | None = None) -> ExactResult:
+    """The optimum of min Σ err s.t. Σ cost <= cap. `cap` must be >= the cheapest plan.
+    Past `max_work` DP candidates it returns the heuristic plan with proven=False."""
     curve = curve if curve is not None else lp_curve(menus)
     if cap < curve.cost[0]:
         raise ValueError(f"capacity {cap} is below the cheapest plan {int(curve.cost[0])}")
     j, lam, lb = curve.at(cap)
     heur = greedy(menus, cap, curve)
-    stats: dict = {"lp_bound": lb, "heuristic_error": heur.error, "dp_runs": 0}
+    stats: dict = {"lp_bound": lb, "heuristic_error": heur.error, "dp_runs": 0, "work": 0,
+                   "max_work": MAX_WORK if max_work is None else max_work}
     tol = REL_TOL * error_scale(menus)
     gap = heur.error - lb
     if j >= len(curve.slope) or gap <= tol:
@@ -71,7 +83,10 @@ def solve_exact(menus: list[Menu], cap: int, curve: LPCurve | None = None) -> Ex
         delta = min(delta, gap)
         stats["dp_runs"] += 1
         t_run = time.perf_counter()
-        found = _threshold_dp(menus, flat, red, cap, lb + delta + tol, delta + tol, stats)
+        try:
+            found = _threshold_dp(menus, flat, red, cap, lb + delta + tol, delta + tol, stats)
+        except _WorkExceeded:
+            return ExactResult(heur.pos, heur.cost, heur.error, lb, stats, proven=False)
         stats.setdefault("run_ms", []).append(round((time.perf_counter() - t_run) * 1e3, 2))
         if found is not None:
             pos, cost, error = found
@@ -156,6 +171,9 @@ def _pareto_dp(menus: list[Menu], cap: int, threshold: float,
         ok = room >= cc[0]
         ok[ok] = E2[ok] + np.interp(room[ok], cc, ee) <= threshold
         cand = np.flatnonzero(ok)
+        stats["work"] += len(C2)
+        if stats["work"] > stats["max_work"]:
+            raise _WorkExceeded
         if len(cand) == 0:
             stats["peak_states"] = max(peak, stats.get("peak_states", 0))
             return None

@@ -152,3 +152,20 @@ def test_budget_copies_share_the_prepared_menus():
     a, b = problem.with_budget("3bpp"), problem.with_budget("4bpp")
     assert a.menus is b.menus is problem.menus and a.lp is problem.lp
     assert solve(a).predicted_error > solve(b).predicted_error
+
+
+def test_work_limit_falls_back_to_cpsat_with_an_honest_flag(monkeypatch):
+    import solver.dp
+
+    problem, _, _ = synthetic_problem(QWEN2_1_5B, 20, seed=17, layers=3, bits_per_param=3.1)
+    want = solve(problem)
+    monkeypatch.setattr(solver.dp, "MAX_WORK", 5)
+    plan = solve(problem, time_limit_s=30, workers=2)
+    assert plan.info["fallback"] == "cpsat" and plan.info["dp_runs"] >= 1
+    assert plan.total_bytes <= problem.budget
+    assert plan.lower_bound <= want.predicted_error + TOL
+    if plan.optimal:
+        slack = rounding_slack(problem.menus)
+        assert plan.predicted_error <= want.predicted_error + slack + TOL
+    else:
+        assert plan.gap > 0
