@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,7 @@ from fastapi import FastAPI
 from service.api import errors
 from service.api.routes import artifacts, health, jobs, models, plans
 from service.db.session import get_database
-from service.jobs.queue import Queue, make_queue
+from service.jobs.queue import InProcessQueue, Queue, make_queue
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if isinstance(app.state.queue, InProcessQueue):   # embedded: resume what a restart cut
+            threading.Thread(target=_resume, args=(app,), daemon=True,
+                             name="bitplan-resume").start()
         yield
         if app.state.owns_queue:
             app.state.queue.close()
@@ -85,6 +89,15 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
         app.include_router(mod.router, prefix="/v1")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
+
+
+def _resume(app: FastAPI) -> None:
+    from service.jobs.sweeper import sweep
+
+    try:
+        sweep(app.state.db, app.state.queue, app.state.settings.job_lease_s)
+    except Exception:  # noqa: BLE001 - e.g. the schema is not migrated yet
+        log.warning("could not resume unfinished jobs", exc_info=True)
 
 
 def errors_model():

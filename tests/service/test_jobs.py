@@ -123,3 +123,31 @@ def test_transient_errors_requeue_and_retry(tmp_path, sqlite_url, monkeypatch):
     assert run_with_retries("bitplan.fit", job_id, settings) == "succeeded"
     job = _get(db, job_id)
     assert job.status == "succeeded" and job.attempts == 3 and len(calls) == 2
+
+
+def test_embedded_restart_resumes_unfinished_jobs(tmp_path, sqlite_url):
+    """The in-process queue dies with its process: a new app re-enqueues what was queued, and
+    what was running with a stale heartbeat, and they finish."""
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+
+    settings = make_settings(tmp_path, sqlite_url, job_lease_s=5.0)
+    db = get_database(sqlite_url)
+    queued, _ = _fit_job(db)
+    crashed, _ = _fit_job(db)
+    waiting = _job(db, kind="fit", depends_on=queued)
+    with db.session() as s:
+        s.get(Job, crashed).status = "running"          # heartbeat None: its worker is gone
+    app = create_app(settings)
+    with TestClient(app):                                # runs the lifespan (startup sweep)
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+                _get(db, j).status in ("succeeded", "failed") for j in (queued, crashed)):
+            time.sleep(0.1)
+        assert app.state.queue.wait_idle(30)
+    assert _get(db, queued).status == "succeeded"
+    assert _get(db, crashed).status == "succeeded"
+    assert _get(db, waiting).status == "failed"          # released, then: no profile → error
