@@ -76,7 +76,8 @@ def solve_exact(menus: list[Menu], cap: int, curve: LPCurve | None = None,
         return ExactResult(heur.pos, heur.cost, heur.error, heur.error, stats)
 
     flat = Flat.of(menus)
-    red = flat.err + lam * flat.cost
+    # bytes above each item's cheapest option keep λ·c small next to the errors (precision)
+    red = flat.err + lam * (flat.cost - flat.cost[flat.offsets][flat.item])
     red -= np.minimum.reduceat(red, flat.offsets)[flat.item]
     delta = gap * DELTA_START
     while True:

@@ -80,7 +80,7 @@ class LinearMenu:
         return {o: k for k, o in enumerate(self.options)}
 
 
-def _as_glob_map(value: Any, what: str) -> dict[str, Any]:
+def _as_glob_map(value: Any) -> dict[str, Any]:
     """An int/collection applies to every linear (glob ``*``); a mapping is glob -> value."""
     if value is None:
         return {}
@@ -110,10 +110,10 @@ class Constraints:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once here
-        set_(self, "min_bits", _as_glob_map(self.min_bits, "min_bits"))
-        set_(self, "max_bits", _as_glob_map(self.max_bits, "max_bits"))
+        set_(self, "min_bits", _as_glob_map(self.min_bits))
+        set_(self, "max_bits", _as_glob_map(self.max_bits))
         set_(self, "allowed_ranks", {g: frozenset(int(r) for r in v) for g, v in
-                                     _as_glob_map(self.allowed_ranks, "allowed_ranks").items()})
+                                     _as_glob_map(self.allowed_ranks).items()})
         set_(self, "pinned", dict(self.pinned or {}))
         ties = self.ties
         if ties and all(isinstance(t, str) for t in ties):
