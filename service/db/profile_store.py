@@ -7,6 +7,7 @@ redelivered profiling run never duplicates rows.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 
@@ -44,6 +45,8 @@ class DbProfileStore:
     def _put_linears(self, s: Session, profile_id: str, records: list[LinearProfile]) -> None:
         if not records:
             return
+        for r in records:
+            check_finite(r)
         upsert(s, LinearSensitivity.__table__, [
             {"profile_id": profile_id, "linear": r.name, "block": r.block,
              "out_features": r.out_features, "in_features": r.in_features,
@@ -92,6 +95,10 @@ class DbProfileStore:
             pid = self._ensure_row(s, profile.key)
             self._put_linears(s, pid, profile.linears)
             values = {f: getattr(profile, f) for f in _PROFILE_FIELDS}
+            for f in ("block_sensitivity", "block_proxy"):
+                if not _finite(values[f]):
+                    raise CorruptRecord(f"profile {profile.key}: non-finite {f}")
+            values["stats"] = _nan_to_none(values["stats"])   # JSON has no NaN
             s.execute(update(ProfileRow).where(ProfileRow.id == pid).values(
                 **values, linear_order=[lp.name for lp in profile.linears], complete=True,
                 completed_at=utcnow()))
@@ -135,6 +142,40 @@ class DbProfileStore:
 _CACHE: OrderedDict[tuple[str, str], Profile] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 16
+
+
+class CorruptRecord(ValueError):
+    """A record with NaN/inf numbers: refused, so the store never holds corrupt rows."""
+
+
+def _finite(x: object) -> bool:
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return True
+    if isinstance(x, int | float):
+        return math.isfinite(x)
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, list | tuple):
+        return all(_finite(v) for v in x)
+    return True
+
+
+def _nan_to_none(x: object) -> object:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def check_finite(r: LinearProfile) -> None:
+    for what, value in (("sensitivity alpha", r.alpha), ("proxy", r.proxy),
+                        ("error samples", r.samples), ("fitted error model", r.fit)):
+        if not _finite(value):
+            raise CorruptRecord(f"linear {r.name}: non-finite {what} (NaN/inf weights or "
+                                "activations in the model?); nothing was stored for it")
 
 
 def _r2(fit: dict) -> float | None:

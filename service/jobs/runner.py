@@ -72,7 +72,9 @@ def _classify(exc: Exception) -> tuple[str, str]:
     if isinstance(exc, state.JobFailed):
         return exc.code, str(exc)
     if isinstance(exc, ValueError):   # ModelLoadError, budget errors, bad constraints
-        return "invalid_input", str(exc) or type(exc).__name__
+        code = {"InfeasibleBudget": "infeasible_budget", "BudgetError": "invalid_budget",
+                "ModelLoadError": "invalid_model"}.get(type(exc).__name__, "invalid_input")
+        return code, str(exc) or type(exc).__name__
     if isinstance(exc, MemoryError):
         return "out_of_memory", "the worker ran out of memory"
     return "internal_error", f"{type(exc).__name__}: {exc}"

@@ -34,7 +34,7 @@ def test_nan_weights_fail_clearly(tmp_path, sqlite_url, model_root, tiny_nan_mod
                             headers=env.h("alpha")).json()
         assert env.queue.wait_idle(240)
         pj = env.client.get(f"/v1/jobs/{a['profile_job_id']}", headers=env.h("alpha")).json()
-        assert pj["status"] == "failed" and pj["error"]["code"] == "invalid_input"
+        assert pj["status"] == "failed" and pj["error"]["code"] == "invalid_input", pj
         assert "NaN" in pj["error"]["message"]
         j = env.client.get(f"/v1/jobs/{a['job_id']}", headers=env.h("alpha")).json()
         assert j["status"] == "failed" and j["error"]["code"] == "dependency_failed"

@@ -80,3 +80,28 @@ def test_concurrent_writers_leave_one_row_each(pg_url):
     assert _counts(db, prof.key) == {"linear_sensitivities": 6, "error_samples": 6,
                                      "error_models": 6, "profiles": 1}
     assert DbProfileStore(db).get(prof.key) == prof
+
+
+def test_non_finite_records_are_refused(db_url):
+    """NaN/inf never reach the database: the record is refused with a clear message, and NaN
+    summary statistics (e.g. a rank correlation over too few blocks) are stored as null."""
+    import math
+
+    import pytest
+
+    from service.db.profile_store import CorruptRecord
+
+    db = get_database(db_url)
+    store = DbProfileStore(db)
+    prof = synthetic_profile()
+    bad = LinearProfile(**(prof.linears[0].to_dict() | {"alpha": math.nan}))
+    with pytest.raises(CorruptRecord, match="non-finite sensitivity alpha"):
+        store.put_linear(prof.key, bad)
+    worse = LinearProfile(**(prof.linears[1].to_dict()
+                             | {"samples": [[2, 0, math.inf]]}))
+    with pytest.raises(CorruptRecord, match="error samples"):
+        store.put_linear(prof.key, worse)
+    assert store.linear_records(prof.key) == {}
+    prof.stats["spearman_alpha_vs_proxy"] = math.nan
+    store.put(prof)
+    assert store.get(prof.key).stats["spearman_alpha_vs_proxy"] is None
