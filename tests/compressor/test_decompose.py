@@ -66,9 +66,11 @@ def test_exact_bytes_across_options(problem, opt: Option) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_decomposition_never_worse_than_q_alone(problem, bits: int) -> None:
     W, _, H = problem
-    q_only = decompose(W, H, Option(bits, 0), DecompositionConfig())
+    cfg = DecompositionConfig(outer_iters=3, lr_iters=3)   # the full CALDERA alternation
+    q_only = decompose(W, H, Option(bits, 0), cfg)
     for rank in (8, 40):
-        d = decompose(W, H, Option(bits, rank, 4), DecompositionConfig())
+        d = decompose(W, H, Option(bits, rank, 4), cfg)
+        assert len(d.history) == 1 + 3 * 2 * 3
         assert d.q_only_rel_h_err == pytest.approx(q_only.rel_h_err, rel=1e-9)
         assert d.rel_h_err <= q_only.rel_h_err + 1e-12
         assert d.rel_h_err < q_only.rel_h_err * (0.97 if rank == 8 else 0.9)  # and it helps
