@@ -11,6 +11,7 @@ import time
 import pytest
 import redis
 
+from service.db.migrate import upgrade
 from service.db.models import Job
 from service.pipeline import available
 from tests.service.fixtures import DEMO_PROFILE, TINY_PROFILE, make_env, make_settings
@@ -40,6 +41,7 @@ def _settle(env, redis_url: str):
 
 
 def _flow(tmp, db_url, redis_url, model_root, model_ref, profile_config, timeout):
+    upgrade(db_url)                              # a private, empty database: migrate it first
     settings = make_settings(tmp, db_url, redis_url=redis_url, model_roots=[model_root],
                              profile_config=profile_config)
     worker = WorkerProcess(settings, tmp / "worker.log")
