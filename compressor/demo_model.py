@@ -37,6 +37,7 @@ class DemoConfig:
     warmup: int = 50
     weight_decay: float = 0.05
     eval_every: int = 100
+    stop_at: int | None = None   # stop early on the same schedule (same weights as a full run)
     seed: int = 0
 
 
@@ -108,7 +109,8 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | N
     curve: list[dict] = []
     t0 = time.time()
     model.train()
-    for step in range(cfg.steps):
+    last = min(cfg.steps, cfg.stop_at or cfg.steps)
+    for step in range(last):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         starts = torch.randint(0, max_start, (cfg.batch_size,), generator=gen)
@@ -118,7 +120,7 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | N
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == last:
             vloss = _eval_loss(model, valid_ids, cfg.seq_len)
             elapsed = time.time() - t0
             curve.append({"step": step + 1, "train_loss": round(loss.item(), 4),
@@ -134,7 +136,7 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | N
     tokenizer.save_pretrained(out_dir)
     record = {"config": asdict(cfg), "curve": curve,
               "params": sum(p.numel() for p in model.parameters()),
-              "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+              "train_tokens_seen": last * cfg.batch_size * cfg.seq_len,
               "wall_s": round(time.time() - t0, 1)}
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))
     return record

@@ -23,6 +23,8 @@ from compressor.data import Split, token_sequences
 from compressor.decompose import DecompositionConfig, decompose, h_norm, lowrank_error_curve
 from compressor.hessian import collect_hessians, linear_weight
 from compressor.loading import discover, inventory, load_model, load_tokenizer
+from compressor.planning import build_problem  # noqa: F401  (re-exported for the service)
+from compressor.plots import profile_png
 from compressor.profile_store import LinearProfile, Profile, ProfileStore, profile_key
 from compressor.sensitivity import measure_alpha, summarize
 from solver.bytes import Option
@@ -52,6 +54,14 @@ class ProfileConfig:
         return asdict(self) | {"decomposition": self.decomposition.to_dict(),
                                "q_bits": list(self.q_bits),
                                "anchors": [list(a) for a in self.anchors]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProfileConfig:
+        d = dict(d)
+        d["decomposition"] = DecompositionConfig.from_dict(d.get("decomposition", {}))
+        d["q_bits"] = tuple(d.get("q_bits", cls.q_bits))
+        d["anchors"] = tuple(tuple(a) for a in d.get("anchors", cls.anchors))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def max_rank(self, out_features: int, in_features: int) -> int:
         return max(1, int(self.max_rank_fraction * min(out_features, in_features)))
@@ -174,3 +184,10 @@ def spearman(a, b) -> float:
 
 def model_inventory(model_ref: str, trust_remote_code: bool = False):
     return inventory(model_ref, trust_remote_code)
+
+
+def profile_plot_png(profile: Profile) -> bytes:
+    """Per-block sensitivity (end-to-end α) beside the Block Influence proxy."""
+    return profile_png(profile.block_sensitivity, profile.block_proxy,
+                       f"sensitivity per block — {profile.model_ref}",
+                       profile.stats.get("spearman_alpha_vs_proxy"))

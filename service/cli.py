@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "service.commands.model",
     "service.commands.bench",
     "service.commands.server",
+    "service.commands.planning",
 ]
 
 

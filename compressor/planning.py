@@ -1,0 +1,64 @@
+"""From a stored profile to the solver's problem: each linear's option menu with exact bytes
+and predicted damage α_i · E_i(b, r), plus the predicted ΔKL of any plan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from compressor.profile_store import LinearProfile, Profile
+from solver import AllocationProblem, Constraints, LinearMenu, Option
+from solver.errormodel import ErrorModel
+
+
+@dataclass(frozen=True)
+class MenuConfig:
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    ranks: tuple[int, ...] = (0, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def menu_options(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> list[Option]:
+    cfg = profile.config
+    frac = float(cfg.get("max_rank_fraction", 0.5))
+    max_rank = max(1, int(frac * min(lp.out_features, lp.in_features)))
+    fb, gs = int(cfg.get("factor_bits", 4)), int(cfg.get("group_size", 128))
+    ranks = [r for r in menu.ranks if r <= max_rank]
+    return [Option(b, r, fb, gs) for b in menu.bits for r in ranks]
+
+
+def linear_menu(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> LinearMenu:
+    model = ErrorModel.from_dict(lp.fit)
+    options = menu_options(lp, profile, menu)
+    errors = [lp.alpha * float(model.predict(o.bits, o.rank)) for o in options]
+    return LinearMenu(lp.name, lp.out_features, lp.in_features, options, errors=errors)
+
+
+def build_problem(profile: Profile, budget=None, constraints: Mapping | Constraints | None = None,
+                  menu: MenuConfig | None = None) -> AllocationProblem:
+    """The allocation problem of a profile (budget may be None: a budget-free problem)."""
+    menu = menu or MenuConfig()
+    if constraints is not None and not isinstance(constraints, Constraints):
+        constraints = Constraints.from_dict(dict(constraints))
+    problem = AllocationProblem([linear_menu(lp, profile, menu) for lp in profile.linears],
+                                fixed_bytes=profile.fixed_bytes, constraints=constraints)
+    if budget is not None:
+        fp16 = profile.stats.get("fp16_bytes")
+        problem = problem.with_budget(problem.parse_budget(budget, fp16_bytes=fp16))
+    return problem
+
+
+def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
+    """Σ α_i · E_i(option_i): the profile's prediction of KL to the original model."""
+    total = 0.0
+    for lp in profile.linears:
+        opt = assignments[lp.name]
+        total += lp.alpha * float(ErrorModel.from_dict(lp.fit).predict(opt.bits, opt.rank))
+    return total
+
+
+def block_scores(profile: Profile) -> list[float]:
+    return list(profile.block_sensitivity)
+
+
+def block_of(profile: Profile) -> dict[str, int]:
+    return {lp.name: lp.block for lp in profile.linears if lp.block is not None}
