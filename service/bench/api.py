@@ -91,6 +91,7 @@ def _prepare(data_dir: Path, model_dir: Path) -> tuple[str, str]:
 def run(args=None) -> dict:  # noqa: ANN001
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     n_req = int(os.environ.get("BITPLAN_BENCH_REQUESTS", "100"))
     n_cli = int(os.environ.get("BITPLAN_BENCH_CLIENTS", "10"))
     model_dir = Path(os.environ.get("BITPLAN_BENCH_MODEL", DEMO_MODEL)).resolve()
@@ -130,8 +131,16 @@ def _measure(httpx, base: str, key: str, model: str, n_req: int, n_cli: int) -> 
             return {"error": "server did not start"}
         time.sleep(0.2)
     with httpx.Client(base_url=base, headers=headers, timeout=30) as c:   # warm-up
+        models = c.get("/v1/models").json()
+        feas = c.get(f"/v1/models/{models[0]['id']}/feasibility").json()
+        lo, hi = feas["min_bytes"], feas["max_bytes"]
         for i in range(3):
-            c.post("/v1/plans", json={"model": model, "budget": f"0.{30 + i}x"})
+            c.post("/v1/plans", json={"model": model, "budget": (lo + hi) // 2 + i})
+        single = []                     # one client alone, for scale (same run)
+        for i in range(20):
+            t0 = time.perf_counter()
+            c.post("/v1/plans", json={"model": model, "budget": lo + (hi - lo) * (i + 1) // 21})
+            single.append((time.perf_counter() - t0) * 1000)
     lat: list[float] = []
     jobs: list[tuple[str, float]] = []
     errors = 0
@@ -142,7 +151,7 @@ def _measure(httpx, base: str, key: str, model: str, n_req: int, n_cli: int) -> 
         nonlocal errors
         with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
             for j in range(per[idx]):
-                budget = f"{0.25 + 0.005 * ((idx * 17 + j) % 60):.3f}x"
+                budget = lo + (hi - lo) * ((idx * 17 + j) % 60 + 1) // 61   # all feasible
                 t0 = time.perf_counter()
                 try:
                     r = c.post("/v1/plans", json={"model": model, "budget": budget})
@@ -167,6 +176,7 @@ def _measure(httpx, base: str, key: str, model: str, n_req: int, n_cli: int) -> 
     solve_ms, failed = _await_jobs(httpx, base, headers, jobs)
     return {"requests": len(lat), "clients": n_cli, "p50_ms": round(_pct(lat, 0.5), 2),
             "p95_ms": round(_pct(lat, 0.95), 2), "max_ms": round(max(lat), 2),
+            "single_client_p50_ms": round(_pct(single, 0.5), 2),
             "errors": errors + failed, "throughput_rps": round(len(lat) / wall, 1),
             "time_to_solved_p50_ms": round(_pct(solve_ms, 0.5), 1),
             "time_to_solved_p95_ms": round(_pct(solve_ms, 0.95), 1),

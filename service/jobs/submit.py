@@ -45,11 +45,19 @@ def request_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_MODELS: dict[tuple[str, str], ModelRow] = {}   # (db url, fingerprint) -> detached row
+
+
 def get_or_create_model(db: Database, resolved: ResolvedModel, settings: Settings) -> ModelRow:
-    """Look a model up by fingerprint; on first sight read its layer inventory (config only)."""
+    """Look a model up by fingerprint; on first sight read its layer inventory (config only).
+    Rows are cached in-process: a fingerprint's identity and inventory never change."""
+    ck = (db.url, resolved.fingerprint)
+    if (hit := _MODELS.get(ck)) is not None:
+        return hit
     with db.session() as s:
         row = s.scalar(select(ModelRow).where(ModelRow.fingerprint == resolved.fingerprint))
         if row is not None:
+            _MODELS[ck] = row
             return row
     from compressor.loading import inventory
 
@@ -61,7 +69,9 @@ def get_or_create_model(db: Database, resolved: ResolvedModel, settings: Setting
             "linear_params": inv.linear_params, "kept_bytes": inv.kept_bytes,
             "inventory": inv.to_dict(), "created_at": utcnow()}],
             keys=["fingerprint"], update_cols=[])
-        return s.scalar(select(ModelRow).where(ModelRow.fingerprint == resolved.fingerprint))
+        row = s.scalar(select(ModelRow).where(ModelRow.fingerprint == resolved.fingerprint))
+    _MODELS[ck] = row
+    return row
 
 
 def resolve_and_register(db: Database, ref: str, settings: Settings) -> ModelRow:
@@ -138,8 +148,6 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
                            constraints=body.get("constraints") or {},
                            compress=bool(body.get("compress")), status="pending",
                            budget_bytes=budget_bytes)
-            s.add(plan)
-            s.flush()
             job = Job(id=new_id(), team_id=team_id, kind=JobKind.PLAN, status=JobStatus.QUEUED,
                       idempotency_key=idem_key, request_hash=rhash, plan_id=plan.id,
                       model_id=model.id, profile_id=profile_id, payload=body,
@@ -153,9 +161,9 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
                     to_enqueue.append(("bitplan.profile", pjob.id))
             else:
                 to_enqueue.append(("bitplan.solve", job.id))
-            s.add(job)
-            s.flush()
             plan.job_id = job.id
+            s.add_all([plan, job])
+            s.flush()
             plan_id, job_id = plan.id, job.id
     except IntegrityError:
         if not idem_key:
