@@ -322,9 +322,11 @@ def create_compress_job(s, plan: PlanRow) -> Job:
 
 
 def compress_stage(ctx: StageContext) -> StageResult:
-    """GPU queue: placeholder until compression jobs are wired (issue 7)."""
+    """GPU queue: execute the plan, save the artifact, measure it (layer-resumable)."""
     _require("compressor.compress", "compression")
-    raise JobFailed("compression jobs are not wired into the service yet", "unavailable")
+    from service import compress_job
+
+    return compress_job.run(ctx)
 
 
 def evaluate_stage(ctx: StageContext) -> StageResult:

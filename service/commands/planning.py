@@ -29,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the plan JSON here")
     p.add_argument("--yaml", action="store_true", help="print the recipe YAML instead")
     p.set_defaults(func=cmd_plan)
+    register_execution(sub)
 
 
 def profile_root() -> Path:
@@ -127,4 +128,130 @@ def cmd_plan(args) -> int:
            "solve_ms": plan.solve_ms,
            "linears": {n: o.to_dict() for n, o in plan.assignments.items()}}
     print(json.dumps(out, indent=1))
+    return 0
+
+
+def register_execution(sub) -> None:
+    p = sub.add_parser("compress", help="compress a model by a plan (or a budget) into an artifact")
+    p.add_argument("model")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--plan", type=Path, help="plan JSON (from `bitplan plan --out`)")
+    g.add_argument("--budget", help="solve for this budget from the stored profile first")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("experiment", help="optimal vs the note's baselines at several budgets")
+    p.add_argument("model")
+    p.add_argument("--budgets", default=None, help="comma-separated, e.g. 2.4bpp,3bpp,4.5bpp")
+    p.add_argument("--out", type=Path, default=None, help="report directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("demo", help="profile → plan → compress → evaluate the demo model")
+    p.add_argument("--budget", default="2.75bpp")
+    p.add_argument("--out", type=Path, default=None, help="artifact/report directory")
+    p.set_defaults(func=cmd_demo)
+
+
+def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = False) -> dict:
+    """Compress every linear as planned, save the artifact, evaluate it against the original."""
+    from tqdm import tqdm
+
+    from compressor.artifact import load_compressed, save_artifact
+    from compressor.compress import compress_model
+    from compressor.evaluate import eval_sequences, evaluate, reference_logprobs
+    from compressor.loading import load_model, load_tokenizer
+    from compressor.planning import predicted_kl
+    from compressor.profile import ProfileConfig, calibration
+
+    settings = get_settings()
+    cfg = ProfileConfig.from_dict(prof.config)
+    model = load_model(model_ref, settings.trust_remote_code, device=settings.device)
+    tok = load_tokenizer(model_ref, settings.trust_remote_code)
+    seqs = eval_sequences(tok, settings.eval_seq_len, settings.eval_seqs)
+    ref = reference_logprobs(model, seqs)
+    bar = tqdm(total=len(plan.assignments), desc="compress", disable=quiet or not sys.stderr.isatty())
+    decs = compress_model(model, plan.assignments, calibration(tok, cfg), config=cfg.decomposition,
+                          on_linear=lambda n, d: bar.update(1))
+    bar.close()
+    manifest = save_artifact(model, tok, decs, out, plan=plan.to_dict(), source_ref=model_ref)
+    compressed, _ = load_compressed(out, device=settings.device)
+    res = evaluate(compressed, seqs, reference=ref)
+    return {"artifact": str(out), "planned_bytes": plan.total_bytes,
+            "artifact_bytes": manifest.total_bytes, "ppl": res.ppl, "kl": res.kl,
+            "top1": res.top1, "predicted_kl": predicted_kl(prof, plan.assignments)}
+
+
+def cmd_compress(args) -> int:
+    import solver
+
+    prof = stored_profile(args.model)
+    if args.plan:
+        plan = solver.Plan.from_dict(json.loads(args.plan.read_text()))
+    else:
+        _, plan = solve_for(prof, args.budget)
+    print(json.dumps(compress_to_artifact(args.model, prof, plan, args.out), indent=1))
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from service.experiment import DEFAULT_BUDGETS, run_experiment
+
+    prof = ensure_profile(args.model)
+    budgets = args.budgets.split(",") if args.budgets else DEFAULT_BUDGETS
+    out = args.out or get_settings().data_dir / "reports" / prof.key
+    result = run_experiment(args.model, prof, budgets, out_dir=out)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"report: {out / 'REPORT.md'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from compressor.data import Split, token_sequences
+    from compressor.hessian import collect_hessians
+    from compressor.loading import load_model, load_tokenizer
+    from compressor.plan_eval import PlanEvaluator
+    from compressor.profile import ProfileConfig, calibration
+    from service.experiment import baseline_plan
+    from service.settings import DEMO_MODEL
+
+    settings = get_settings()
+    model_ref = str(DEMO_MODEL)
+    out = args.out or settings.data_dir / "demo"
+    print(f"[1/4] profile {model_ref} (reused when stored)", flush=True)
+    prof = ensure_profile(model_ref)
+    from compressor.profile import profile_plot_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.png").write_bytes(profile_plot_png(prof))
+    print(f"[2/4] plan for {args.budget}", flush=True)
+    problem, plan = solve_for(prof, args.budget)
+    uniform = baseline_plan("uniform", problem, prof)
+    print("[3/4] compress the optimal plan into an artifact and evaluate it", flush=True)
+    opt = compress_to_artifact(model_ref, prof, plan, out / "artifact")
+    print("[4/4] measure uniform at the same budget", flush=True)
+    cfg = ProfileConfig.from_dict(prof.config)
+    model, tok = load_model(model_ref), load_tokenizer(model_ref)
+    names = list(plan.assignments)
+    ev = PlanEvaluator(model, collect_hessians(model, calibration(tok, cfg), names),
+                       token_sequences(tok, Split.TEST, settings.eval_seq_len,
+                                       n_seqs=settings.eval_seqs), config=cfg.decomposition)
+    orig = ev.baseline()
+    uni = ev.measure(uniform.assignments)
+    rows = [("original (fp32)", prof.fixed_bytes + 4 * problem.total_linear_params, orig.ppl,
+             0.0, 1.0),
+            ("uniform", uniform.total_bytes, uni.ppl, uni.kl, uni.top1),
+            ("bitplan optimal", opt["artifact_bytes"], opt["ppl"], opt["kl"], opt["top1"])]
+    print(f"\nbudget {args.budget} = {problem.budget:,} bytes\n")
+    print(f"{'plan':<18}{'bytes':>12}{'ppl':>10}{'KL':>10}{'top-1':>8}")
+    for name, nbytes, ppl, kl, top1 in rows:
+        print(f"{name:<18}{nbytes:>12,}{ppl:>10.3f}{kl:>10.4f}{top1:>8.3f}")
+    excess = (uni.ppl - opt["ppl"]) / max(uni.ppl - orig.ppl, 1e-9)
+    print(f"\noptimal removes {100 * excess:.1f}% of uniform's excess perplexity; KL "
+          f"{100 * (uni.kl - opt['kl']) / uni.kl:.1f}% lower; predicted KL {opt['predicted_kl']:.4f}")
+    print(f"artifact: {opt['artifact']}  (bytes {opt['artifact_bytes']:,} = planned "
+          f"{opt['planned_bytes']:,})\nprofile plot: {out / 'profile.png'}")
+    print("full experiment: .venv/bin/bitplan experiment models/bitplan-demo")
     return 0

@@ -1,0 +1,117 @@
+"""`bitplan bench profile --json`: profile the demo model, then check the profile honestly.
+
+- profile wall time as a ratio to one uniform compression pass, both measured in this run;
+- held-out R² of the fitted E_i(b, r): real decompositions at grid points the fit never saw;
+- predicted ΔKL = Σ α_i·E_i vs KL measured on the *test* split for ≥ 10 varied plans
+  (uniform, random, the note's strategies, optimal at several budgets): Spearman correlation;
+- the per-block sensitivity vector beside the Block Influence proxy.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from service.settings import DEMO_MODEL
+
+
+def _heldout_points(R: int) -> list[tuple[int, int]]:
+    # none of these (bits, rank) pairs is sampled by the profile's default grid
+    return [(3, max(1, R // 2)), (5, 0), (5, max(1, R // 4)), (6, max(1, R // 8)),
+            (3, max(1, R // 8)), (8, 0)]
+
+
+def run(args) -> dict:
+    import solver
+    from compressor.compress import compress_model
+    from compressor.data import Split, token_sequences
+    from compressor.decompose import decompose
+    from compressor.hessian import collect_hessians, linear_weight
+    from compressor.loading import load_model, load_tokenizer
+    from compressor.plan_eval import PlanEvaluator
+    from compressor.planning import block_of, build_problem, predicted_kl
+    from compressor.profile import ProfileConfig, calibration, run_profile, spearman
+    from compressor.profile_store import FileProfileStore
+    from solver.errormodel import ErrorModel, r2_log
+    from solver.strategies import baseline
+
+    ref = str(DEMO_MODEL)
+    cfg = ProfileConfig()
+    out: dict = {"model": ref}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        prof = run_profile(ref, FileProfileStore(Path(tmp)), config=cfg)
+        t_profile = time.perf_counter() - t0
+
+    model, tok = load_model(ref), load_tokenizer(ref)
+    calib = calibration(tok, cfg)
+    names = [lp.name for lp in prof.linears]
+    t0 = time.perf_counter()
+    compress_model(copy.deepcopy(model), {n: solver.Option(4, 16) for n in names}, calib,
+                   config=cfg.decomposition)
+    t_compress = time.perf_counter() - t0
+    out |= {"profile_s": round(t_profile, 1), "uniform_compress_s": round(t_compress, 1),
+            "profile_over_compress_time": round(t_profile / t_compress, 3)}
+
+    # ---- held-out R² of the fits --------------------------------------------------------------
+    hessians = collect_hessians(model, calib, names)
+    modules = dict(model.named_modules())
+    ys, yhat, per_linear = [], [], {}
+    for lp in prof.linears[::3]:
+        fitm = ErrorModel.from_dict(lp.fit)
+        W = linear_weight(modules[lp.name]).detach().float()
+        R = cfg.max_rank(lp.out_features, lp.in_features)
+        a, b = [], []
+        for bits, rank in _heldout_points(R):
+            d = decompose(W, hessians[lp.name],
+                          solver.Option(bits, rank, cfg.factor_bits, cfg.group_size),
+                          cfg.decomposition)
+            a.append(d.rel_h_err ** 2)
+            b.append(float(fitm.predict(bits, rank)))
+        per_linear[lp.name] = round(r2_log(a, b), 4)
+        ys += a
+        yhat += b
+    out |= {"fit_r2_heldout": round(r2_log(ys, yhat), 4),
+            "fit_r2_heldout_min_linear": min(per_linear.values()),
+            "fit_r2_train_mean": round(prof.stats["fit_r2_mean"], 4),
+            "heldout_points": len(ys)}
+
+    # ---- predicted vs measured KL over varied plans ------------------------------------------
+    seqs = token_sequences(tok, Split.TEST, 256, n_seqs=16)
+    ev = PlanEvaluator(model, hessians, seqs, config=cfg.decomposition)
+    problem = build_problem(prof)
+    plans: dict[str, dict] = {}
+    for bits, rank in ((3, 0), (4, 0), (3, 16), (2, 32), (6, 0)):
+        plans[f"uniform_b{bits}_r{rank}"] = {n: solver.Option(bits, rank) for n in names}
+    for bpp in ("2.5bpp", "3bpp", "3.5bpp", "4.5bpp"):
+        plans[f"optimal_{bpp}"] = solver.solve(problem.with_budget(bpp)).assignments
+    for name in ("fidelity", "tiered", "ultra"):
+        plans[f"{name}_3.6bpp"] = baseline(name, problem.with_budget("3.6bpp"),
+                                           prof.block_sensitivity, block_of(prof)).assignments
+    rng = random.Random(0)
+    choices = [solver.Option(2, 16), solver.Option(3, 0), solver.Option(3, 16),
+               solver.Option(4, 0), solver.Option(5, 0)]
+    for k in range(3):
+        plans[f"random_{k}"] = {n: rng.choice(choices) for n in names}
+    rows = []
+    for label, assign in plans.items():
+        res = ev.measure(assign)
+        rows.append({"plan": label, "predicted_kl": predicted_kl(prof, assign),
+                     "measured_kl": res.kl, "ppl": res.ppl, "top1": res.top1,
+                     "bytes": problem.evaluate(assign)[0]})
+    out |= {"n_plans": len(rows),
+            "spearman_pred_vs_measured_kl": round(spearman([r["predicted_kl"] for r in rows],
+                                                           [r["measured_kl"] for r in rows]), 4),
+            "original_ppl": ev.baseline().ppl,
+            "plans": rows,
+            "decompositions_for_plans": ev.decompositions,
+            "block_sensitivity": prof.block_sensitivity,
+            "block_influence": prof.block_proxy,
+            "spearman_alpha_vs_proxy": prof.stats.get("spearman_alpha_vs_proxy")}
+    torch.set_grad_enabled(True)
+    return out
