@@ -40,7 +40,8 @@ def _settle(env, redis_url: str):
     return settle
 
 
-def _flow(tmp, db_url, redis_url, model_root, model_ref, profile_config, timeout):
+def _flow(tmp, db_url, redis_url, model_root, model_ref, profile_config, timeout,
+          crash_redelivery=True):
     upgrade(db_url)                              # a private, empty database: migrate it first
     settings = make_settings(tmp, db_url, redis_url=redis_url, model_roots=[model_root],
                              profile_config=profile_config)
@@ -50,7 +51,8 @@ def _flow(tmp, db_url, redis_url, model_root, model_ref, profile_config, timeout
         env = make_env(settings)
         try:
             return run_plan_flow(env, model_ref, timeout=timeout,
-                                 settle=_settle(env, redis_url))
+                                 settle=_settle(env, redis_url),
+                                 crash_redelivery=crash_redelivery)
         except BaseException:
             print(worker.log()[-6000:])
             raise
@@ -65,5 +67,6 @@ def test_e2e_tiny_model(tmp_path, fresh_pg_url, redis_url, model_root, tiny_mode
 
 @pytest.mark.slow
 def test_e2e_demo_model(tmp_path, fresh_pg_url, redis_url, demo_model_path):
+    # the crash-redelivery re-run is covered on the tiny model; here it would cost a model load
     _flow(tmp_path, fresh_pg_url, redis_url, demo_model_path.parent, "bitplan-demo",
-          DEMO_PROFILE, 600)
+          DEMO_PROFILE, 600, crash_redelivery=False)
