@@ -91,22 +91,31 @@ def token_sequences(
     seed: int | None = None,
     data_dir: Path | None = None,
 ) -> torch.Tensor:
-    """Cut a split into non-overlapping windows of `seq_len` tokens, shape [N, seq_len].
+    """Non-overlapping windows of `seq_len` tokens from a split, shape [N, seq_len].
 
-    With `seed` None the first `n_seqs` windows are taken in order (evaluation: fixed sequences,
-    fixed order); with a seed, `n_seqs` windows are drawn without replacement (calibration).
+    The split's files are concatenated — in file order when `seed` is None (evaluation: fixed
+    sequences, fixed order), in a seeded random order otherwise (calibration) — and only as many
+    files are tokenized as the `n_seqs` windows need, so a small request never encodes the
+    whole split.
     """
     if seq_len < 2:
         raise ValueError("seq_len must be at least 2")
-    ids = torch.tensor(_encode(tokenizer, load_text(split, data_dir)), dtype=torch.long)
-    n_windows = ids.numel() // seq_len
+    docs = load_text(split, data_dir).split("\n# file: ")
+    order = list(range(len(docs)))
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(docs), generator=gen).tolist()
+    need = None if n_seqs is None else n_seqs * seq_len
+    ids: list[int] = []
+    chunk = 16
+    for i in range(0, len(order), chunk):
+        batch = "\n# file: ".join(docs[j] for j in order[i:i + chunk])
+        ids.extend(_encode(tokenizer, batch))
+        if need is not None and len(ids) >= need:
+            break
+    n_windows = len(ids) // seq_len
     if n_windows == 0:
         raise ValueError(f"split {Split(split).value!r} is shorter than one sequence of {seq_len}")
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
-    if n_seqs is None or n_seqs >= n_windows:
-        n_seqs = n_windows
-    if seed is None:
-        return windows[:n_seqs].clone()
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(n_windows, generator=gen)[:n_seqs]
-    return windows[pick].clone()
+    if n_seqs is not None:
+        n_windows = min(n_windows, n_seqs)
+    return torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
