@@ -131,10 +131,11 @@ def tiny_nan_model(model_root) -> Path:
 
 
 # Small enough that profiling the tiny model takes seconds (part of the profile key).
-TINY_PROFILE = {"calib_seqs": 4, "seq_len": 64, "q_bits": [2, 4, 8], "anchors": [[3, 0.5]],
-                "decomposition": {"outer_iters": 1, "lr_iters": 1}}
+TINY_PROFILE = {"calib_seqs": 4, "probe_seqs": 2, "seq_len": 64, "q_bits": [2, 4, 8],
+                "anchors": [[3, 0.5]],
+                "decomposition": {"outer_iters": 1, "lr_iters": 1, "hadamard": False}}
 # The demo model's e2e: the same sparse grid on the real model, a small calibration set.
-DEMO_PROFILE = TINY_PROFILE | {"calib_seqs": 8, "seq_len": 128}
+DEMO_PROFILE = TINY_PROFILE
 
 
 def synthetic_profile(n_blocks: int = 3, key: str | None = None, model_ref: str = "tiny"):
