@@ -64,7 +64,7 @@ def run(ctx):
     ref = reference_logprobs(model, seqs)
     done: dict[str, Decomposed] = {}
     for meta in sorted((work / "linears").glob("*.json")):
-        tensors = load_file(str(meta.with_suffix(".safetensors")))
+        tensors = load_file(str(meta)[: -len(".json")] + ".safetensors")
         rec = json.loads(meta.read_text())
         dec = Decomposed.from_tensors(tensors, rec["record"])
         replace_linear(model, rec["name"], dec)
@@ -74,11 +74,11 @@ def run(ctx):
     total = len(plan.assignments)
 
     def on_linear(name: str, dec: Decomposed) -> None:
-        base = work / "linears" / _safe(name)
-        save_file(dec.tensors(), str(base.with_suffix(".safetensors.tmp")))
-        Path(str(base.with_suffix(".safetensors.tmp"))).replace(base.with_suffix(".safetensors"))
-        base.with_suffix(".json").write_text(json.dumps({"name": name,
-                                                         "record": dec.record()}))
+        # names contain dots, so suffixes are appended, never substituted (with_suffix)
+        base = str(work / "linears" / _safe(name))
+        save_file(dec.tensors(), base + ".safetensors.tmp")
+        Path(base + ".safetensors.tmp").replace(base + ".safetensors")
+        Path(base + ".json").write_text(json.dumps({"name": name, "record": dec.record()}))
         done[name] = dec
         ctx.report("compress/linears", 0.05 + 0.8 * len(done) / total)
 
