@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class PlanEvaluator:
     def __init__(self, model: nn.Module, hessians: Mapping[str, Tensor], eval_seqs: Tensor,
-                 config: DecompositionConfig | None = None, batch_size: int = 8) -> None:
+                 config: DecompositionConfig | None = None, batch_size: int = 8,
+                 cache_dir: Path | None = None) -> None:
         self.model = model
         self.hessians = hessians
         self.seqs = eval_seqs
@@ -36,14 +38,29 @@ class PlanEvaluator:
         self.cache: dict[tuple[str, Option], Tensor] = {}
         self.errors: dict[tuple[str, Option], float] = {}
         self.decompositions = 0
+        # optional on-disk cache shared by runs over the same profile (Ŵ + its error)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
 
     def w_hat(self, name: str, opt: Option) -> Tensor:
         key = (name, opt)
-        if key not in self.cache:
-            dec = decompose(self.original[name].float(), self.hessians[name], opt, self.config)
-            self.cache[key] = dec.w_hat().to(self.original[name].dtype)
-            self.errors[key] = dec.rel_h_err
-            self.decompositions += 1
+        if key in self.cache:
+            return self.cache[key]
+        path = None
+        if self.cache_dir is not None:
+            tag = f"{opt.bits}-{opt.rank}-{opt.factor_bits}-{opt.group_size}-{int(opt.symmetric)}"
+            path = self.cache_dir / f"{name}@{tag}.pt"
+            if path.is_file():
+                entry = torch.load(path)
+                self.cache[key], self.errors[key] = entry["w_hat"], entry["rel_h_err"]
+                return self.cache[key]
+        dec = decompose(self.original[name].float(), self.hessians[name], opt, self.config)
+        self.cache[key] = dec.w_hat().to(self.original[name].dtype)
+        self.errors[key] = dec.rel_h_err
+        self.decompositions += 1
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"w_hat": self.cache[key], "rel_h_err": dec.rel_h_err}, str(path) + ".tmp")
+            Path(str(path) + ".tmp").replace(path)
         return self.cache[key]
 
     @torch.no_grad()

@@ -83,8 +83,11 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
     model, tok = load_model(model_ref), load_tokenizer(model_ref)
     names = [lp.name for lp in prof.linears]
     hessians = collect_hessians(model, calibration(tok, cfg), names)
+    from service.settings import get_settings
+
     ev = PlanEvaluator(model, hessians, token_sequences(tok, Split.TEST, 256, n_seqs=eval_seqs),
-                       config=cfg.decomposition)
+                       config=cfg.decomposition,
+                       cache_dir=get_settings().data_dir / "cache" / prof.key)
     original = ev.baseline()
     base = build_problem(prof)
     result: dict = {"model": model_ref, "original_ppl": original.ppl, "budgets": []}
