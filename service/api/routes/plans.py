@@ -99,9 +99,8 @@ def get_plan(plan_id: str, team: TeamDep, db: DbDep) -> PlanPublic:
 def get_recipe(plan_id: str, team: TeamDep, db: DbDep) -> Response:
     with db.session() as s:
         result = _solved(s, team, plan_id).result
-    from solver.recipes import plan_to_yaml
-
     from solver import Plan
+    from solver.recipes import plan_to_yaml
 
     return Response(plan_to_yaml(Plan.from_dict(result)), media_type="application/yaml",
                     headers={"Content-Disposition": f'inline; filename="{plan_id}.yaml"'})
