@@ -215,6 +215,7 @@ def profile_stage(ctx: StageContext) -> StageResult:
             ctx.report(f"profile/{stage}", 0.95 * frac)
 
     ctx.report("profile", 0.0)
+    seed_shipped_profile(store, model.path)
     profile = prof.run_profile(model.path, store, device=ctx.settings.device,
                                trust_remote_code=ctx.settings.trust_remote_code,
                                progress=progress, config=profile_config(ctx.settings))
@@ -228,6 +229,25 @@ def profile_stage(ctx: StageContext) -> StageResult:
             row.weights_hash = profile.weights_hash
     return _result(result={"profile_id": profile_id, "profile_key": profile.key}
                    | fit_summary(profile), links={"profile_id": profile_id})
+
+
+def seed_shipped_profile(store: DbProfileStore, model_path: str) -> None:
+    """A profile shipped beside the model (`bitplan_profile.json`, e.g. the demo's) is put in
+    the store; run_profile uses it only if its key matches what it computes from these weights,
+    this calibration set, config and code version."""
+    from pathlib import Path
+
+    from compressor.profile_store import Profile
+
+    shipped = Path(model_path) / "bitplan_profile.json"
+    if not shipped.is_file():
+        return
+    try:
+        prof = Profile.from_dict(json.loads(shipped.read_text()))
+        if store.get(prof.key) is None:
+            store.put(prof)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.warning("ignoring the profile shipped at %s: %s", shipped, exc)
 
 
 def fit_summary(profile: Profile) -> dict:

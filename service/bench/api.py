@@ -2,9 +2,9 @@
 
 A real server (`bitplan serve`, embedded mode: SQLite + in-process jobs) on loopback, 10
 concurrent HTTP clients, ≥ 50 requests with varied budgets. The model is the bundled demo model
-(its layer inventory is read from its config); its profile is synthetic — built from numbers for
-every real linear, so the solves have the demo model's real size — because this measures the
-service, not profiling. Reports p50/p95 of the POST and of the time until each plan is solved.
+(its layer inventory is read from its config); its profile is the one shipped beside it
+(`bitplan_profile.json`), or, for a model without one, a synthetic profile built from numbers for
+every real linear — this measures the service, not profiling. Reports p50/p95 of the POST and of the time until each plan is solved.
 Environment: BITPLAN_BENCH_REQUESTS (100), BITPLAN_BENCH_CLIENTS (10), BITPLAN_BENCH_MODEL.
 """
 
@@ -79,7 +79,13 @@ def _prepare(data_dir: Path, model_dir: Path) -> tuple[str, str]:
     model = get_or_create_model(db, resolve_model(model_dir.name, settings.model_roots),
                                 settings)
     store = DbProfileStore(db)
-    prof = synthetic_profile_for(inventory(str(model_dir)), key=f"bench-{model.id}")
+    shipped = model_dir / "bitplan_profile.json"
+    if shipped.is_file():           # the demo's real profile, as the service would have it
+        from compressor.profile_store import Profile
+
+        prof = Profile.from_dict(json.loads(shipped.read_text()))
+    else:
+        prof = synthetic_profile_for(inventory(str(model_dir)), key=f"bench-{model.id}")
     store.put(prof)
     store.link_model(prof.key, model.id)
     with db.session() as s:
