@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from compressor.data import Split, _encode, load_text, token_sequences
+from compressor.data import Split, token_sequences
 
 
 @dataclass
@@ -82,10 +82,12 @@ def evaluate(
     )
 
 
-def unigram_ppl(tokenizer, seqs: torch.Tensor) -> float:
-    """Perplexity of an add-one-smoothed unigram model fitted on the train split, scored on the
-    same target tokens as `evaluate` (the floor a trained model must beat by far)."""
-    counts = Counter(_encode(tokenizer, load_text(Split.TRAIN)))
+def unigram_ppl(tokenizer, seqs: torch.Tensor, fit_tokens: int = 1_000_000) -> float:
+    """Perplexity of an add-one-smoothed unigram model fitted on (the first `fit_tokens` of)
+    the train split, scored on the same target tokens as `evaluate` (the floor a trained model
+    must beat by far)."""
+    fit = token_sequences(tokenizer, Split.TRAIN, 1000, n_seqs=max(1, fit_tokens // 1000))
+    counts = Counter(fit.reshape(-1).tolist())
     vocab = len(tokenizer)
     total = sum(counts.values()) + vocab
     targets = seqs[:, 1:].reshape(-1).tolist()
