@@ -198,5 +198,5 @@ def load_tokenizer(ref: str | os.PathLike, trust_remote_code: bool = False):
     target = resolve(ref, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:   # no tokenizer files: TypeError
         raise ModelLoadError(f"cannot load tokenizer of {ref!r}: {exc}") from exc

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=3600, description="unacked task redelivery")
     inprocess_workers: int = Field(default=2, description="threads of the in-process queue")
     max_body_bytes: int = Field(default=1_000_000, description="largest accepted request body")
+    max_concurrent_jobs_per_team: int = Field(default=8, description="queued + running plan and "
+                                              "compress jobs a team may have at once (429 over)")
     job_lease_s: float = Field(default=60.0, description="a running job whose heartbeat is older "
                                "than this may be claimed again (its worker died)")
     profile_config: dict = Field(default_factory=dict,

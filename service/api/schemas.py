@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_BUDGET_BYTES = 2 ** 50   # = service.validation.MAX_BUDGET_BYTES
 Method = Literal["exact", "cpsat", "greedy"]
 
 
@@ -35,14 +36,22 @@ class PlanCreate(BaseModel):
     method: Method = "exact"
     compress: bool = False
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_type(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("budget must be a string or a number, not a boolean")
+        return v
+
     @field_validator("budget")
     @classmethod
     def _budget(cls, v: str | int | float) -> str:
-        if isinstance(v, bool):
-            raise ValueError("budget must be a string or a number, not a boolean")
         if isinstance(v, int | float):
             if not math.isfinite(v) or v <= 0:
                 raise ValueError("a numeric budget must be a positive, finite number of bytes")
+            if v > MAX_BUDGET_BYTES:
+                raise ValueError(f"a numeric budget must be at most {MAX_BUDGET_BYTES} bytes "
+                                 "(1 PiB)")
             if isinstance(v, float) and not v.is_integer():
                 raise ValueError("a numeric budget is a whole number of bytes")
             return str(int(v))

@@ -8,7 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,7 @@ from service.db.models import (
 from service.db.profile_store import DbProfileStore
 from service.db.session import Database
 from service.db.upsert import upsert
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, NotFound, TooManyRequests
 from service.jobs.queue import Queue
 from service.modelrefs import ResolvedModel, resolve_model
 from service.settings import Settings
@@ -120,6 +120,19 @@ def _replay(s: Session, team_id: str, idem_key: str, rhash: str) -> Submitted | 
     return Submitted(job.plan_id, job.id, job.depends_on, created=False)
 
 
+def check_team_limit(s: Session, team_id: str, settings: Settings) -> None:
+    """429 when the team already has its quota of unfinished jobs (queued or running)."""
+    limit = settings.max_concurrent_jobs_per_team
+    if limit <= 0:
+        return
+    active = s.scalar(select(func.count()).select_from(Job).where(
+        Job.team_id == team_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
+    if active >= limit:
+        raise TooManyRequests(f"your team already has {active} unfinished jobs (limit {limit}); "
+                              "wait for some to finish and retry",
+                              code="too_many_jobs", headers={"Retry-After": "10"})
+
+
 def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, body: dict,
                 idem_key: str | None = None) -> Submitted:
     """Create the plan and its job; profile first when the model has no profile yet."""
@@ -129,16 +142,21 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
             replay = _replay(s, team_id, idem_key, rhash)
         if replay:
             return replay
-    from service import pipeline
+    from service import pipeline, validation
 
     model = resolve_and_register(db, body["model"], settings)
     budget_bytes = pipeline.model_budget_bytes(model.inventory, body["budget"])
+    validation.check_budget_bytes(budget_bytes, None, body["budget"])
+    validation.check_constraints(body.get("constraints"),
+                                 validation.inventory_names(model.inventory))
     with db.session() as s:
         profile_id = latest_profile_id(s, model.id)
-    if profile_id is not None:   # infeasible budgets fail now, with the solver's message
-        profile = DbProfileStore(db).get_by_id(profile_id)
-        if profile is not None:
-            pipeline.check_budget(profile, body["budget"], body.get("constraints"), profile_id)
+        check_team_limit(s, team_id, settings)
+    profile = DbProfileStore(db).get_by_id(profile_id) if profile_id is not None else None
+    if profile is not None:   # infeasible budgets fail now, with the solver's message
+        pipeline.check_budget(profile, body["budget"], body.get("constraints"), profile_id)
+    else:                     # no profile yet: the inventory's bounds (2-bit Q, no correction)
+        validation.check_budget_bytes(budget_bytes, model.inventory, body["budget"])
 
     to_enqueue: list[tuple[str, str]] = []
     try:
@@ -183,7 +201,8 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
     return Submitted(plan_id, job_id, profile_job_id, created=True)
 
 
-def request_compress(db: Database, queue: Queue, team_id: str, plan_id: str) -> tuple[str, str]:
+def request_compress(db: Database, queue: Queue, team_id: str, plan_id: str,
+                     settings: Settings | None = None) -> tuple[str, str]:
     """(artifact id, job id) for compressing a solved plan; asking twice returns the same."""
     from service import pipeline
 
@@ -194,6 +213,9 @@ def request_compress(db: Database, queue: Queue, team_id: str, plan_id: str) -> 
         if plan.status != "solved":
             raise Conflict(f"plan {plan_id} is not solved yet (status {plan.status})",
                            code="plan_not_ready")
+        if settings is not None and not s.scalar(select(func.count()).select_from(Job).where(
+                Job.plan_id == plan_id, Job.kind == JobKind.COMPRESS)):
+            check_team_limit(s, team_id, settings)
         job = pipeline.create_compress_job(s, plan)
         job_id, art_id, status = job.id, job.artifact_id, job.status
     if status == JobStatus.QUEUED:

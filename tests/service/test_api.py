@@ -18,7 +18,7 @@ def env(tmp_path, db_url, model_root, tiny_model):
 
 
 def _plan(env, team="alpha", **kw):
-    body = {"model": "tiny-qwen", "budget": "0.3x"} | kw
+    body = {"model": "tiny-qwen", "budget": "0.9x"} | kw
     return env.client.post("/v1/plans", json=body, headers=env.h(team))
 
 
@@ -126,7 +126,7 @@ def test_shared_profile_job_and_team_isolation(env):
     assert a.status_code == 202, a.text
     a = a.json()
     assert a["profile_job_id"] and a["links"]["job"] == f"/v1/jobs/{a['job_id']}"
-    b = _plan(env, "beta", budget="0.25x").json()
+    b = _plan(env, "beta", budget="0.85x").json()
     # one profile job for the model, shared by both teams; each team has its own plan job
     assert b["profile_job_id"] == a["profile_job_id"]
     assert env.queue.sent == [("bitplan.profile", a["profile_job_id"])]
@@ -165,13 +165,13 @@ def test_shared_profile_job_and_team_isolation(env):
 
 def test_idempotency_keys(env):
     k = {"Idempotency-Key": "req-1"}
-    body = {"model": "tiny-qwen", "budget": "0.3x"}
+    body = {"model": "tiny-qwen", "budget": "0.9x"}
     first = env.client.post("/v1/plans", json=body, headers=env.h("alpha") | k)
     again = env.client.post("/v1/plans", json=body, headers=env.h("alpha") | k)
     assert first.status_code == 202 and again.status_code == 200
     assert again.json()["plan_id"] == first.json()["plan_id"]
     assert again.json()["job_id"] == first.json()["job_id"]
-    other = env.client.post("/v1/plans", json=body | {"budget": "0.2x"},
+    other = env.client.post("/v1/plans", json=body | {"budget": "0.8x"},
                             headers=env.h("alpha") | k)
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
     # keys are per team: the same key from another team is a new request

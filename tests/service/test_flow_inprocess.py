@@ -30,7 +30,7 @@ def test_nan_weights_fail_clearly(tmp_path, sqlite_url, model_root, tiny_nan_mod
                              profile_config=TINY_PROFILE)
     env = make_env(settings)
     try:
-        a = env.client.post("/v1/plans", json={"model": "tiny-nan", "budget": "0.5x"},
+        a = env.client.post("/v1/plans", json={"model": "tiny-nan", "budget": "0.9x"},
                             headers=env.h("alpha")).json()
         assert env.queue.wait_idle(240)
         pj = env.client.get(f"/v1/jobs/{a['profile_job_id']}", headers=env.h("alpha")).json()

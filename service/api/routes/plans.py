@@ -137,12 +137,13 @@ def get_plot(plan_id: str, team: TeamDep, db: DbDep) -> Response:
 
 
 @router.post("/plans/{plan_id}/compress", status_code=202, response_model=CompressAccepted)
-def compress_plan(plan_id: str, team: TeamDep, db: DbDep, queue: QueueDep) -> CompressAccepted:
+def compress_plan(plan_id: str, team: TeamDep, db: DbDep, queue: QueueDep,
+                  settings: SettingsDep) -> CompressAccepted:
     with db.session() as s:
         team_plan(s, team, plan_id)
     if not pipeline.available("compressor.compress"):
         raise NotImplementedYet("compression is not available in this build")
-    art_id, job_id = request_compress(db, queue, team.id, plan_id)
+    art_id, job_id = request_compress(db, queue, team.id, plan_id, settings)
     return CompressAccepted(artifact_id=art_id, job_id=job_id,
                             links={"job": f"/v1/jobs/{job_id}",
                                    "artifact": f"/v1/artifacts/{art_id}"})

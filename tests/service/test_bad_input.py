@@ -1,0 +1,340 @@
+"""Bad input everywhere — the API, the CLI and YAML recipes — is refused with a clear message and
+the right status (never a 500 or a traceback). Extends the table in test_api.py (no repeats);
+the per-team job limit (429) is here too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.service.fixtures import (
+    RecordingQueue,
+    make_env,
+    make_settings,
+    synthetic_profile,
+    write_tiny_model,
+)
+
+OK = {"model": "tiny-qwen", "budget": "0.9x"}   # feasible for the tiny model (min ≈ 0.56x)
+
+
+def _c(constraints: object) -> dict:
+    return OK | {"constraints": constraints}
+
+
+def _raw(body: bytes) -> dict:
+    return {"content": body, "headers": {"content-type": "application/json"}}
+
+
+# (id, method, path, request kwargs, status, error code, a fragment the message must contain)
+API_CASES = [
+    # malformed bodies and wrong types
+    ("empty body", "post", "/v1/plans", _raw(b""), 422, "invalid_request", "body"),
+    ("text/plain body", "post", "/v1/plans",
+     {"content": b"hi", "headers": {"content-type": "text/plain"}}, 422, "invalid_request", ""),
+    ("truncated json string", "post", "/v1/plans", _raw(b'{"model": "tiny'), 400,
+     "malformed_json", "JSON"),
+    ("json NaN literal", "post", "/v1/plans", _raw(b'{"model":"tiny-qwen","budget":NaN}'), 422,
+     "invalid_request", "finite"),
+    ("json Infinity literal", "post", "/v1/plans",
+     _raw(b'{"model":"tiny-qwen","budget":Infinity}'), 422, "invalid_request", "finite"),
+    ("model not a string", "post", "/v1/plans", {"json": {"model": 5, "budget": "1GB"}}, 422,
+     "invalid_request", "model"),
+    ("null budget", "post", "/v1/plans", {"json": {"model": "tiny-qwen", "budget": None}}, 422,
+     "invalid_request", "budget"),
+    ("boolean budget", "post", "/v1/plans", {"json": {"model": "tiny-qwen", "budget": True}},
+     422, "invalid_request", "boolean"),
+    ("method not a string", "post", "/v1/plans", {"json": OK | {"method": 3}}, 422,
+     "invalid_request", "method"),
+    ("compress not a bool", "post", "/v1/plans", {"json": OK | {"compress": "maybe"}}, 422,
+     "invalid_request", "compress"),
+    ("constraints not an object", "post", "/v1/plans", {"json": _c([1])}, 422,
+     "invalid_request", "constraints"),
+    ("model body empty", "post", "/v1/models", {"json": {}}, 422, "invalid_request", "model"),
+    ("limit not a number", "get", "/v1/jobs?limit=abc", {}, 422, "invalid_request", "limit"),
+    ("limit too large", "get", "/v1/plans?limit=100000", {}, 422, "invalid_request", "limit"),
+    # budgets: infinite, absurd, below the minimum (the message names it), units
+    ("inf string budget", "post", "/v1/plans", {"json": OK | {"budget": "inf"}}, 422,
+     "invalid_budget", "finite"),
+    ("absurd integer budget", "post", "/v1/plans", {"json": OK | {"budget": 10 ** 40}}, 422,
+     "invalid_request", "at most"),
+    ("absurd 1e400 budget", "post", "/v1/plans", {"json": OK | {"budget": "1e400"}}, 422,
+     "invalid_budget", "1 PiB"),
+    ("absurd TB budget", "post", "/v1/plans", {"json": OK | {"budget": "9" * 30 + "TB"}}, 422,
+     "invalid_budget", "1 PiB"),
+    ("absurd bpp budget", "post", "/v1/plans", {"json": OK | {"budget": "100bpp"}}, 422,
+     "invalid_budget", "64 bits"),
+    ("one-byte budget", "post", "/v1/plans", {"json": OK | {"budget": 1}}, 422,
+     "infeasible_budget", "minimum feasible"),
+    ("below-minimum x budget", "post", "/v1/plans", {"json": OK | {"budget": "0.0001x"}}, 422,
+     "infeasible_budget", "42112"),
+    ("below-minimum bpp budget", "post", "/v1/plans", {"json": OK | {"budget": "0.1bpp"}}, 422,
+     "infeasible_budget", "minimum feasible"),
+    ("unknown unit parsecs", "post", "/v1/plans", {"json": OK | {"budget": "12 parsecs"}}, 422,
+     "invalid_budget", "unit"),
+    ("unknown unit bits", "post", "/v1/plans", {"json": OK | {"budget": "3bits"}}, 422,
+     "invalid_budget", "unit"),
+    # models: unknown, unreachable, escapes, remote code, pickle, not a model
+    ("hub id (offline)", "post", "/v1/plans", {"json": OK | {"model": "meta-llama/Llama-2-7b"}},
+     404, "model_not_found", "not found"),
+    ("url model", "post", "/v1/plans", {"json": OK | {"model": "https://evil.example/m"}}, 404,
+     "model_not_found", "not found"),
+    ("control characters", "post", "/v1/plans", {"json": OK | {"model": "tiny\x00qwen"}}, 422,
+     "invalid_model", "control"),
+    ("nested dotdot", "post", "/v1/plans", {"json": OK | {"model": "tiny-qwen/../../x"}}, 422,
+     "invalid_model", ".."),
+    ("backslash", "post", "/v1/plans", {"json": OK | {"model": "..\\etc"}}, 422,
+     "invalid_model", "backslash"),
+    ("register dotdot", "post", "/v1/models", {"json": {"model": "../tiny-qwen"}}, 422,
+     "invalid_model", ".."),
+    ("absolute path to a file outside", "post", "/v1/plans",
+     {"json": OK | {"model": "/etc/passwd"}}, 422, "invalid_model", "outside"),
+    ("symlink to a model outside", "post", "/v1/plans", {"json": OK | {"model": "outside-link"}},
+     422, "invalid_model", "outside"),
+    ("remote code model", "post", "/v1/plans", {"json": OK | {"model": "remote-code"}}, 422,
+     "invalid_model", "remote code"),
+    ("pickle-only checkpoint", "post", "/v1/plans", {"json": OK | {"model": "pickle-only"}},
+     422, "invalid_model", "safetensors"),
+    ("no config.json", "post", "/v1/plans", {"json": OK | {"model": "no-config"}}, 422,
+     "invalid_model", "config.json"),
+    ("config not json", "post", "/v1/models", {"json": {"model": "bad-config"}}, 422,
+     "invalid_model", "config.json"),
+    ("model is a file", "post", "/v1/plans", {"json": OK | {"model": "a-file"}}, 422,
+     "invalid_model", "not a directory"),
+    # constraints: unknown keys, types, out-of-range bits/ranks/group sizes, globs
+    ("unknown constraint key", "post", "/v1/plans", {"json": _c({"speed": 1})}, 422,
+     "invalid_request", "unknown constraint keys"),
+    ("max_bits 99", "post", "/v1/plans", {"json": _c({"max_bits": 99})}, 422,
+     "invalid_request", "max_bits"),
+    ("min_bits negative", "post", "/v1/plans", {"json": _c({"min_bits": -1})}, 422,
+     "invalid_request", "min_bits"),
+    ("min_bits a string", "post", "/v1/plans", {"json": _c({"min_bits": "four"})}, 422,
+     "invalid_request", "min_bits"),
+    ("min_bits above max_bits", "post", "/v1/plans",
+     {"json": _c({"min_bits": 6, "max_bits": 3})}, 422, "invalid_request", "min_bits"),
+    ("negative rank", "post", "/v1/plans", {"json": _c({"allowed_ranks": [-3]})}, 422,
+     "invalid_request", "allowed_ranks"),
+    ("ranks a string", "post", "/v1/plans", {"json": _c({"allowed_ranks": "abc"})}, 422,
+     "invalid_request", "allowed_ranks"),
+    ("absurd rank", "post", "/v1/plans", {"json": _c({"allowed_ranks": [10 ** 9]})}, 422,
+     "invalid_request", "allowed_ranks"),
+    ("pinned bits 99", "post", "/v1/plans", {"json": _c({"pinned": {"*q_proj": {"bits": 99}}})},
+     422, "invalid_request", "bits"),
+    ("pinned factor_bits 1", "post", "/v1/plans",
+     {"json": _c({"pinned": {"*q_proj": {"factor_bits": 1}}})}, 422, "invalid_request",
+     "factor_bits"),
+    ("pinned group_size 0", "post", "/v1/plans",
+     {"json": _c({"pinned": {"*q_proj": {"group_size": 0}}})}, 422, "invalid_request",
+     "group_size"),
+    ("pinned unknown field", "post", "/v1/plans",
+     {"json": _c({"pinned": {"*q_proj": {"colour": 1}}})}, 422, "invalid_request", "colour"),
+    ("pinned not a mapping", "post", "/v1/plans", {"json": _c({"pinned": {"*q_proj": "x"}})},
+     422, "invalid_request", "pinned"),
+    ("max_bits glob matches nothing", "post", "/v1/plans",
+     {"json": _c({"max_bits": {"decoder.*": 4}})}, 422, "invalid_request", "matches no linear"),
+    ("pinned glob matches nothing", "post", "/v1/plans",
+     {"json": _c({"pinned": {"*.conv": {"bits": 4}}})}, 422, "invalid_request",
+     "matches no linear"),
+    ("ties glob matches nothing", "post", "/v1/plans", {"json": _c({"ties": [["zzz*"]]})}, 422,
+     "invalid_request", "matches no linear"),
+    ("ties not a list", "post", "/v1/plans", {"json": _c({"ties": 5})}, 422, "invalid_request",
+     "ties"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_models(model_root, tiny_model, tmp_path_factory) -> Path:
+    """Next to tiny-qwen: models the service must refuse, and an escape through a symlink."""
+    outside = tmp_path_factory.mktemp("outside-roots")
+    write_tiny_model(outside / "m", tokenizer=False)
+    specs = {"remote-code": "auto_map", "pickle-only": "pickle", "no-config": "no-config",
+             "bad-config": "bad-config"}
+    for name, kind in specs.items():
+        d = model_root / name
+        if d.exists():
+            continue
+        d.mkdir()
+        cfg = json.loads((tiny_model / "config.json").read_text())
+        if kind == "auto_map":
+            cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+        if kind != "no-config":
+            (d / "config.json").write_text("{not json" if kind == "bad-config"
+                                           else json.dumps(cfg))
+        if kind == "pickle":
+            (d / "pytorch_model.bin").write_bytes(b"\x80\x04 not really a pickle")
+        else:
+            shutil.copy(tiny_model / "model.safetensors", d / "model.safetensors")
+    if not (model_root / "outside-link").exists():
+        (model_root / "outside-link").symlink_to(outside / "m", target_is_directory=True)
+    (model_root / "a-file").write_text("not a model")
+    return model_root
+
+
+@pytest.fixture(scope="module")
+def shared_env(tmp_path_factory, bad_models):
+    from service.db.migrate import upgrade
+
+    tmp = tmp_path_factory.mktemp("bad-input")
+    url = f"sqlite:///{tmp / 'bitplan.sqlite3'}"
+    upgrade(url)
+    settings = make_settings(tmp, url, model_roots=[bad_models], max_concurrent_jobs_per_team=0)
+    return make_env(settings, queue=RecordingQueue())
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_bad_input(shared_env, case):
+    _, method, path, kwargs, status, code, fragment = case
+    kwargs = dict(kwargs)
+    headers = (kwargs.pop("headers", None) or {}) | shared_env.h("alpha")
+    r = getattr(shared_env.client, method)(path, headers=headers, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code, err
+    assert fragment.lower() in err["message"].lower(), err
+    assert "Traceback" not in err["message"] and len(err["message"]) < 1000
+
+
+def test_nothing_was_enqueued_for_bad_requests(shared_env):
+    assert all(task != "bitplan.solve" for task, _ in shared_env.queue.sent)
+
+
+def test_remote_code_allowed_only_by_operator(tmp_path, sqlite_url, bad_models):
+    settings = make_settings(tmp_path, sqlite_url, model_roots=[bad_models],
+                             trust_remote_code=True)
+    env = make_env(settings, queue=RecordingQueue())
+    r = env.client.post("/v1/models", json={"model": "remote-code"}, headers=env.h("alpha"))
+    assert r.status_code != 422 or "remote code" not in r.text, r.text
+
+
+def test_team_job_limit_is_a_clear_429(tmp_path, sqlite_url, model_root, tiny_model):
+    settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
+                             max_concurrent_jobs_per_team=3)
+    env = make_env(settings, queue=RecordingQueue())
+    for i in range(3):
+        r = env.client.post("/v1/plans", json=OK | {"budget": f"0.9{i}x"},
+                            headers=env.h("alpha") | {"Idempotency-Key": f"k{i}"})
+        assert r.status_code == 202, r.text
+    r = env.client.post("/v1/plans", json=OK, headers=env.h("alpha"))
+    assert r.status_code == 429 and r.headers["retry-after"]
+    assert r.json()["error"]["code"] == "too_many_jobs"
+    assert "limit 3" in r.json()["error"]["message"]
+    # a replay of an accepted request is not a new job; another team has its own quota
+    again = env.client.post("/v1/plans", json=OK | {"budget": "0.90x"},
+                            headers=env.h("alpha") | {"Idempotency-Key": "k0"})
+    assert again.status_code == 200
+    assert env.client.post("/v1/plans", json=OK, headers=env.h("beta")).status_code == 202
+
+
+# ---------------------------------------------------------------- the CLI
+
+@pytest.fixture
+def cli_home(tmp_path, monkeypatch):
+    """BITPLAN_DATA_DIR with a stored (synthetic) profile for the reference `tiny`."""
+    from compressor.profile_store import FileProfileStore
+    from service.commands import planning
+    from service.settings import get_settings
+
+    monkeypatch.setenv("BITPLAN_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    prof = synthetic_profile()
+    FileProfileStore(planning.profile_root()).put(prof)
+    planning.remember("tiny", prof.key)
+    (tmp_path / "bad.json").write_text("{nope")
+    (tmp_path / "unknown.json").write_text(json.dumps({"speed": 3}))
+    (tmp_path / "range.json").write_text(json.dumps({"max_bits": 99}))
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+CLI_CASES = [
+    # (id, argv ({d} = the data dir), a fragment of the last stderr line)
+    ("budget nonsense", ["plan", "tiny", "--budget", "nonsense"], "cannot parse budget"),
+    ("budget negative", ["plan", "tiny", "--budget", "-1GB"], "budget"),
+    ("budget unknown unit", ["plan", "tiny", "--budget", "3 parsecs"], "unit"),
+    ("budget nan", ["plan", "tiny", "--budget", "nan"], "finite"),
+    ("budget below minimum", ["plan", "tiny", "--budget", "100"], "minimum feasible"),
+    ("budget absurd bpp", ["plan", "tiny", "--budget", "1000bpp"], "64 bits"),
+    ("unknown method", ["plan", "tiny", "--budget", "1GB", "--method", "magic"], "invalid choice"),
+    ("missing budget", ["plan", "tiny"], "--budget"),
+    ("no stored profile", ["plan", "other", "--budget", "1GB"], "no stored profile"),
+    ("constraints malformed json", ["plan", "tiny", "--budget", "0.5x", "--constraints",
+                                    "{d}/bad.json"], "error"),
+    ("constraints file missing", ["plan", "tiny", "--budget", "0.5x", "--constraints",
+                                  "{d}/missing.json"], "missing.json"),
+    ("constraints unknown key", ["plan", "tiny", "--budget", "0.5x", "--constraints",
+                                 "{d}/unknown.json"], "unknown constraint keys"),
+    ("unknown command", ["frobnicate"], "invalid choice"),
+    ("unknown bench", ["bench", "nope"], "invalid choice"),
+    ("worker bad queue", ["worker", "--queues", "tpu"], "unknown queue"),
+    ("compress plan file missing", ["compress", "tiny", "--plan", "{d}/missing.json", "--out",
+                                    "{d}/art"], "missing.json"),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input_exits_2_with_one_line(cli_home, capsys, case):
+    from service.cli import main
+
+    _, argv, fragment = case
+    argv = [a.replace("{d}", str(cli_home)) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:       # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
+    assert "error" in last and fragment.lower() in last.lower(), err
+
+
+# ---------------------------------------------------------------- YAML recipes
+
+NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+YAML_CASES = [
+    ("malformed yaml", "default: {bits: 4\n", "not valid YAML"),
+    ("tab indentation", "default:\n\tbits: 4\n", "not valid YAML"),
+    ("not a mapping", "- bits: 4\n", "must be a mapping"),
+    ("scalar document", "just words", "must be a mapping"),
+    ("unknown top-level key", "default: {bits: 4}\nspeed: fast\n", "unknown keys"),
+    ("unknown option field", "default: {bits: 4, colour: red}\n", "unknown option fields"),
+    ("default not a mapping", "default: 4\n", "must be a mapping"),
+    ("overrides not a mapping", "default: {bits: 4}\npattern_overrides: [1, 2]\n",
+     "pattern_overrides"),
+    ("bits out of range", "default: {bits: 99}\n", "bits must be in"),
+    ("bits zero", "default: {bits: 0}\n", "bits must be in"),
+    ("factor bits out of range", "default: {bits: 4, factor_bits: 1}\n", "factor_bits"),
+    ("negative rank", "default: {bits: 4, rank: -8}\n", "rank"),
+    ("group size zero", "default: {bits: 4, group_size: 0}\n", "group_size"),
+    ("bits a string", "default: {bits: four}\n", "q_proj"),
+    ("no bits anywhere", "default: {rank: 8}\n", "no bits"),
+    ("glob matches nothing", "default: {bits: 4}\npattern_overrides:\n  '*.conv': {bits: 3}\n",
+     "matches no linear"),
+    ("override out of range", "default: {bits: 4}\npattern_overrides:\n  '*q_proj': {bits: 1}\n",
+     "bits must be in"),
+]
+
+
+@pytest.mark.parametrize("case", YAML_CASES, ids=[c[0] for c in YAML_CASES])
+def test_yaml_recipe_bad_input(case):
+    from solver.recipes import plan_from_yaml
+
+    _, text, fragment = case
+    with pytest.raises(ValueError) as info:
+        plan_from_yaml(text, NAMES)
+    assert fragment.lower() in str(info.value).lower()
+
+
+def test_load_tokenizer_without_tokenizer_files(model_root, tiny_model):
+    from compressor.loading import ModelLoadError, load_tokenizer
+
+    bare = model_root / "no-tokenizer"
+    if not bare.exists():
+        bare.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(tiny_model / f, bare / f)
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        load_tokenizer(str(bare))
