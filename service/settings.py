@@ -33,6 +33,10 @@ class Settings(BaseSettings):
                                               "compress jobs a team may have at once (429 over)")
     job_lease_s: float = Field(default=60.0, description="a running job whose heartbeat is older "
                                "than this may be claimed again (its worker died)")
+    sweep_interval_s: float = Field(default=30.0, description="Celery mode: how often the API "
+                                    "re-sends jobs nobody runs (0 = never)")
+    requeue_after_s: float = Field(default=300.0, description="a queued job this old whose "
+                                   "message may be lost (a broker restart) is sent again")
     profile_config: dict = Field(default_factory=dict,
                                  description="overrides of compressor.profile.ProfileConfig")
 

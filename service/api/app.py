@@ -66,10 +66,19 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = None
         if isinstance(app.state.queue, InProcessQueue):   # embedded: resume what a restart cut
             threading.Thread(target=_resume, args=(app,), daemon=True,
                              name="bitplan-resume").start()
+        elif settings.sweep_interval_s > 0:
+            # Celery: re-send what a broker lost or what a dead worker left running
+            from service.jobs.sweeper import SweepLoop
+
+            sweeper = SweepLoop(app.state.db, app.state.queue, settings.job_lease_s,
+                                settings.sweep_interval_s, settings.requeue_after_s).start()
         yield
+        if sweeper is not None:
+            sweeper.stop()
         if app.state.owns_queue:
             app.state.queue.close()
 

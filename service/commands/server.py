@@ -29,6 +29,13 @@ def register(sub) -> None:  # noqa: ANN001
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)
 
+    p = sub.add_parser("sweep", help="re-send jobs nobody runs: queued ones whose message may be "
+                                     "lost, running ones whose worker died (once, or --loop)")
+    p.add_argument("--loop", action="store_true", help="keep sweeping every --interval seconds")
+    p.add_argument("--interval", type=float, default=None,
+                   help="seconds between sweeps (default: BITPLAN_SWEEP_INTERVAL_S)")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("db", help="database administration")
     dsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     q = dsub.add_parser("upgrade", help="apply the Alembic migrations (default: to head)")
@@ -103,6 +110,30 @@ def cmd_worker(args) -> int:  # noqa: ANN001
             "--without-mingle", "-n", f"bitplan-{'-'.join(queues)}@%h"]
     app.worker_main(argv)
     return 0
+
+
+def cmd_sweep(args) -> int:  # noqa: ANN001
+    import time
+
+    from service.jobs.queue import make_queue
+    from service.jobs.sweeper import sweep
+
+    settings = get_settings()
+    interval = args.interval if args.interval is not None else settings.sweep_interval_s
+    if args.loop and interval <= 0:
+        raise ValueError("--loop needs a positive --interval")
+    queue = make_queue(settings)
+    try:
+        while True:
+            n = sweep(_db(), queue, settings.job_lease_s, settings.requeue_after_s)
+            print(json.dumps({"requeued": n}), flush=True)
+            if not args.loop:
+                return 0
+            time.sleep(interval)
+    finally:
+        if hasattr(queue, "wait_idle"):
+            queue.wait_idle(3600)
+        queue.close()
 
 
 def cmd_db_upgrade(args) -> int:  # noqa: ANN001

@@ -5,6 +5,7 @@ stale (their worker died). Safe to repeat: claims are idempotent and duplicates 
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import timedelta
 
 from sqlalchemy import or_, select
@@ -49,3 +50,32 @@ def sweep(db: Database, queue: Queue, lease_s: float, queued_older_than_s: float
     if jobs:
         log.info("re-enqueued %d stalled job(s)", len(jobs))
     return len(jobs)
+
+
+class SweepLoop:
+    """Runs `sweep` every `interval_s` on a daemon thread (Celery mode: the broker may lose
+    messages when Redis restarts without persistence, and a killed worker's running job waits
+    for its lease to expire). Queued jobs are re-sent only once they are `requeue_after_s` old,
+    so a healthy backlog is not flooded with duplicates (which would be no-ops anyway)."""
+
+    def __init__(self, db: Database, queue: Queue, lease_s: float, interval_s: float,
+                 requeue_after_s: float) -> None:
+        self.db, self.queue = db, queue
+        self.lease_s, self.interval_s, self.requeue_after_s = lease_s, interval_s, requeue_after_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bitplan-sweeper")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                sweep(self.db, self.queue, self.lease_s, self.requeue_after_s)
+            except Exception:  # noqa: BLE001 - the database or broker may be down; try again
+                log.warning("sweep failed; retrying in %.0fs", self.interval_s, exc_info=True)
+
+    def start(self) -> SweepLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
