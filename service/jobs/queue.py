@@ -38,8 +38,13 @@ class Queue(Protocol):
 
 
 def broker_transport_options(settings: Settings) -> dict:
-    return {"global_keyprefix": settings.redis_prefix,
-            "visibility_timeout": settings.visibility_timeout_s}
+    """Late-acked messages of a dead worker are re-delivered once `visibility_timeout` has
+    passed; workers look for such messages every `unacked_restore_interval` seconds (kombu's
+    default scans only every 100 s, far longer than a short test timeout)."""
+    vt = settings.visibility_timeout_s
+    return {"global_keyprefix": settings.redis_prefix, "visibility_timeout": vt,
+            "unacked_restore_interval": max(1, min(10, vt // 4)),
+            "unacked_restore_throttle": 1}
 
 
 def kombu_queues():

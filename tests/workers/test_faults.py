@@ -1,0 +1,189 @@
+"""Faults with real processes: a Celery worker SIGKILLed mid-profile and mid-compress (the task
+is redelivered — acks_late + a short visibility timeout — and finishes with no duplicate rows),
+and a private `redis-server` restarted with jobs queued (they still run: from its append-only
+file, or re-sent by the API's sweeper when the broker lost them). The machine's shared Postgres
+and Redis are never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from service.db.auth import create_team
+from service.db.models import Artifact, Job
+from service.db.profile_store import DbProfileStore
+from service.pipeline import available
+from tests.service.faults import RedisServer
+from tests.service.fixtures import (
+    TINY_PROFILE,
+    make_env,
+    make_settings,
+    synthetic_profile,
+    write_tiny_model,
+)
+from tests.service.flow import row_counts
+from tests.workers.worker_proc import WorkerProcess, clear_redis_prefix, wait_for
+
+FAST_REDELIVERY = {"BITPLAN_VISIBILITY_TIMEOUT_S": "4", "BITPLAN_JOB_LEASE_S": "3"}
+
+
+def _job(db, job_id: str) -> Job:
+    with db.session() as s:
+        return s.get(Job, job_id)
+
+
+def _finished(db, job_id: str) -> Job | None:
+    job = _job(db, job_id)
+    return job if job.status in ("succeeded", "failed") else None
+
+
+def _kill(worker: WorkerProcess) -> None:
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait(10)
+    worker.stop()
+
+
+def _kill_when_running(db, worker: WorkerProcess, job_id: str, timeout: float) -> None:
+    """SIGKILL the whole worker (process group) as soon as the job has started for real."""
+    wait_for(lambda: _job(db, job_id).status == "running" or _finished(db, job_id), timeout,
+             interval=0.05, what=f"job {job_id} to start")
+    job = _job(db, job_id)
+    assert job.status == "running", (job.status, job.error, worker.log()[-3000:])
+    _kill(worker)
+    assert _job(db, job_id).status == "running", "the job finished before the kill"
+
+
+@pytest.mark.skipif(not available("compressor.profile") or not available("compressor.compress"),
+                    reason="profiling/compression not in this build")
+def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_url, model_root,
+                                                       monkeypatch):
+    model = write_tiny_model(model_root / f"tiny-kill-{uuid.uuid4().hex[:6]}", seed=7)
+    for k, v in FAST_REDELIVERY.items():
+        monkeypatch.setenv(k, v)                       # read by the worker subprocesses
+    settings = make_settings(tmp_path, pg_url, redis_url=redis_url, model_roots=[model_root],
+                             profile_config=TINY_PROFILE, visibility_timeout_s=4,
+                             job_lease_s=3, sweep_interval_s=0)
+    env = make_env(settings)
+    workers: list[WorkerProcess] = []
+
+    def start() -> WorkerProcess:
+        w = WorkerProcess(settings, tmp_path / f"worker{len(workers)}.log", concurrency=1)
+        workers.append(w)
+        w.wait_ready()
+        return w
+
+    try:
+        r = env.client.post("/v1/plans", json={"model": model.name, "budget": "0.9x"},
+                            headers=env.h("alpha"))
+        assert r.status_code == 202, r.text
+        acc = r.json()
+        _kill_when_running(env.db, start(), acc["profile_job_id"], 120)
+        w = start()                                    # the message comes back to this one
+        job = wait_for(lambda: _finished(env.db, acc["job_id"]), 240, what="plan after kill")
+        assert job.status == "succeeded", (job.error, w.log()[-4000:])
+        prof = _job(env.db, acc["profile_job_id"])
+        assert prof.status == "succeeded" and prof.attempts == 2
+        counts = row_counts(env.db, prof.model_id)
+        n_linears = 7 * 2                              # the tiny model: 7 linears x 2 blocks
+        assert counts["profiles"] == 1 and counts["profile_jobs"] == 1
+        assert counts["sensitivities"] == counts["samples"] == counts["error_models"] \
+            == n_linears
+
+        # the compress job: killed once it runs, redelivered, one artifact
+        c = env.client.post(f"/v1/plans/{acc['plan_id']}/compress", headers=env.h("alpha"))
+        assert c.status_code == 202, c.text
+        comp = c.json()
+        _kill_when_running(env.db, w, comp["job_id"], 120)
+        w = start()
+        job = wait_for(lambda: _finished(env.db, comp["job_id"]), 240, what="compress")
+        assert job.status == "succeeded", (job.error, w.log()[-4000:])
+        assert job.attempts == 2
+        with env.db.session() as s:
+            arts = s.scalars(sa.select(Artifact).where(Artifact.plan_id == acc["plan_id"])).all()
+            jobs = s.scalar(sa.select(sa.func.count()).select_from(Job).where(
+                Job.plan_id == acc["plan_id"], Job.kind == "compress"))
+        assert len(arts) == 1 and jobs == 1 and arts[0].status == "ready" and arts[0].sha256
+        assert row_counts(env.db, prof.model_id) == counts
+    finally:
+        for w in workers:
+            w.stop()
+        clear_redis_prefix(redis_url, settings.redis_prefix)
+
+
+def _fit_jobs(db, n: int) -> list[str]:
+    store = DbProfileStore(db)
+    ids = []
+    with db.session() as s:
+        team = create_team(s, f"r-{uuid.uuid4().hex[:8]}")
+        team_id = team.id
+    for _ in range(n):
+        prof = synthetic_profile()
+        store.put(prof)
+        pid = store.link_model(prof.key, None)
+        with db.session() as s:
+            job = Job(team_id=team_id, kind="fit", profile_id=pid, payload={}, result={},
+                      history=[])
+            s.add(job)
+            s.flush()
+            ids.append(job.id)
+    return ids
+
+
+def _all_succeed(env, ids: list[str], worker: WorkerProcess, timeout: float = 90) -> None:
+    wait_for(lambda: all(_finished(env.db, j) for j in ids), timeout, what="jobs after restart")
+    for j in ids:
+        job = _job(env.db, j)
+        assert job.status == "succeeded" and job.attempts == 1, (job.error, worker.log()[-3000:])
+
+
+def test_redis_restart_queued_jobs_still_run(tmp_path, pg_url):
+    """Persistent broker: queued messages survive a restart; the API's producer and a running
+    worker both reconnect."""
+    redis = RedisServer(tmp_path / "redis", appendonly=True)
+    settings = make_settings(tmp_path, pg_url, redis_url=redis.url, sweep_interval_s=0)
+    worker = None
+    try:
+        env = make_env(settings)
+        before = _fit_jobs(env.db, 2)
+        for j in before:
+            env.queue.enqueue("bitplan.fit", j)     # queued with no worker running
+        redis.restart()
+        worker = WorkerProcess(settings, tmp_path / "worker.log")
+        worker.wait_ready()
+        _all_succeed(env, before, worker)
+        redis.restart()                             # again, under a running worker
+        after = _fit_jobs(env.db, 2)
+        for j in after:
+            env.queue.enqueue("bitplan.fit", j)
+        _all_succeed(env, after, worker)
+    finally:
+        if worker is not None:
+            worker.stop()
+        redis.stop()
+
+
+def test_redis_lost_messages_are_resent_by_the_sweeper(tmp_path, pg_url):
+    """A broker without persistence forgets queued messages on restart; the API's periodic
+    sweeper re-sends jobs left queued past `requeue_after_s`, and they run once each."""
+    redis = RedisServer(tmp_path / "redis", appendonly=False)
+    settings = make_settings(tmp_path, pg_url, redis_url=redis.url, sweep_interval_s=0.5,
+                             requeue_after_s=1.0)
+    worker = None
+    try:
+        env = make_env(settings)
+        ids = _fit_jobs(env.db, 3)
+        for j in ids:
+            env.queue.enqueue("bitplan.fit", j)
+        redis.restart()                             # the messages are gone
+        worker = WorkerProcess(settings, tmp_path / "worker.log")
+        worker.wait_ready()
+        with env.client:                            # the app's lifespan runs its sweeper
+            _all_succeed(env, ids, worker)
+    finally:
+        if worker is not None:
+            worker.stop()
+        redis.stop()
