@@ -10,6 +10,7 @@ at anchor (bits, rank) points, and one noise probe that replays the blocks after
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -154,7 +155,8 @@ def run_profile(model_ref: str, store: ProfileStore, *, device: str = "cpu",
         timings["sampling_s"] += t1 - t0
         timings["probe_s"] += time.perf_counter() - t1
         rec = LinearProfile(li.name, li.block, li.out_features, li.in_features,
-                            alpha=alpha[li.name], samples=samples, fit=model_fit.to_dict())
+                            alpha=alpha[li.name], samples=samples,
+                            fit=json.loads(json.dumps(model_fit.to_dict())))  # as stored
         store.put_linear(key, rec)
         records[li.name] = rec
         report("linears", 0.05 + 0.93 * (k + 1) / len(inv.linears))
@@ -179,12 +181,13 @@ def run_profile(model_ref: str, store: ProfileStore, *, device: str = "cpu",
     return profile
 
 
-def spearman(a, b) -> float:
+def spearman(a, b) -> float | None:
     from scipy.stats import spearmanr
 
     if len(a) < 3:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
+        return None  # undefined; None (not NaN) so the value survives JSON and SQL round trips
+    rho = float(spearmanr(a, b).statistic)
+    return rho if math.isfinite(rho) else None
 
 
 def model_inventory(model_ref: str, trust_remote_code: bool = False):

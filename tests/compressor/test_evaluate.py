@@ -45,4 +45,4 @@ def test_perturbed_model_has_positive_kl(demo):
         w = noisy.model.layers[3].mlp.down_proj.weight
         w.add_(torch.randn_like(w, generator=torch.Generator().manual_seed(0)) * w.std() * 0.5)
     res = evaluate(noisy, seqs, reference=ref)
-    assert res.kl > 1e-4 and res.top1 < 1.0
+    assert res.kl > 1e-6 and res.top1 < 1.0

@@ -3,28 +3,19 @@
 import dataclasses
 
 import pytest
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from compressor.demo_model import train_tokenizer
 from compressor.profile import ProfileConfig, run_profile
 from compressor.profile_store import FileProfileStore, profile_key
 from solver.errormodel import ErrorModel
+from tests.service.fixtures import write_tiny_model
 
 CFG = ProfileConfig(calib_seqs=4, seq_len=64, q_bits=(2, 3, 4, 8), anchors=((3, 0.5),))
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    tok = train_tokenizer(400)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=72,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      tie_word_embeddings=True)
-    Qwen2ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+    # a random 2-block Qwen2 with a word-level tokenizer (fast to encode)
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
 
 
 def test_profile_key_is_stable_and_sensitive():
