@@ -30,7 +30,10 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if length is not None and not length.isdigit():
+            return await self._reject(send, 400, "bad_request",
+                                      "Content-Length must be a non-negative integer")
+        if length is not None and int(length) > self.limit:
             return await self._reject(send)
         seen = 0
 
@@ -48,10 +51,11 @@ class BodyLimit:
         except _TooLarge:
             await self._reject(send)
 
-    async def _reject(self, send) -> None:  # noqa: ANN001
-        body = json.dumps({"error": {"code": "payload_too_large", "message":
-                                     f"request body over {self.limit} bytes"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
+    async def _reject(self, send, status: int = 413, code: str = "payload_too_large",  # noqa: ANN001
+                      message: str | None = None) -> None:
+        message = message or f"request body over {self.limit} bytes"
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

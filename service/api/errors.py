@@ -16,6 +16,7 @@ from service.errors import ServiceError
 from service.modelrefs import ModelNotFound
 
 log = logging.getLogger(__name__)
+MAX_MESSAGE = 600
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
@@ -24,6 +25,8 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 def error_response(status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
+    if len(message) > MAX_MESSAGE:       # never echo a huge input back
+        message = message[:MAX_MESSAGE - 100] + " … " + message[-100:]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
                         headers=headers)
 
