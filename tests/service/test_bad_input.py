@@ -246,6 +246,36 @@ def test_team_job_limit_is_a_clear_429(tmp_path, sqlite_url, model_root, tiny_mo
     assert env.client.post("/v1/plans", json=OK, headers=env.h("beta")).status_code == 202
 
 
+def test_team_job_limit_covers_compress_requests(tmp_path, sqlite_url, model_root, tiny_model):
+    """Compressing a solved plan is a new job too: over the limit it is a 429; asking again for
+    a plan already being compressed is not a new job and is never refused."""
+    import sqlalchemy as sa
+
+    from service.db.models import PlanRow, Team
+    from service.jobs.submit import resolve_and_register
+    from service.pipeline import available
+
+    if not available("compressor.compress"):
+        pytest.skip("compression is not in this build")
+    settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
+                             max_concurrent_jobs_per_team=1)
+    env = make_env(settings, queue=RecordingQueue())
+    model = resolve_and_register(env.db, "tiny-qwen", settings)
+    with env.db.session() as s:
+        alpha = s.scalar(sa.select(Team).where(Team.name.like("alpha-%")))
+        plans = [PlanRow(team_id=alpha.id, model_id=model.id, budget="0.9x", status="solved")
+                 for _ in range(2)]
+        s.add_all(plans)
+        s.flush()
+        first, second = (p.id for p in plans)
+    h = env.h("alpha")
+    r = env.client.post(f"/v1/plans/{first}/compress", headers=h)
+    assert r.status_code == 202, r.text
+    assert env.client.post(f"/v1/plans/{first}/compress", headers=h).status_code == 202
+    r = env.client.post(f"/v1/plans/{second}/compress", headers=h)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_jobs", r.text
+
+
 # ---------------------------------------------------------------- the CLI
 
 @pytest.fixture
