@@ -1,5 +1,6 @@
 """Faults with real processes: a Celery worker SIGKILLed mid-profile and mid-compress (the task
-is redelivered — acks_late + a short visibility timeout — and finishes with no duplicate rows),
+is redelivered — acks_late + a short visibility timeout — and finishes with no duplicate rows,
+with the API restarted meanwhile),
 and a private `redis-server` restarted with jobs queued (they still run: from its append-only
 file, or re-sent by the API's sweeper when the broker lost them). The machine's shared Postgres
 and Redis are never stopped."""
@@ -47,6 +48,18 @@ def _kill(worker: WorkerProcess) -> None:
     worker.stop()
 
 
+def _restart_api(env):
+    """A fresh app (new process state, new broker connection) with the same settings and keys."""
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+
+    env.queue.close()
+    app = create_app(env.settings)
+    return type(env)(TestClient(app, raise_server_exceptions=False), env.settings, env.db,
+                     env.keys, app.state.queue)
+
+
 def _kill_when_running(db, worker: WorkerProcess, job_id: str, timeout: float) -> None:
     """SIGKILL the whole worker (process group) as soon as the job has started for real."""
     wait_for(lambda: _job(db, job_id).status == "running" or _finished(db, job_id), timeout,
@@ -82,6 +95,7 @@ def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_u
         assert r.status_code == 202, r.text
         acc = r.json()
         _kill_when_running(env.db, start(), acc["profile_job_id"], 120)
+        env = _restart_api(env)                        # the API restarted too: nothing lost
         w = start()                                    # the message comes back to this one
         job = wait_for(lambda: _finished(env.db, acc["job_id"]), 240, what="plan after kill")
         assert job.status == "succeeded", (job.error, w.log()[-4000:])
