@@ -78,7 +78,9 @@ def run(ctx):
         base = str(work / "linears" / _safe(name))
         save_file(dec.tensors(), base + ".safetensors.tmp")
         Path(base + ".safetensors.tmp").replace(base + ".safetensors")
-        Path(base + ".json").write_text(json.dumps({"name": name, "record": dec.record()}))
+        # atomically too: a worker killed mid-write must not leave a torn record to resume from
+        Path(base + ".json.tmp").write_text(json.dumps({"name": name, "record": dec.record()}))
+        Path(base + ".json.tmp").replace(base + ".json")
         done[name] = dec
         ctx.report("compress/linears", 0.05 + 0.8 * len(done) / total)
 

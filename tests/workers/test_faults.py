@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.db.auth import create_team
-from service.db.models import Artifact, Job
+from service.db.models import Artifact, Job, PlanRow
 from service.db.profile_store import DbProfileStore
 from service.pipeline import available
 from tests.service.faults import RedisServer
@@ -29,7 +29,9 @@ from tests.service.fixtures import (
 from tests.service.flow import row_counts
 from tests.workers.worker_proc import WorkerProcess, clear_redis_prefix, wait_for
 
-FAST_REDELIVERY = {"BITPLAN_VISIBILITY_TIMEOUT_S": "4", "BITPLAN_JOB_LEASE_S": "3"}
+# read by the worker subprocesses: quick redelivery, a small evaluation after compressing
+WORKER_ENV = {"BITPLAN_VISIBILITY_TIMEOUT_S": "4", "BITPLAN_JOB_LEASE_S": "3",
+              "BITPLAN_EVAL_SEQS": "4", "BITPLAN_EVAL_SEQ_LEN": "64"}
 
 
 def _job(db, job_id: str) -> Job:
@@ -75,11 +77,11 @@ def _kill_when_running(db, worker: WorkerProcess, job_id: str, timeout: float) -
 def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_url, model_root,
                                                        monkeypatch):
     model = write_tiny_model(model_root / f"tiny-kill-{uuid.uuid4().hex[:6]}", seed=7)
-    for k, v in FAST_REDELIVERY.items():
-        monkeypatch.setenv(k, v)                       # read by the worker subprocesses
+    for k, v in WORKER_ENV.items():
+        monkeypatch.setenv(k, v)
     settings = make_settings(tmp_path, pg_url, redis_url=redis_url, model_roots=[model_root],
                              profile_config=TINY_PROFILE, visibility_timeout_s=4,
-                             job_lease_s=3, sweep_interval_s=0)
+                             job_lease_s=3, sweep_interval_s=0, eval_seqs=4, eval_seq_len=64)
     env = make_env(settings)
     workers: list[WorkerProcess] = []
 
@@ -122,6 +124,18 @@ def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_u
                 Job.plan_id == acc["plan_id"], Job.kind == "compress"))
         assert len(arts) == 1 and jobs == 1 and arts[0].status == "ready" and arts[0].sha256
         assert row_counts(env.db, prof.model_id) == counts | {"jobs": counts["jobs"] + 1}
+        # the same result as an uninterrupted run: another team's identical plan, compressed
+        # without a kill, gives the same tensors
+        b = env.client.post("/v1/plans", json={"model": model.name, "budget": "0.9x"},
+                            headers=env.h("beta")).json()
+        assert wait_for(lambda: _finished(env.db, b["job_id"]), 60).status == "succeeded"
+        cb = env.client.post(f"/v1/plans/{b['plan_id']}/compress", headers=env.h("beta")).json()
+        assert wait_for(lambda: _finished(env.db, cb["job_id"]), 240).status == "succeeded"
+        with env.db.session() as s:
+            plan_a, plan_b = (s.get(PlanRow, p).result for p in (acc["plan_id"], b["plan_id"]))
+            art_b = s.get(Artifact, cb["artifact_id"])
+        assert plan_a["assignments"] == plan_b["assignments"]
+        assert (art_b.sha256, art_b.tensor_bytes) == (arts[0].sha256, arts[0].tensor_bytes)
     finally:
         for w in workers:
             w.stop()
