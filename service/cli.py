@@ -21,6 +21,12 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2."""
 
 
+def one_line(message: str, limit: int = 500) -> str:
+    """Errors print as one line (pydantic and database messages span several)."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitplan", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -35,15 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
     from compressor.loading import ModelLoadError
+
+    def fail(message: str, status: int) -> int:
+        print(f"bitplan {args.command}: error: {one_line(message)}", file=sys.stderr)
+        return status
 
     try:
         return int(args.func(args) or 0)
-    except (UserError, ModelLoadError, FileNotFoundError, ValueError) as exc:
+    except (UserError, ModelLoadError, FileNotFoundError, ValueError, ArgumentError) as exc:
         if args.verbose:
             raise
-        print(f"bitplan {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc) or type(exc).__name__, 2)
+    except OperationalError as exc:   # the environment, not the input: exit 1
+        if args.verbose:
+            raise
+        return fail(f"database unavailable or not migrated (`bitplan db upgrade`): {exc.orig}", 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

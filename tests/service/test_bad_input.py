@@ -339,6 +339,32 @@ def test_cli_bad_input_exits_2_with_one_line(cli_home, capsys, case):
     assert "error" in last and fragment.lower() in last.lower(), err
 
 
+@pytest.mark.parametrize("env,argv,status,fragment", [
+    ({"BITPLAN_DATABASE_URL": "nonsense://x"}, ["teams", "list"], 2, "nonsense"),
+    ({"BITPLAN_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none"},
+     ["teams", "list"], 1, "database unavailable"),
+    ({"BITPLAN_MAX_BODY_BYTES": "lots"}, ["teams", "list"], 2, "max_body_bytes"),
+    ({}, ["sweep", "--loop", "--interval", "0"], 2, "positive"),
+], ids=["bad database url", "database unreachable", "bad setting", "sweep bad interval"])
+def test_cli_environment_errors_are_one_line(tmp_path, monkeypatch, capsys, env, argv, status,
+                                             fragment):
+    from service.cli import main
+    from service.settings import get_settings
+
+    monkeypatch.setenv("BITPLAN_DATA_DIR", str(tmp_path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    try:
+        code = main(argv)
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("bitplan ")]
+    assert code == status and "Traceback" not in err, err
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
 # ---------------------------------------------------------------- YAML recipes
 
 NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
