@@ -6,7 +6,7 @@ import pytest
 
 from service.pipeline import available
 from tests.service.fixtures import TINY_PROFILE, make_env, make_settings
-from tests.service.flow import run_plan_flow
+from tests.service.flow import row_counts, run_plan_flow
 
 needs_profiling = pytest.mark.skipif(
     not available("compressor.profile"),
@@ -38,5 +38,9 @@ def test_nan_weights_fail_clearly(tmp_path, sqlite_url, model_root, tiny_nan_mod
         assert "NaN" in pj["error"]["message"]
         j = env.client.get(f"/v1/jobs/{a['job_id']}", headers=env.h("alpha")).json()
         assert j["status"] == "failed" and j["error"]["code"] == "dependency_failed"
+        # no corrupt rows: nothing of the failed profile was stored
+        counts = row_counts(env.db, pj["links"]["model"].rsplit("/", 1)[-1])
+        assert counts["sensitivities"] == counts["samples"] == counts["error_models"] == 0, \
+            counts
     finally:
         env.queue.close()
