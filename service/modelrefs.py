@@ -88,13 +88,45 @@ def check_model_dir(path: Path, ref: str, trust_remote_code: bool) -> dict:
     if cfg.get("auto_map") and not trust_remote_code:
         raise ModelRefError(f"model {ref!r} needs remote code (auto_map in config.json); "
                              "refused because trust_remote_code is off")
+    if not (cfg.get("model_type") or cfg.get("architectures")):
+        raise ModelRefError(f"model {ref!r} has a config.json without model_type or "
+                             "architectures: not a Hugging Face model config")
     weights = list(path.glob("*.safetensors"))
     if not weights:
         if any(path.glob(p) for p in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
             raise ModelRefError(f"model {ref!r} has only pickle checkpoints; bitplan loads "
                                  "safetensors weights only")
         raise ModelRefError(f"model {ref!r} has no .safetensors weights")
+    for f in weights:
+        safetensors_names(f, ref)
     return cfg
+
+
+def safetensors_names(f: Path, ref: str) -> set[str]:
+    """Tensor names from a safetensors header, refusing a file whose header is not valid (a
+    truncated or corrupt download) — without reading the tensors."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, 100_000_000):
+            raise ModelRefError(f"model {ref!r}: {f.name} is not a valid safetensors file")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict) or not all(
+            isinstance(v, dict) and "data_offsets" in v for k, v in header.items()
+            if k != "__metadata__"):
+        raise ModelRefError(f"model {ref!r}: {f.name} has a corrupt safetensors header")
+    return {k for k in header if k != "__metadata__"}
+
+
+def weight_names(path: Path, ref: str) -> set[str]:
+    names: set[str] = set()
+    for f in sorted(path.glob("*.safetensors")):
+        names |= safetensors_names(f, ref)
+    return names
 
 
 def fingerprint(path: Path) -> str:

@@ -27,7 +27,7 @@ from service.db.session import Database
 from service.db.upsert import upsert
 from service.errors import Conflict, NotFound, TooManyRequests
 from service.jobs.queue import Queue
-from service.modelrefs import ResolvedModel, resolve_model
+from service.modelrefs import ModelRefError, ResolvedModel, resolve_model, weight_names
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,12 @@ def get_or_create_model(db: Database, resolved: ResolvedModel, settings: Setting
     from compressor.loading import inventory
 
     inv = inventory(str(resolved.path), trust_remote_code=settings.trust_remote_code)
+    names = weight_names(resolved.path, resolved.ref)
+    missing = [li.name for li in inv.linears if f"{li.name}.weight" not in names]
+    if missing:
+        raise ModelRefError(f"model {resolved.ref!r}: its weights do not match its config "
+                            f"({len(missing)} of {len(inv.linears)} linears have no weight "
+                            f"tensor, e.g. {missing[0]})")
     with db.session() as s:
         upsert(s, ModelRow.__table__, [{
             "id": new_id(), "ref": resolved.ref, "path": str(resolved.path),

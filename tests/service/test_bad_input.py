@@ -116,6 +116,15 @@ API_CASES = [
      "invalid_model", "config.json"),
     ("config not json", "post", "/v1/models", {"json": {"model": "bad-config"}}, 422,
      "invalid_model", "config.json"),
+    ("corrupt safetensors", "post", "/v1/plans", {"json": OK | {"model": "corrupt-weights"}},
+     422, "invalid_model", "safetensors"),
+    ("config without model_type", "post", "/v1/models", {"json": {"model": "no-model-type"}},
+     422, "invalid_model", "model_type"),
+    ("unknown architecture", "post", "/v1/models", {"json": {"model": "unknown-arch"}}, 422,
+     "invalid_model", "no-such-arch"),
+    ("config and weights disagree", "post", "/v1/plans",
+     {"json": OK | {"model": "config-weights-mismatch"}}, 422, "invalid_model",
+     "do not match"),
     ("model is a file", "post", "/v1/plans", {"json": OK | {"model": "a-file"}}, 422,
      "invalid_model", "not a directory"),
     # constraints: unknown keys, types, out-of-range bits/ranks/group sizes, globs
@@ -169,7 +178,8 @@ def bad_models(model_root, tiny_model, tmp_path_factory) -> Path:
     outside = tmp_path_factory.mktemp("outside-roots")
     write_tiny_model(outside / "m", tokenizer=False)
     specs = {"remote-code": "auto_map", "pickle-only": "pickle", "no-config": "no-config",
-             "bad-config": "bad-config"}
+             "bad-config": "bad-config", "corrupt-weights": "corrupt", "no-model-type": "{}",
+             "unknown-arch": "unknown-arch", "config-weights-mismatch": "mismatch"}
     for name, kind in specs.items():
         d = model_root / name
         if d.exists():
@@ -178,11 +188,16 @@ def bad_models(model_root, tiny_model, tmp_path_factory) -> Path:
         cfg = json.loads((tiny_model / "config.json").read_text())
         if kind == "auto_map":
             cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+        cfg = {"{}": {}, "unknown-arch": {"model_type": "no-such-arch"},
+               "mismatch": {k: v for k, v in cfg.items() if k != "layer_types"}
+               | {"num_hidden_layers": 4}}.get(kind, cfg)
         if kind != "no-config":
             (d / "config.json").write_text("{not json" if kind == "bad-config"
                                            else json.dumps(cfg))
         if kind == "pickle":
             (d / "pytorch_model.bin").write_bytes(b"\x80\x04 not really a pickle")
+        elif kind == "corrupt":
+            (d / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{truncated")
         else:
             shutil.copy(tiny_model / "model.safetensors", d / "model.safetensors")
     if not (model_root / "outside-link").exists():
