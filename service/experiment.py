@@ -141,9 +141,18 @@ def headline(result: dict) -> dict:
         klgain.append(100 * (u["kl"] - o["kl"]) / u["kl"])
     never_worse = all(r["strategies"]["optimal"]["kl"] <= r["strategies"]["uniform"]["kl"]
                       for r in result["budgets"] if "uniform" in r["strategies"])
+    # the same two figures over every budget, for models where uniform never loses 1 %
+    every = [r["strategies"] for r in result["budgets"] if "uniform" in r["strategies"]]
+    closed_all = [100 * (s["uniform"]["ppl"] - s["optimal"]["ppl"])
+                  / max(s["uniform"]["ppl"] - orig, 1e-12) for s in every]
+    kl_all = [100 * (s["uniform"]["kl"] - s["optimal"]["kl"]) / s["uniform"]["kl"] for s in every]
     return {"excess_ppl_closed_pct": min(closed) if closed else None,
             "kl_gain_vs_uniform_pct": min(klgain) if klgain else None,
-            "headline_budgets": counted, "optimal_never_worse_than_uniform_kl": never_worse}
+            "headline_budgets": counted, "optimal_never_worse_than_uniform_kl": never_worse,
+            "excess_ppl_closed_pct_all_budgets": min(closed_all) if closed_all else None,
+            "kl_gain_vs_uniform_pct_all_budgets": min(kl_all) if kl_all else None,
+            "max_uniform_excess_ppl_pct": max((100 * (s["uniform"]["ppl"] - orig) / orig
+                                               for s in every), default=None)}
 
 
 def section2(ev: PlanEvaluator, names: list[str], num_blocks: int, rank: int = 32) -> dict:

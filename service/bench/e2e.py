@@ -20,6 +20,9 @@ def run(args) -> dict:
             "excess_ppl_closed_pct": result["excess_ppl_closed_pct"],
             "kl_gain_vs_uniform_pct": result["kl_gain_vs_uniform_pct"],
             "headline_budgets": result["headline_budgets"],
+            "excess_ppl_closed_pct_all_budgets": result["excess_ppl_closed_pct_all_budgets"],
+            "kl_gain_vs_uniform_pct_all_budgets": result["kl_gain_vs_uniform_pct_all_budgets"],
+            "max_uniform_excess_ppl_pct": result["max_uniform_excess_ppl_pct"],
             "optimal_never_worse_than_uniform_kl":
                 result["optimal_never_worse_than_uniform_kl"],
             "section2": result["section2"], "seconds": result["seconds"],
