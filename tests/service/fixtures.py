@@ -111,6 +111,18 @@ def write_tiny_model(path: Path, layers: int = 2, seed: int = 0, tokenizer: bool
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=128, tie_word_embeddings=True)
     model = Qwen2ForCausalLM(cfg)
+    # Re-materialise every parameter on the CPU from our own generator: transformers'
+    # from_pretrained patches nn.Module.register_parameter process-wide while it loads, so a
+    # model built while a background worker thread loads one can come out on the meta device.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.data = torch.ones(p.shape)
+            elif p.dim() == 1:
+                p.data = torch.zeros(p.shape)
+            else:
+                p.data = torch.randn(p.shape, generator=gen) * 0.02
     if nan_in:
         with torch.no_grad():
             dict(model.named_modules())[nan_in].weight[0, 0] = float("nan")
