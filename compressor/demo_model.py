@@ -39,6 +39,18 @@ class DemoConfig:
     eval_every: int = 100
     stop_at: int | None = 400    # the bundled model stops here on the 800-step schedule (CPU time)
     seed: int = 0
+    eval_seqs: int = 64
+    keep_best: bool = False      # save the checkpoint with the lowest valid loss, not the last
+    device: str = "cpu"
+    max_wall_s: float | None = None   # stop at the first eval past this (best checkpoint kept)
+
+
+# The bundled model's recipe: ~20 epochs of the train split with the best valid checkpoint kept.
+# Trained on one GPU (~3 min); on 2 CPU cores it would take about a day. A model trained this far
+# is sensitive to 2-bit compression, the regime the experiment needs (an under-trained one is not).
+GPU_RECIPE = DemoConfig(batch_size=64, steps=3000, warmup=100, weight_decay=0.1, eval_every=250,
+                        stop_at=None, eval_seqs=256, keep_best=True, device="cuda",
+                        max_wall_s=240)
 
 
 def train_tokenizer(vocab_size: int, data_dir: Path | None = None):
@@ -71,7 +83,7 @@ def _lr_at(step: int, cfg: DemoConfig) -> float:
 @torch.no_grad()
 def _eval_loss(model, ids: torch.Tensor, seq_len: int, max_seqs: int = 64) -> float:
     n = min(max_seqs, ids.numel() // seq_len)
-    windows = ids[: n * seq_len].view(n, seq_len)
+    windows = ids[: n * seq_len].view(n, seq_len).to(next(model.parameters()).device)
     model.eval()
     losses = [model(input_ids=windows[i : i + 16], labels=windows[i : i + 16]).loss.item()
               for i in range(0, n, 16)]
@@ -80,12 +92,18 @@ def _eval_loss(model, ids: torch.Tensor, seq_len: int, max_seqs: int = 64) -> fl
 
 
 def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | None = None,
-               checkpoint_dir: Path | None = None) -> dict:
-    """Train tokenizer + model, save both to out_dir in HF format, return the training record."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+               checkpoint_dir: Path | None = None, tokenizer_from: Path | None = None) -> dict:
+    """Train tokenizer + model, save both to out_dir in HF format, return the training record.
+
+    `tokenizer_from` reuses a saved tokenizer (the bundled one) instead of training a new one.
+    """
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(cfg.seed)
-    tokenizer = train_tokenizer(cfg.vocab_size, data_dir)
+    if tokenizer_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    else:
+        tokenizer = train_tokenizer(cfg.vocab_size, data_dir)
     train_ids = torch.tensor(_encode(tokenizer, load_text(Split.TRAIN, data_dir)))
     valid_ids = torch.tensor(_encode(tokenizer, load_text(Split.VALID, data_dir)))
     log.info("train tokens %d, valid tokens %d", train_ids.numel(), valid_ids.numel())
@@ -98,7 +116,7 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | N
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         torch_dtype="float32",
     )
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(cfg.device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -107,6 +125,7 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | N
     gen = torch.Generator().manual_seed(cfg.seed)
     max_start = train_ids.numel() - cfg.seq_len - 1
     curve: list[dict] = []
+    best: tuple[float, int, dict] | None = None   # (valid loss, step, weights on the CPU)
     t0 = time.time()
     model.train()
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
@@ -115,28 +134,42 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | N
             group["lr"] = _lr_at(step, cfg)
         starts = torch.randint(0, max_start, (cfg.batch_size,), generator=gen)
         batch = torch.stack([train_ids[s : s + cfg.seq_len] for s in starts.tolist()])
+        batch = batch.to(cfg.device)
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == last:
-            vloss = _eval_loss(model, valid_ids, cfg.seq_len)
+            vloss = _eval_loss(model, valid_ids, cfg.seq_len, cfg.eval_seqs)
             elapsed = time.time() - t0
             curve.append({"step": step + 1, "train_loss": round(loss.item(), 4),
                           "valid_loss": round(vloss, 4), "valid_ppl": round(math.exp(vloss), 3),
                           "elapsed_s": round(elapsed, 1)})
             log.info("step %d train %.3f valid %.3f (ppl %.2f) %.0fs", step + 1, loss.item(),
                      vloss, math.exp(vloss), elapsed)
+            if cfg.keep_best and (best is None or vloss < best[0]):
+                best = (vloss, step + 1, {k: v.detach().cpu().clone()
+                                          for k, v in model.state_dict().items()})
             if checkpoint_dir is not None:  # intermediate snapshots, for work in parallel
                 model.save_pretrained(checkpoint_dir, safe_serialization=True)
                 tokenizer.save_pretrained(checkpoint_dir)
+            if cfg.max_wall_s and elapsed > cfg.max_wall_s:
+                log.warning("stopping at step %d: past max_wall_s=%s", step + 1, cfg.max_wall_s)
+                last = step + 1
+                break
+    if best is not None:
+        model.load_state_dict(best[2])
+    model.to("cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     record = {"config": asdict(cfg), "curve": curve,
               "params": sum(p.numel() for p in model.parameters()),
               "train_tokens_seen": last * cfg.batch_size * cfg.seq_len,
+              "train_tokens": train_ids.numel(), "kept_step": best[1] if best else last,
+              "device": torch.cuda.get_device_name() if cfg.device.startswith("cuda")
+              else "cpu",
               "wall_s": round(time.time() - t0, 1)}
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))
     return record

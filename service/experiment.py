@@ -80,10 +80,12 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
                    progress: Callable[[str, float], None] | None = None) -> dict:
     report = progress or (lambda s, f: None)
     cfg = ProfileConfig.from_dict(prof.config)
-    model, tok = load_model(model_ref), load_tokenizer(model_ref)
+    from service.settings import get_settings
+
+    model = load_model(model_ref, device=get_settings().device)
+    tok = load_tokenizer(model_ref)
     names = [lp.name for lp in prof.linears]
     hessians = collect_hessians(model, calibration(tok, cfg), names)
-    from service.settings import get_settings
 
     ev = PlanEvaluator(model, hessians, token_sequences(tok, Split.TEST, 256, n_seqs=eval_seqs),
                        config=cfg.decomposition,

@@ -7,7 +7,6 @@ from enum import Enum
 
 import numpy as np
 
-from solver.cpsat import solve_cpsat
 from solver.dp import ExactResult, pareto_frontier, solve_exact
 from solver.greedy import greedy
 from solver.mckp import Menu
@@ -69,6 +68,8 @@ def solve(problem: AllocationProblem, method: Method | str = Method.EXACT, *,
             pos, optimal, gap, lb = heur.pos, heur.gap <= 0.0, heur.gap, heur.lower_bound
         else:
             hint = greedy(menus, cap, curve).pos
+            from solver.cpsat import solve_cpsat  # lazy: OR-Tools is heavy to import
+
             res = solve_cpsat(menus, cap, time_limit_s=time_limit_s, workers=workers, hint=hint)
             pos, optimal, gap, lb = res.pos, res.optimal, res.gap, res.lower_bound
             info = {"status": res.status, "cpsat_wall_s": res.wall_s}
@@ -87,6 +88,8 @@ def _cpsat_fallback(menus: list[Menu], cap: int, res: ExactResult, time_limit_s:
     info: dict = {"fallback": "cpsat"}
     pos, error, lb, optimal = res.pos, res.error, res.lower_bound, False
     try:
+        from solver.cpsat import solve_cpsat
+
         cp = solve_cpsat(menus, cap, time_limit_s=time_limit_s, workers=workers, hint=res.pos)
         info["status"] = cp.status
         lb = max(lb, cp.lower_bound)

@@ -16,6 +16,13 @@ def register(sub) -> None:
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this many steps of the schedule (the bundled model's recipe)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", choices=["gpu", "cpu"], default="gpu",
+                   help="gpu: the bundled model's recipe (~3 min on one GPU); cpu: a short "
+                        "800-step schedule stopped at step 400 (~1 h on 2 cores, less trained)")
+    p.add_argument("--device", default=None, help="default: cuda for the gpu recipe, else cpu")
+    p.add_argument("--tokenizer-from", type=Path, default=None,
+                   help="reuse this saved tokenizer instead of training one (e.g. the bundled "
+                        "model's, to keep its token ids)")
     p.set_defaults(func=cmd_train_demo)
 
     p = sub.add_parser("eval", help="test-split perplexity; KL and top-1 vs a reference")
@@ -42,14 +49,22 @@ def register(sub) -> None:
 def cmd_train_demo(args) -> int:
     import dataclasses
 
-    from compressor.demo_model import DemoConfig, train_demo
+    import torch
 
-    cfg = DemoConfig(seed=args.seed)
+    from compressor.demo_model import GPU_RECIPE, DemoConfig, train_demo
+    from service.cli import UserError
+
+    cfg = dataclasses.replace(GPU_RECIPE if args.recipe == "gpu" else DemoConfig(),
+                              seed=args.seed)
+    if args.device:
+        cfg = dataclasses.replace(cfg, device=args.device)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("no CUDA device here: pass --device cpu (slow) or --recipe cpu")
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     if args.stop_at:
         cfg = dataclasses.replace(cfg, stop_at=args.stop_at)
-    record = train_demo(args.out, cfg)
+    record = train_demo(args.out, cfg, tokenizer_from=args.tokenizer_from)
     print(json.dumps({"out": str(args.out), "params": record["params"],
                       "final": record["curve"][-1]}, indent=2))
     return 0
