@@ -15,21 +15,26 @@ from solver.errormodel import ErrorModel
 class MenuConfig:
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     ranks: tuple[int, ...] = (0, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    all_groups: bool = True     # every profiled group size; False: the profile's own only
 
 
 def menu_options(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> list[Option]:
+    """The profile's own group size first, then the larger ones it measured κ for."""
     cfg = profile.config
     frac = float(cfg.get("max_rank_fraction", 0.5))
     max_rank = max(1, int(frac * min(lp.out_features, lp.in_features)))
     fb, gs = int(cfg.get("factor_bits", 4)), int(cfg.get("group_size", 128))
     ranks = [r for r in menu.ranks if r <= max_rank]
-    return [Option(b, r, fb, gs) for b in menu.bits for r in ranks]
+    groups = [gs]
+    if menu.all_groups:
+        groups += [g for g in ErrorModel.from_dict(lp.fit).groups() if g != gs]
+    return [Option(b, r, fb, g) for g in groups for b in menu.bits for r in ranks]
 
 
 def linear_menu(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> LinearMenu:
     model = ErrorModel.from_dict(lp.fit)
     options = menu_options(lp, profile, menu)
-    errors = [lp.alpha * float(model.predict(o.bits, o.rank)) for o in options]
+    errors = [lp.alpha * float(model.predict(o.bits, o.rank, o.group_size)) for o in options]
     return LinearMenu(lp.name, lp.out_features, lp.in_features, options, errors=errors)
 
 
@@ -52,7 +57,8 @@ def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
     total = 0.0
     for lp in profile.linears:
         opt = assignments[lp.name]
-        total += lp.alpha * float(ErrorModel.from_dict(lp.fit).predict(opt.bits, opt.rank))
+        model = ErrorModel.from_dict(lp.fit)
+        total += lp.alpha * float(model.predict(opt.bits, opt.rank, opt.group_size))
     return total
 
 

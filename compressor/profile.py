@@ -54,11 +54,21 @@ class ProfileConfig:
     max_rank_fraction: float = 0.5       # ranks considered: 0 … fraction · min(m, n)
     factor_bits: int = 4
     group_size: int = 128
+    # larger groups the planner may choose (cheaper scales, slightly more error): κ_g sampled
+    # Q-only at group_bits, relative to group_size (see solver/errormodel.py)
+    extra_groups: tuple[int, ...] = (256, 512)
+    group_bits: tuple[int, ...] = (2, 4)
     decomposition: DecompositionConfig = field(default_factory=lambda: FAST_DECOMPOSITION)
+
+    def __post_init__(self) -> None:
+        if self.extra_groups and not set(self.group_bits) <= set(self.q_bits):
+            raise ValueError(f"group_bits {self.group_bits} must be among q_bits {self.q_bits}")
 
     def to_dict(self) -> dict:
         return asdict(self) | {"decomposition": self.decomposition.to_dict(),
                                "q_bits": list(self.q_bits),
+                               "extra_groups": list(self.extra_groups),
+                               "group_bits": list(self.group_bits),
                                "anchors": [list(a) for a in self.anchors]}
 
     @classmethod
@@ -66,6 +76,9 @@ class ProfileConfig:
         d = dict(d)
         d["decomposition"] = DecompositionConfig.from_dict(d.get("decomposition", {}))
         d["q_bits"] = tuple(d.get("q_bits", cls.q_bits))
+        # profiles made before group sizes were planned carry no extra groups
+        d["extra_groups"] = tuple(d.get("extra_groups", ()))
+        d["group_bits"] = tuple(d.get("group_bits", cls.group_bits))
         d["anchors"] = tuple(tuple(a) for a in d.get("anchors", cls.anchors))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
@@ -95,8 +108,10 @@ def weights_hash(model_ref: str, model=None) -> str:
 
 
 @torch.no_grad()
-def sample_linear(W: torch.Tensor, H: torch.Tensor, cfg: ProfileConfig) -> tuple[list, list, list]:
-    """Error samples [(bits, rank, t²)] and the sampled spectral tail S(r) for one linear."""
+def sample_linear(W: torch.Tensor, H: torch.Tensor,
+                  cfg: ProfileConfig) -> tuple[list, list, list, dict]:
+    """Error samples [(bits, rank, t²)], the sampled spectral tail S(r) and the group-size
+    factors {str(g): [[bits, κ], …]} of one linear."""
     m, n = W.shape
     R = cfg.max_rank(m, n)
     dcfg = cfg.decomposition
@@ -113,7 +128,17 @@ def sample_linear(W: torch.Tensor, H: torch.Tensor, cfg: ProfileConfig) -> tuple
         r = max(1, round(frac * R))
         d = decompose(W, H, Option(b, r, cfg.factor_bits, cfg.group_size), dcfg)
         samples.append([b, r, d.rel_h_err ** 2])
-    return samples, tail_ranks, tail
+    groups: dict[str, list[list[float]]] = {}
+    if cfg.extra_groups:
+        base = {int(b): t2 for b, r, t2 in samples if r == 0}
+        groups[str(cfg.group_size)] = [[b, 1.0] for b in cfg.group_bits]
+        for g in cfg.extra_groups:
+            pts = []
+            for b in cfg.group_bits:
+                d = decompose(W, H, Option(b, 0, cfg.factor_bits, g), dcfg)
+                pts.append([b, d.rel_h_err ** 2 / max(base[b], 1e-30)])
+            groups[str(g)] = pts
+    return samples, tail_ranks, tail, groups
 
 
 def run_profile(model_ref: str, store: ProfileStore, *, device: str = "cpu",
@@ -148,8 +173,9 @@ def run_profile(model_ref: str, store: ProfileStore, *, device: str = "cpu",
         H = hessians[li.name].to(W.device)
         if not torch.isfinite(W).all():
             raise ValueError(f"linear {li.name} has NaN/inf weights; cannot profile this model")
-        samples, tail_ranks, tail = sample_linear(W, H, cfg)
+        samples, tail_ranks, tail, groups = sample_linear(W, H, cfg)
         model_fit = fit(samples, tail_ranks, tail)
+        model_fit.group_factors = groups
         t1 = time.perf_counter()
         alpha = measure_alpha(model, cache, hessians, [li.name], t=cfg.probe_t, seed=cfg.seed)
         timings["sampling_s"] += t1 - t0

@@ -6,6 +6,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/bitplan-gpu}; mkdir -p "$OUT"
 LIMIT=${LIMIT:-540}                      # seconds for the whole script
+TRAIN=${TRAIN:-1}                        # 0: profile + experiment on the committed model
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -18,6 +19,7 @@ start=$(date +%s); stamp() { echo "== $1 at $(( $(date +%s) - start )) s"; }
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 
+if [ "$TRAIN" = 1 ]; then
 stamp train
 $BP train-demo --recipe gpu --out /tmp/model --tokenizer-from models/bitplan-demo || exit 1
 stamp trained
@@ -33,6 +35,7 @@ cp /tmp/model/config.json /tmp/model/training.json "$OUT"/
 
 # profile + experiment on the new weights, on CUDA (the profile resumes linear by linear)
 cp /tmp/model/model.safetensors /tmp/model/config.json models/bitplan-demo/
+fi
 rm -f models/bitplan-demo/bitplan_profile.json
 export BITPLAN_DEVICE=cuda BITPLAN_DATA_DIR=/tmp/var
 left=$(( LIMIT - ($(date +%s) - start) ))

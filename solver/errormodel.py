@@ -15,13 +15,19 @@ Family (our choice; the reasons are physical and are checked on held-out points)
 - c is the floor from storing L and R at low precision (the captured part 1 − S(r) is only
   recovered up to the factors' own relative quantization error).
 θ and c are fitted per linear by least squares on log E (errors span decades).
+
+Group size is a third choice (scales and zeros cost 32 bits per group): a larger group saves
+bytes for a small error increase, which matters most near the 2-bit floor. It enters as a
+measured factor, E(b, r, g) = κ_g(b) · E(b, r), with κ_g(b) = t²(b, 0, g) / t²(b, 0, g₀) sampled
+Q-only at a few bit widths and interpolated log-linearly in b (κ_{g₀} = 1 for the profile's own
+group g₀). `group_factors` maps str(g) → [[bits, κ], …]; empty means only g₀ is modelled.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -37,6 +43,7 @@ class ErrorModel:
     tail_ranks: list[int]           # ranks at which S was sampled, ascending, starting at 0
     tail: list[float]               # S at those ranks, S(0) = 1, non-increasing
     r2_fit: float | None = None     # R² on the points it was fitted on (log space)
+    group_factors: dict[str, list[list[float]]] = field(default_factory=dict)
 
     # ---- evaluation -------------------------------------------------------------------
     def spectral_tail(self, rank: np.ndarray | float) -> np.ndarray:
@@ -49,9 +56,31 @@ class ErrorModel:
         t0, t1, t2 = self.theta
         return np.exp(t0 + t1 * d + t2 * d * d)
 
-    def predict(self, bits: np.ndarray | float, rank: np.ndarray | float) -> np.ndarray:
+    def predict(self, bits: np.ndarray | float, rank: np.ndarray | float,
+                group: int | None = None) -> np.ndarray:
         s = self.spectral_tail(rank)
-        return self.q(bits) * (s + self.c * (1.0 - s))
+        e = self.q(bits) * (s + self.c * (1.0 - s))
+        return e if group is None else e * self.group_factor(bits, group)
+
+    def groups(self) -> list[int]:
+        return sorted(int(g) for g in self.group_factors)
+
+    def group_factor(self, bits: np.ndarray | float, group: int) -> np.ndarray:
+        """κ_g(b): 1 for the profiled group (or when no group was sampled); for a group size
+        that was not sampled, interpolated in log₂ g between those that were (clamped)."""
+        b = np.asarray(bits, dtype=float)
+        if not self.group_factors:
+            return np.ones_like(b)
+        if str(group) not in self.group_factors:
+            gs = self.groups()
+            logk = np.stack([np.log(self.group_factor(b, g)) for g in gs])
+            x = np.log2(np.asarray(gs, dtype=float))
+            flat = logk.reshape(len(gs), -1)
+            out = [np.interp(np.log2(group), x, flat[:, j]) for j in range(flat.shape[1])]
+            return np.exp(np.asarray(out).reshape(b.shape))
+        pts = np.asarray(self.group_factors[str(group)], dtype=float)
+        order = np.argsort(pts[:, 0])
+        return np.exp(np.interp(b, pts[order, 0], np.log(pts[order, 1])))
 
     # ---- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -62,7 +91,7 @@ class ErrorModel:
         if d.get("family") != FAMILY:
             raise ValueError(f"unknown error-model family {d.get('family')!r}")
         return cls(tuple(d["theta"]), d["c"], list(d["tail_ranks"]), list(d["tail"]),
-                   d.get("r2_fit"))
+                   d.get("r2_fit"), dict(d.get("group_factors") or {}))
 
 
 def sample_tail(curve: Sequence[float], max_rank: int, points: int = 24) -> tuple[list[int], list[float]]:

@@ -56,17 +56,21 @@ def block_weights(name: str, scores: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown strategy {name!r}; use one of {STRATEGIES}")
 
 
-def _candidates(item: Item, q_bits: int, factor_bits: int) -> tuple[np.ndarray, np.ndarray,
-                                                                     np.ndarray]:
+def _candidates(item: Item, q_bits: int, factor_bits: int,
+                group_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ranks, costs, option index) the strategy may use for an item, rank ascending: the
-    note's Q/factor bits where the menu has them, else the nearest Q bits it offers."""
+    note's Q/factor bits where the menu has them, else the nearest Q bits it offers. One group
+    size only (the note's format; default: that of the menu's first option) — the choice of
+    group size per linear is the planner's, not the hand-made strategies'."""
     opts = item.options
-    idx = [k for k, o in enumerate(opts) if o.bits == q_bits and o.factor_bits == factor_bits]
+    gs = group_size if group_size is not None else opts[0].group_size
+    allowed = [k for k, o in enumerate(opts) if o.group_size == gs] or list(range(len(opts)))
+    idx = [k for k in allowed if opts[k].bits == q_bits and opts[k].factor_bits == factor_bits]
     if not idx:
-        idx = [k for k, o in enumerate(opts) if o.bits == q_bits]
+        idx = [k for k in allowed if opts[k].bits == q_bits]
     if not idx:
-        nearest = min(abs(o.bits - q_bits) for o in opts)
-        idx = [k for k, o in enumerate(opts) if abs(o.bits - q_bits) == nearest]
+        nearest = min(abs(opts[k].bits - q_bits) for k in allowed)
+        idx = [k for k in allowed if abs(opts[k].bits - q_bits) == nearest]
     best: dict[int, int] = {}  # rank -> cheapest option with that rank
     for k in idx:
         r = opts[k].rank
@@ -79,7 +83,8 @@ def _candidates(item: Item, q_bits: int, factor_bits: int) -> tuple[np.ndarray, 
 
 def baseline(name: str, problem: AllocationProblem,
              block_scores: Mapping[int, float] | Sequence[float],
-             block_of: Mapping[str, int], *, q_bits: int = 3, factor_bits: int = 4) -> Plan:
+             block_of: Mapping[str, int], *, q_bits: int = 3, factor_bits: int = 4,
+             group_size: int | None = None) -> Plan:
     """The note's strategy `name` scaled to the problem's budget (never above it)."""
     t0 = time.perf_counter()
     if name not in STRATEGIES:
@@ -99,7 +104,7 @@ def baseline(name: str, problem: AllocationProblem,
     weight_of_block = block_weights(name, scores)
 
     items = problem.items
-    cands = [_candidates(it, q_bits, factor_bits) for it in items]
+    cands = [_candidates(it, q_bits, factor_bits, group_size) for it in items]
     weights = np.empty(len(items))
     for i, it in enumerate(items):
         missing = [n for n in it.names if block_of.get(n) not in row]

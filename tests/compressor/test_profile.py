@@ -6,6 +6,7 @@ import pytest
 
 from compressor.profile import ProfileConfig, run_profile
 from compressor.profile_store import FileProfileStore, profile_key
+from solver.bytes import Option
 from solver.errormodel import ErrorModel
 from tests.service.fixtures import write_tiny_model
 
@@ -24,6 +25,9 @@ def test_profile_key_is_stable_and_sensitive():
     assert a != profile_key("w2", "c1", CFG.to_dict())
     assert a != profile_key("w1", "c2", CFG.to_dict())
     assert a != profile_key("w1", "c1", dataclasses.replace(CFG, seed=1).to_dict())
+    assert a != profile_key("w1", "c1", dataclasses.replace(CFG, extra_groups=()).to_dict())
+    with pytest.raises(ValueError, match="group_bits"):
+        ProfileConfig(q_bits=(2, 3), group_bits=(2, 4))
 
 
 def test_profile_contents(tiny_model, tmp_path):
@@ -38,6 +42,28 @@ def test_profile_contents(tiny_model, tmp_path):
         assert lp.alpha >= 0 and len(lp.samples) == 5
         model = ErrorModel.from_dict(lp.fit)
         assert model.predict(2, 0) > model.predict(4, 0) > model.predict(8, 0)
+        # group sizes the planner may choose: the profiled one (κ = 1) and the larger ones,
+        # measured at group_bits; fewer scales never make Q more accurate (allow LDLQ noise)
+        assert model.groups() == [128, 256, 512]
+        assert [b for b, _ in lp.fit["group_factors"]["512"]] == list(CFG.group_bits)
+        assert all(k == 1.0 for _, k in lp.fit["group_factors"]["128"])
+        assert all(0.9 < k < 10 for g in ("256", "512") for _, k in lp.fit["group_factors"][g])
+    # the planner's menu offers every profiled group; errors scale by κ_g(b)
+    from compressor.planning import MenuConfig, build_problem, predicted_kl
+
+    menu = build_problem(prof).linears[0]
+    lp = prof.linear(menu.name)
+    err = {(o.bits, o.rank, o.group_size): e for o, e in zip(menu.options, menu.errors, strict=True)}
+    assert {g for _, _, g in err} == {128, 256, 512}
+    k = ErrorModel.from_dict(lp.fit).group_factor(2, 512)
+    assert err[(2, 0, 512)] == pytest.approx(err[(2, 0, 128)] * k)
+    only = build_problem(prof, menu=MenuConfig(all_groups=False)).linears[0]
+    assert {o.group_size for o in only.options} == {128}
+    wide = {x.name: Option(2, 0, 4, 512) for x in prof.linears}
+    narrow = {x.name: Option(2, 0, 4, 128) for x in prof.linears}
+    assert predicted_kl(prof, wide) == pytest.approx(sum(
+        x.alpha * float(ErrorModel.from_dict(x.fit).predict(2, 0, 512)) for x in prof.linears))
+    assert predicted_kl(prof, narrow) > 0
     # stored and returned again without recomputing
     again = run_profile(str(tiny_model), FileProfileStore(tmp_path), config=CFG)
     assert again.to_dict() == prof.to_dict()

@@ -49,3 +49,22 @@ def test_serialisation_round_trip_and_monotone():
     assert np.all(np.diff(truth.predict(4, ranks)) <= 1e-15)
     with pytest.raises(ValueError, match="family"):
         ErrorModel.from_dict({"family": "nope"})
+
+
+def test_group_factor_interpolates_and_defaults_to_one():
+    m = ErrorModel((0.0, -1.3, 0.1), 0.05, [0, 10], [1.0, 0.5], None,
+                   {"128": [[2, 1.0], [4, 1.0]], "512": [[2, 1.2], [4, 1.5]]})
+    assert m.groups() == [128, 512]
+    assert float(m.group_factor(3, 128)) == pytest.approx(1.0)
+    # log-linear in bits between the samples, clamped outside them
+    assert float(m.group_factor(3, 512)) == pytest.approx(math.sqrt(1.2 * 1.5))
+    assert float(m.group_factor(8, 512)) == pytest.approx(1.5)
+    # an unsampled group: log₂ g interpolation between sampled ones, no extrapolation below
+    assert float(m.group_factor(2, 256)) == pytest.approx(math.exp(math.log(1.2) / 2))
+    assert float(m.group_factor(2, 64)) == pytest.approx(1.0)
+    assert float(m.predict(3, 4, 512)) == pytest.approx(float(m.predict(3, 4)) * m.group_factor(3, 512))
+    back = ErrorModel.from_dict(m.to_dict())
+    assert back.group_factors == m.group_factors
+    # a model from before group sizes were planned: every group predicts the same error
+    old = {k: v for k, v in m.to_dict().items() if k != "group_factors"}
+    assert float(ErrorModel.from_dict(old).predict(2, 0, 512)) == pytest.approx(float(m.predict(2, 0)))

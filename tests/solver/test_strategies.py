@@ -72,3 +72,27 @@ def test_named_generators_match_baseline(model):
     for name in STRATEGIES:
         plan = getattr(strategies, name)(problem, scores, block_of)
         assert plan.assignments == baseline(name, problem, scores, block_of).assignments
+
+
+def test_baselines_keep_the_menus_first_group_size(model):
+    """With a cheaper group-512 copy of every option on the menu, the note's strategies still
+    use the note's format (the menu's first group); only the planner mixes group sizes."""
+    from solver import AllocationProblem, LinearMenu, Option
+
+    problem, scores, block_of = model
+    menus = []
+    for m in problem.linears:
+        wide = [Option(o.bits, o.rank, o.factor_bits, 512) for o in m.options]
+        menus.append(LinearMenu(m.name, m.out_features, m.in_features, list(m.options) + wide,
+                                errors=list(m.errors) + [1.2 * e for e in m.errors]))
+    mixed = AllocationProblem(menus, fixed_bytes=problem.fixed_bytes).with_budget(problem.budget)
+    first = problem.linears[0].options[0].group_size
+    assert first != 512
+    for name in STRATEGIES:
+        plan = baseline(name, mixed, scores, block_of)
+        assert {o.group_size for o in plan.assignments.values()} == {first}, name
+        assert plan.total_bytes <= mixed.budget
+        wide_plan = baseline(name, mixed, scores, block_of, group_size=512)
+        assert {o.group_size for o in wide_plan.assignments.values()} == {512}, name
+    optimum = solve(mixed)
+    assert optimum.predicted_error <= solve(problem).predicted_error + 1e-12
