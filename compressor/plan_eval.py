@@ -4,6 +4,10 @@ its dense Ŵ, and evaluate a plan by swapping the cached weights in.
 The weights a plan is evaluated with are exactly the ones its artifact would hold (Ŵ = Q + L·R
 dequantized), so measured KL and perplexity are real; only repeated work is avoided. Used by
 the profile benchmark (predicted vs measured), the experiment and the non-additivity guard.
+
+`tune_seqs` (optional, e.g. the validation split) is a second evaluation set for decisions —
+refining a plan on measured KL — so that the reported figures (on `eval_seqs`, the test split)
+never come from the data the decisions were tuned on.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ log = logging.getLogger(__name__)
 class PlanEvaluator:
     def __init__(self, model: nn.Module, hessians: Mapping[str, Tensor], eval_seqs: Tensor,
                  config: DecompositionConfig | None = None, batch_size: int = 8,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, tune_seqs: Tensor | None = None) -> None:
         self.model = model
         self.hessians = hessians
         self.seqs = eval_seqs
@@ -35,6 +39,10 @@ class PlanEvaluator:
         self.modules = dict(model.named_modules())
         self.original = {n: linear_weight(self.modules[n]).detach().clone() for n in hessians}
         self.reference = reference_logprobs(model, eval_seqs, batch_size)
+        self.tune_seqs = tune_seqs
+        self.tune_reference = (reference_logprobs(model, tune_seqs, batch_size)
+                               if tune_seqs is not None else None)
+        self.tune_evaluations = 0
         self.cache: dict[tuple[str, Option], Tensor] = {}
         self.errors: dict[tuple[str, Option], float] = {}
         self.decompositions = 0
@@ -68,13 +76,17 @@ class PlanEvaluator:
         linear_weight(self.modules[name]).copy_(w)
 
     @torch.no_grad()
-    def measure(self, assignments: Mapping[str, Option]) -> EvalResult:
-        """Quality of the model with every assigned linear replaced by its Ŵ (others original)."""
+    def measure(self, assignments: Mapping[str, Option], tune: bool = False) -> EvalResult:
+        """Quality of the model with every assigned linear replaced by its Ŵ (others original),
+        on the evaluation set, or on the tuning set when `tune`."""
+        if tune and self.tune_seqs is None:
+            raise ValueError("this evaluator has no tuning set")
+        seqs, ref = (self.tune_seqs, self.tune_reference) if tune else (self.seqs, self.reference)
         try:
             for name, opt in assignments.items():
                 self._set(name, self.w_hat(name, opt))
-            return evaluate(self.model, self.seqs, reference=self.reference,
-                            batch_size=self.batch_size)
+            self.tune_evaluations += int(tune)
+            return evaluate(self.model, seqs, reference=ref, batch_size=self.batch_size)
         finally:
             for name in assignments:
                 self._set(name, self.original[name])

@@ -8,6 +8,7 @@ each the minimum over budgets where uniform's excess is ≥ 1 %.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from compressor.plan_eval import PlanEvaluator
 from compressor.planning import block_of, build_problem, predicted_kl
 from compressor.profile import ProfileConfig, calibration
 from compressor.profile_store import Profile
+from solver.errormodel import ErrorModel
 from solver.strategies import STRATEGIES, baseline
 
 log = logging.getLogger(__name__)
@@ -39,44 +41,52 @@ def baseline_plan(name: str, problem, prof: Profile) -> solver.Plan | None:
     return None
 
 
-def refine(ev: PlanEvaluator, problem, plan: solver.Plan, measured_kl: float,
-           max_evals: int = 6) -> tuple[dict, float, int]:
-    """Non-additivity guard: budget-preserving swaps (one linear one rank step up, the cheapest
-    loser down), kept only when the *measured* KL drops. Bounded in evaluations."""
-    best = dict(plan.assignments)
-    best_kl = measured_kl
-    evals = 0
-    by_gain = sorted(problem.linears, key=lambda m: -max(m.errors))
-    for menu in by_gain:
-        if evals >= max_evals:
-            break
-        cur = best[menu.name]
-        ups = [o for o in menu.options if o.bits == cur.bits and o.rank > cur.rank]
-        if not ups:
-            continue
-        trial = dict(best)
-        trial[menu.name] = min(ups, key=lambda o: o.rank)
-        total, _ = problem.evaluate(trial)
-        # pay for it by lowering the least-sensitive linears' ranks until it fits
-        for other in sorted(problem.linears, key=lambda m: max(m.errors)):
-            if total <= problem.budget:
-                break
-            o = trial[other.name]
-            downs = [x for x in other.options if x.bits == o.bits and x.rank < o.rank]
-            if other.name != menu.name and downs:
-                trial[other.name] = max(downs, key=lambda x: x.rank)
-                total, _ = problem.evaluate(trial)
-        if total > problem.budget:
-            continue
+def refine(ev: PlanEvaluator, prof: Profile, problem, plan: solver.Plan,
+           rounds: int = 2) -> dict:
+    """Non-additivity guard: per-linear errors do not add up exactly (most visibly at 2–3 bits).
+
+    Measure, on the tuning split, what each block really adds to the chosen plan's KL (the plan
+    minus the plan with that block left at its original weights), rescale the block's α by
+    measured / predicted contribution, re-solve at the same budget, and keep a re-solved plan
+    only if its measured tuning KL is lower. A per-block recalibration of the HIGGS-style
+    linear model (Malinovskii et al. 2024, §3) at the operating point instead of the small
+    probe. Bounded: (blocks + 1) evaluations per round; never touches the test split."""
+    # per block: per linear was tried on the demo model and measured worse (171 evaluations,
+    # validation KL −0.8 % vs −1.7 % per block; single-linear contributions are too small)
+    unit = {lp.name: lp.block for lp in prof.linears}
+    scale = {b: 1.0 for b in set(unit.values()) if b is not None}
+    current, best_plan = dict(plan.assignments), plan
+    cur_kl = ev.measure(current, tune=True).kl
+    best_kl, start_kl, evals = cur_kl, cur_kl, 1
+    for _ in range(rounds):
+        pred = {b: 0.0 for b in scale}
+        for lp in prof.linears:
+            if (u := unit[lp.name]) is not None:
+                o = current[lp.name]
+                e = float(ErrorModel.from_dict(lp.fit).predict(o.bits, o.rank, o.group_size))
+                pred[u] += scale[u] * lp.alpha * e
+        for b in scale:
+            without = {n: o for n, o in current.items() if unit.get(n) != b}
+            delta = cur_kl - ev.measure(without, tune=True).kl
+            evals += 1
+            if pred[b] > 0:  # a floor keeps every α positive when a block measures ≤ 0
+                scale[b] *= max(delta, 0.05 * pred[b]) / pred[b]
+        scaled = dataclasses.replace(prof, linears=[
+            dataclasses.replace(lp, alpha=lp.alpha * scale.get(unit[lp.name], 1.0))
+            for lp in prof.linears])
+        new_plan = solver.solve(build_problem(scaled).with_budget(problem.budget))
+        current = dict(new_plan.assignments)
+        cur_kl = ev.measure(current, tune=True).kl
         evals += 1
-        kl = ev.measure(trial).kl
-        if kl < best_kl:
-            best, best_kl = trial, kl
-    return best, best_kl, evals
+        if cur_kl < best_kl:
+            best_plan, best_kl = new_plan, cur_kl
+    return {"plan": best_plan, "evaluations": evals, "tune_kl_before": start_kl,
+            "tune_kl_after": best_kl, "tune_kl_gain_pct": 100 * (start_kl - best_kl) / start_kl,
+            "block_scale": {str(b): round(v, 4) for b, v in scale.items()}}
 
 
 def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAULT_BUDGETS,
-                   out_dir: Path | None = None, eval_seqs: int = 32, refine_evals: int = 4,
+                   out_dir: Path | None = None, eval_seqs: int = 32, refine_rounds: int = 2,
                    progress: Callable[[str, float], None] | None = None) -> dict:
     report = progress or (lambda s, f: None)
     cfg = ProfileConfig.from_dict(prof.config)
@@ -87,9 +97,10 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
     names = [lp.name for lp in prof.linears]
     hessians = collect_hessians(model, calibration(tok, cfg), names)
 
+    tune = token_sequences(tok, Split.VALID, 256, n_seqs=eval_seqs) if refine_rounds else None
     ev = PlanEvaluator(model, hessians, token_sequences(tok, Split.TEST, 256, n_seqs=eval_seqs),
                        config=cfg.decomposition,
-                       cache_dir=get_settings().data_dir / "cache" / prof.key)
+                       cache_dir=get_settings().data_dir / "cache" / prof.key, tune_seqs=tune)
     original = ev.baseline()
     base = build_problem(prof)
     result: dict = {"model": model_ref, "original_ppl": original.ppl, "budgets": []}
@@ -108,14 +119,18 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
                 "predicted": predicted_kl(prof, plan.assignments),
                 "bits_per_param": plan.bits_per_param(base.total_linear_params)}
             report("experiment", (k + (j + 1) / (len(plans) + 1)) / len(budgets))
-        opt = row["strategies"]["optimal"]
-        if refine_evals:
-            assign, kl, n = refine(ev, problem, plans["optimal"], opt["kl"], refine_evals)
-            res = ev.measure(assign) if kl < opt["kl"] else None
-            row["refined"] = {"evaluations": n, "kl": kl,
-                              "ppl": res.ppl if res else opt["ppl"],
-                              "kl_gain_pct": 100 * (opt["kl"] - kl) / opt["kl"]}
-        row["heatmap"] = {n: [o.bits, o.rank] for n, o in plans["optimal"].assignments.items()}
+        if refine_rounds:  # tuned on the validation split; measured below on the test split
+            info = refine(ev, prof, problem, plans["optimal"], refine_rounds)
+            plans["refined"] = plan = info.pop("plan")
+            res = ev.measure(plan.assignments)
+            row["strategies"]["refined"] = {
+                "bytes": plan.total_bytes, "ppl": res.ppl, "kl": res.kl, "top1": res.top1,
+                "predicted": predicted_kl(prof, plan.assignments),
+                "bits_per_param": plan.bits_per_param(base.total_linear_params)}
+            row["refined"] = info
+        delivered = plans.get("refined", plans["optimal"])
+        row["heatmap"] = {n: [o.bits, o.rank, o.group_size]
+                          for n, o in delivered.assignments.items()}
         result["budgets"].append(row)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["decompositions"] = ev.decompositions
@@ -129,26 +144,39 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
 
 
 def headline(result: dict) -> dict:
+    """The issue's two figures for the plan bitplan delivers ("refined" when the guard ran, as
+    it was chosen on the validation split only), and the same for the solver's plan alone."""
+    out = _headline(result, "refined" if all("refined" in r["strategies"]
+                                             for r in result["budgets"]) else "optimal")
+    solver_only = _headline(result, "optimal")
+    for k in ("excess_ppl_closed_pct", "kl_gain_vs_uniform_pct",
+              "optimal_never_worse_than_uniform_kl"):
+        out[k + "_solver_plan"] = solver_only[k]
+    return out
+
+
+def _headline(result: dict, key: str) -> dict:
     orig = result["original_ppl"]
     closed, klgain, counted = [], [], []
     for row in result["budgets"]:
         s = row["strategies"]
         if "uniform" not in s:
             continue
-        u, o = s["uniform"], s["optimal"]
+        u, o = s["uniform"], s[key]
         if (u["ppl"] - orig) / orig < 0.01:
             continue
         counted.append(row["budget"])
         closed.append(100 * (u["ppl"] - o["ppl"]) / (u["ppl"] - orig))
         klgain.append(100 * (u["kl"] - o["kl"]) / u["kl"])
-    never_worse = all(r["strategies"]["optimal"]["kl"] <= r["strategies"]["uniform"]["kl"]
+    never_worse = all(r["strategies"][key]["kl"] <= r["strategies"]["uniform"]["kl"]
                       for r in result["budgets"] if "uniform" in r["strategies"])
     # the same two figures over every budget, for models where uniform never loses 1 %
     every = [r["strategies"] for r in result["budgets"] if "uniform" in r["strategies"]]
-    closed_all = [100 * (s["uniform"]["ppl"] - s["optimal"]["ppl"])
+    closed_all = [100 * (s["uniform"]["ppl"] - s[key]["ppl"])
                   / max(s["uniform"]["ppl"] - orig, 1e-12) for s in every]
-    kl_all = [100 * (s["uniform"]["kl"] - s["optimal"]["kl"]) / s["uniform"]["kl"] for s in every]
-    return {"excess_ppl_closed_pct": min(closed) if closed else None,
+    kl_all = [100 * (s["uniform"]["kl"] - s[key]["kl"]) / s["uniform"]["kl"] for s in every]
+    return {"headline_plan": key,
+            "excess_ppl_closed_pct": min(closed) if closed else None,
             "kl_gain_vs_uniform_pct": min(klgain) if klgain else None,
             "headline_budgets": counted, "optimal_never_worse_than_uniform_kl": never_worse,
             "excess_ppl_closed_pct_all_budgets": min(closed_all) if closed_all else None,

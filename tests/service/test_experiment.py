@@ -1,0 +1,97 @@
+"""The experiment end to end on a tiny real model: every plan at matched bytes, measured for
+real, the non-additivity guard tuned on the validation split, report and figures written."""
+
+import dataclasses
+
+import pytest
+
+from compressor.profile import ProfileConfig, run_profile
+from compressor.profile_store import FileProfileStore
+from service.experiment import headline, run_experiment
+from service.settings import get_settings
+from solver.strategies import STRATEGIES
+from tests.service.fixtures import TINY_PROFILE
+
+# group 32 with 64 as the planner's extra choice: on 72-wide rows both are real choices
+CFG = dataclasses.replace(ProfileConfig.from_dict(TINY_PROFILE), group_size=32,
+                          extra_groups=(64,))
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_model, tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BITPLAN_DATA_DIR", str(data))
+    get_settings.cache_clear()
+    try:
+        prof = run_profile(str(tiny_model), FileProfileStore(data / "profiles"), config=CFG)
+        out = data / "report"
+        result = run_experiment(str(tiny_model), prof, budgets=("4.5bpp", "6bpp"),
+                                out_dir=out, eval_seqs=4, refine_rounds=1)
+    finally:
+        mp.undo()
+        get_settings.cache_clear()
+    return prof, result, out
+
+
+def test_every_plan_fits_its_budget_and_is_measured(experiment):
+    prof, result, _ = experiment
+    assert result["original_ppl"] > 1
+    for row in result["budgets"]:
+        s = row["strategies"]
+        assert {"optimal", "refined", "uniform"} <= set(s) <= {"optimal", "refined", *STRATEGIES}
+        for name, v in s.items():
+            assert set(v) >= {"bytes", "ppl", "kl", "top1", "predicted"}, name
+            assert 0 < v["bytes"] <= row["budget_bytes"], name
+            assert v["kl"] >= 0 and 0 <= v["top1"] <= 1 and v["ppl"] > 1, name
+        # the solver's plan is optimal under the model: no baseline predicts lower
+        assert all(s["optimal"]["predicted"] <= v["predicted"] + 1e-12
+                   for n, v in s.items() if n in STRATEGIES)
+        # the plan heatmap records bits, rank and group size of every linear
+        assert len(row["heatmap"]) == len(prof.linears)
+        assert all(g in (32, 64) for _, _, g in row["heatmap"].values())
+
+
+def test_guard_is_tuned_on_validation_and_never_worse_there(experiment):
+    prof, result, _ = experiment
+    blocks = prof.stats["num_blocks"]
+    for row in result["budgets"]:
+        r = row["refined"]
+        assert r["evaluations"] == 1 + (blocks + 1)  # one round: each block, then the re-solve
+        assert r["tune_kl_after"] <= r["tune_kl_before"]
+        assert set(r["block_scale"]) == {str(b) for b in range(blocks)}
+        assert all(v > 0 for v in r["block_scale"].values())
+
+
+def test_headline_and_report(experiment):
+    _, result, out = experiment
+    assert result["headline_plan"] == "refined"
+    for key in ("excess_ppl_closed_pct_solver_plan", "kl_gain_vs_uniform_pct_solver_plan",
+                "max_uniform_excess_ppl_pct", "section2"):
+        assert key in result
+    assert set(result["section2"]["bits"]) == {"2", "3", "4"}
+    for name in ("REPORT.md", "experiment.json", "frontier_kl.png", "frontier_ppl.png",
+                 "plan_bits.png", "plan_ranks.png", "plan_groups.png",
+                 "predicted_vs_measured.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "refined plan vs uniform" in (out / "REPORT.md").read_text()
+
+
+def test_headline_arithmetic():
+    def strat(ppl, kl):
+        return {"ppl": ppl, "kl": kl}
+
+    result = {"original_ppl": 10.0, "budgets": [
+        {"budget": "a", "strategies": {"uniform": strat(12.0, 0.4), "optimal": strat(11.0, 0.2),
+                                       "refined": strat(10.5, 0.1)}},
+        {"budget": "b", "strategies": {"uniform": strat(10.05, 0.01),  # < 1 % excess: not counted
+                                       "optimal": strat(10.06, 0.02),
+                                       "refined": strat(10.04, 0.005)}}]}
+    h = headline(result)
+    assert h["headline_plan"] == "refined" and h["headline_budgets"] == ["a"]
+    assert h["excess_ppl_closed_pct"] == pytest.approx(75.0)
+    assert h["kl_gain_vs_uniform_pct"] == pytest.approx(75.0)
+    assert h["excess_ppl_closed_pct_solver_plan"] == pytest.approx(50.0)
+    assert h["kl_gain_vs_uniform_pct_solver_plan"] == pytest.approx(50.0)
+    assert h["optimal_never_worse_than_uniform_kl"] is True
+    assert h["optimal_never_worse_than_uniform_kl_solver_plan"] is False  # 0.02 > 0.01 at b
