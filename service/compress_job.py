@@ -32,6 +32,7 @@ def run(ctx):
     from compressor.compress import compress_model
     from compressor.decompose import Decomposed
     from compressor.evaluate import eval_sequences, evaluate, reference_logprobs
+    from compressor.hessian import collect_hessians
     from compressor.loading import load_model, load_tokenizer
     from compressor.modules import replace_linear
     from compressor.planning import predicted_kl
@@ -66,9 +67,13 @@ def run(ctx):
     for meta in sorted((work / "linears").glob("*.json")):
         tensors = load_file(str(meta)[: -len(".json")] + ".safetensors")
         rec = json.loads(meta.read_text())
-        dec = Decomposed.from_tensors(tensors, rec["record"])
-        replace_linear(model, rec["name"], dec)
-        done[rec["name"]] = dec
+        done[rec["name"]] = Decomposed.from_tensors(tensors, rec["record"])
+    # Hessians of the linears still to do come from the *original* model, as in a run that was
+    # never interrupted: collected before the finished linears are swapped back in
+    todo = [n for n in plan.assignments if n not in done]
+    hessians = collect_hessians(model, calibration(tok, cfg), todo) if todo else {}
+    for name, dec in done.items():
+        replace_linear(model, name, dec)
     if done:
         log.info("compress job %s resumes: %d linears already done", ctx.job_id, len(done))
     total = len(plan.assignments)
@@ -85,7 +90,7 @@ def run(ctx):
         ctx.report("compress/linears", 0.05 + 0.8 * len(done) / total)
 
     compress_model(model, plan.assignments, calibration(tok, cfg), config=cfg.decomposition,
-                   on_linear=on_linear, skip=set(done))
+                   hessians=hessians, on_linear=on_linear, skip=set(done))
     ctx.report("compress/save", 0.86)
     out = root / art_id
     if out.exists():

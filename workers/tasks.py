@@ -24,8 +24,9 @@ def _follow_up_queue() -> CeleryQueue:
 
 
 def _run(task, task_name: str, job_id: str) -> str:  # noqa: ANN001
+    settings = get_settings()
     try:
-        return run_task(task_name, job_id, get_settings(), _follow_up_queue())
+        outcome = run_task(task_name, job_id, settings, _follow_up_queue())
     except Exception as exc:
         if is_transient(exc) and task.request.retries < MAX_RETRIES:
             delay = backoff(task.request.retries)
@@ -35,6 +36,13 @@ def _run(task, task_name: str, job_id: str) -> str:  # noqa: ANN001
         if is_transient(exc):
             _give_up(job_id, exc)
         raise
+    if outcome == "busy" and task.request.retries < MAX_RETRIES:
+        # another worker's lease is fresh; if that worker was killed, this delivery takes the
+        # job over once the lease expires (past MAX_RETRIES checks, the API's sweeper does)
+        log.info("%s(%s): running elsewhere; checking again in %.0fs", task_name, job_id,
+                 settings.job_lease_s)
+        raise task.retry(countdown=settings.job_lease_s)
+    return outcome
 
 
 def _give_up(job_id: str, exc: Exception) -> None:

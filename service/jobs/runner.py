@@ -99,7 +99,10 @@ def release(db: Database, queue: Queue | None, job_id: str) -> None:
 
 
 def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | None = None) -> str:
-    """Returns the job's outcome for this delivery: succeeded, failed or skipped."""
+    """Returns the job's outcome for this delivery: succeeded, failed, skipped (finished, or
+    waiting on a dependency that will release it), or busy: another worker holds a fresh lease
+    on it — alive, or killed moments ago; the caller checks again once the lease could have
+    expired (Celery: a delayed retry) so a dead worker's job does not wait for the sweeper."""
     if task_name not in TASK_QUEUES:
         raise ValueError(f"unknown task {task_name!r}")
     db = get_database(settings.resolved_database_url)
@@ -108,10 +111,10 @@ def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | Non
     if claimed is None:
         with db.session() as s:
             job = s.get(Job, job_id)
-            done = job is not None and job.status == JobStatus.SUCCEEDED
-        if done:   # a redelivery after success: make sure nothing waiting on it is stranded
+            status = job.status if job is not None else None
+        if status == JobStatus.SUCCEEDED:  # a redelivery after success: release its dependents
             release(db, queue, job_id)
-        return "skipped"
+        return "busy" if status == JobStatus.RUNNING else "skipped"
     log.info("job %s (%s) attempt %d: %s", job_id, claimed.kind, claimed.attempt, task_name)
     ctx = StageContext(db, settings, job_id, queue, state.Reporter(db, job_id))
     try:

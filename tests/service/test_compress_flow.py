@@ -103,5 +103,19 @@ def test_killed_compress_job_resumes_per_linear(tmp_path, sqlite_url, model_root
         assert not partial.exists()
         m = result.result
         assert m["artifact_tensor_bytes"] == m["planned_bytes"]
+        # the same bytes as a run that was never interrupted (another team's identical plan)
+        from service.db.models import Artifact
+
+        b = env.client.post("/v1/plans", json={"model": "tiny-qwen", "budget": "0.85x"},
+                            headers=env.h("beta")).json()
+        assert poll_job(env, b["job_id"], "beta", 240)[0]["status"] == "succeeded"
+        with env.db.session() as s:
+            job_b = create_compress_job(s, s.get(PlanRow, b["plan_id"]))
+            ids = (job_b.id, job_b.artifact_id)
+        compress_job.run(StageContext(env.db, settings, ids[0], None, lambda st, f: None))
+        with env.db.session() as s:
+            art_a, art_b = s.get(Artifact, c["artifact_id"]), s.get(Artifact, ids[1])
+            assert art_a.sha256 and art_a.sha256 == art_b.sha256
+            assert art_a.metrics["kl"] == pytest.approx(art_b.metrics["kl"], rel=1e-6)
     finally:
         env.queue.close()

@@ -8,8 +8,10 @@ and Redis are never stopped."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -72,11 +74,28 @@ def _kill_when_running(db, worker: WorkerProcess, job_id: str, timeout: float) -
     assert _job(db, job_id).status == "running", "the job finished before the kill"
 
 
+def _kill_mid_linears(db, worker: WorkerProcess, work: Path, job_id: str, total: int,
+                      timeout: float = 120) -> int:
+    """Freeze the worker (SIGSTOP: instant) once a few linears are on disk, check the job is
+    really mid-way through them, then SIGKILL it. Returns how many linears were done."""
+    linears = work / "linears"
+    wait_for(lambda: len(list(linears.glob("*.json"))) >= 2 or _finished(db, job_id), timeout,
+             interval=0.005, what="two compressed linears on disk")
+    os.killpg(worker.proc.pid, signal.SIGSTOP)
+    done = len(list(linears.glob("*.json")))
+    assert 2 <= done < total, (done, total, worker.log()[-3000:])
+    _kill(worker)                                    # SIGKILL ends stopped processes too
+    assert _job(db, job_id).status == "running"
+    return done
+
+
 @pytest.mark.skipif(not available("compressor.profile") or not available("compressor.compress"),
                     reason="profiling/compression not in this build")
 def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_url, model_root,
                                                        monkeypatch):
-    model = write_tiny_model(model_root / f"tiny-kill-{uuid.uuid4().hex[:6]}", seed=7)
+    layers = 6                      # 42 linears: a compress kill lands between two of them
+    model = write_tiny_model(model_root / f"tiny-kill-{uuid.uuid4().hex[:6]}", layers=layers,
+                             seed=7)
     for k, v in WORKER_ENV.items():
         monkeypatch.setenv(k, v)
     settings = make_settings(tmp_path, pg_url, redis_url=redis_url, model_roots=[model_root],
@@ -104,20 +123,25 @@ def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_u
         prof = _job(env.db, acc["profile_job_id"])
         assert prof.status == "succeeded" and prof.attempts == 2
         counts = row_counts(env.db, prof.model_id)
-        n_linears = 7 * 2                              # the tiny model: 7 linears x 2 blocks
+        n_linears = 7 * layers                         # the tiny model: 7 linears per block
         assert counts["profiles"] == 1 and counts["profile_jobs"] == 1
         assert counts["sensitivities"] == counts["samples"] == counts["error_models"] \
             == n_linears
 
-        # the compress job: killed once it runs, redelivered, one artifact
+        # the compress job: killed between two linears, redelivered, resumed from the linears
+        # already on disk (not redone), one artifact
         c = env.client.post(f"/v1/plans/{acc['plan_id']}/compress", headers=env.h("alpha"))
         assert c.status_code == 202, c.text
         comp = c.json()
-        _kill_when_running(env.db, w, comp["job_id"], 120)
+        work = settings.data_dir / "artifacts" / f"{comp['artifact_id']}.partial"
+        done = _kill_mid_linears(env.db, w, work, comp["job_id"], n_linears)
         w = start()
         job = wait_for(lambda: _finished(env.db, comp["job_id"]), 240, what="compress")
         assert job.status == "succeeded", (job.error, w.log()[-4000:])
         assert job.attempts == 2
+        resumed = re.search(r"resumes: (\d+) linears already done", w.log())
+        assert resumed and done <= int(resumed.group(1)) < n_linears, w.log()[-3000:]
+        assert not work.exists()                       # the partial work is cleaned up
         with env.db.session() as s:
             arts = s.scalars(sa.select(Artifact).where(Artifact.plan_id == acc["plan_id"])).all()
             jobs = s.scalar(sa.select(sa.func.count()).select_from(Job).where(
