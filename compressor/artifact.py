@@ -238,7 +238,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu",
     if getattr(config, "auto_map", None):
         raise ArtifactError(f"{path}: config needs remote code; refused")
     dtype = getattr(torch, manifest.dtype)
-    with no_init_weights():
+    from compressor.loading import MODEL_CONSTRUCTION_LOCK
+
+    with MODEL_CONSTRUCTION_LOCK, no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = load_file(path / COMPRESSED) if (path / COMPRESSED).is_file() else {}
     by_linear: dict[str, dict[str, Tensor]] = {n: {} for n in manifest.linears}

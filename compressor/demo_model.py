@@ -116,7 +116,11 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | N
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         torch_dtype="float32",
     )
-    model = Qwen2ForCausalLM(config).to(cfg.device)
+    from compressor.loading import MODEL_CONSTRUCTION_LOCK
+
+    with MODEL_CONSTRUCTION_LOCK:
+        model = Qwen2ForCausalLM(config)
+    model.to(cfg.device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,6 +178,13 @@ def inventory(ref: str | os.PathLike, trust_remote_code: bool = False) -> Invent
     return inv
 
 
+# transformers patches torch.nn.Module.register_parameter (and init flags) process-wide while it
+# builds a model (init_empty_weights / no_init_weights), so a model built in another thread at
+# the same moment can come out with parameters on the meta device. Every model construction of
+# ours (service worker threads, the in-process queue) takes this lock.
+MODEL_CONSTRUCTION_LOCK = threading.RLock()
+
+
 def load_model(ref: str | os.PathLike, trust_remote_code: bool = False,
                device: str = "cpu", dtype: torch.dtype | None = torch.float32):
     """Load a causal LM (safetensors weights only) in eval mode; returns the model."""
@@ -185,8 +193,10 @@ def load_model(ref: str | os.PathLike, trust_remote_code: bool = False,
     load_config(ref, trust_remote_code)  # validates remote-code and existence first
     target = resolve(ref, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            target, trust_remote_code=trust_remote_code, use_safetensors=True, torch_dtype=dtype)
+        with MODEL_CONSTRUCTION_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                target, trust_remote_code=trust_remote_code, use_safetensors=True,
+                torch_dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load weights of {ref!r}: {exc}") from exc
     return model.to(device).eval()
