@@ -209,7 +209,8 @@ def _headline(result: dict, key: str) -> dict:
 
 def section2(ev: PlanEvaluator, names: list[str], num_blocks: int, rank: int = 32) -> dict:
     """The note's section 2: pure-Q vs Q+LR error by bits, per-linear output cosine and its
-    compounding through depth (cos^blocks), and the measured perplexity of each uniform plan."""
+    compounding through depth (cos^blocks, the note's estimate) beside what is measured
+    end to end (perplexity, KL, top-1) for each uniform plan."""
     out = {}
     for bits in (2, 3, 4):
         row = {}
@@ -217,10 +218,24 @@ def section2(ev: PlanEvaluator, names: list[str], num_blocks: int, rank: int = 3
             assign = {n: solver.Option(bits, min(r, _max_rank(ev, n))) for n in names}
             res = ev.measure(assign)
             errs = [ev.errors[(n, o)] for n, o in assign.items()]
-            row[label] = {"mean_rel_err": sum(errs) / len(errs), "ppl": res.ppl, "kl": res.kl,
+            cos = sum(_output_cosine(ev, n, o) for n, o in assign.items()) / len(assign)
+            row[label] = {"mean_rel_err": sum(errs) / len(errs), "mean_output_cos": cos,
+                          "cos_compounded": cos ** num_blocks, "ppl": res.ppl, "kl": res.kl,
                           "top1": res.top1}
         out[str(bits)] = row
     return {"rank": rank, "bits": out, "num_blocks": num_blocks}
+
+
+def _output_cosine(ev: PlanEvaluator, name: str, opt: solver.Option) -> float:
+    """Cosine between the original and compressed linear's outputs pooled over the calibration
+    tokens: tr(W H Ŵᵀ) / √(tr(W H Wᵀ) · tr(Ŵ H Ŵᵀ)), H = XᵀX — exact, no activations kept."""
+    W = ev.original[name].double()
+    Wh = ev.w_hat(name, opt).double().to(W.device)
+    H = ev.hessians[name].double().to(W.device)
+    WH = W @ H
+    num = (WH * Wh).sum()
+    den = ((WH * W).sum() * ((Wh @ H) * Wh).sum()).sqrt()
+    return float(num / den) if den > 0 else 1.0
 
 
 def _max_rank(ev: PlanEvaluator, name: str) -> int:

@@ -39,14 +39,15 @@ def test_every_plan_fits_its_budget_and_is_measured(experiment):
     assert result["original_ppl"] > 1
     for row in result["budgets"]:
         s = row["strategies"]
-        assert {"optimal", "refined", "uniform"} <= set(s) <= {"optimal", "refined", *STRATEGIES}
+        assert {"optimal", "refined", "uniform", "uniform_best"} <= set(s) \
+            <= {"optimal", "refined", "uniform_best", *STRATEGIES}
         for name, v in s.items():
             assert set(v) >= {"bytes", "ppl", "kl", "top1", "predicted"}, name
             assert 0 < v["bytes"] <= row["budget_bytes"], name
             assert v["kl"] >= 0 and 0 <= v["top1"] <= 1 and v["ppl"] > 1, name
         # the solver's plan is optimal under the model: no baseline predicts lower
         assert all(s["optimal"]["predicted"] <= v["predicted"] + 1e-12
-                   for n, v in s.items() if n in STRATEGIES)
+                   for n, v in s.items() if n in (*STRATEGIES, "uniform_best"))
         # the plan heatmap records bits, rank and group size of every linear
         assert len(row["heatmap"]) == len(prof.linears)
         assert all(g in (32, 64) for _, _, g in row["heatmap"].values())
@@ -69,7 +70,15 @@ def test_headline_and_report(experiment):
     for key in ("excess_ppl_closed_pct_solver_plan", "kl_gain_vs_uniform_pct_solver_plan",
                 "max_uniform_excess_ppl_pct", "section2"):
         assert key in result
-    assert set(result["section2"]["bits"]) == {"2", "3", "4"}
+    sec = result["section2"]["bits"]
+    assert set(sec) == {"2", "3", "4"}
+    for b in ("2", "3", "4"):
+        for label in ("q_only", "q_lr"):
+            cos = sec[b][label]["mean_output_cos"]
+            assert 0 < cos <= 1 + 1e-9
+            # cosine and relative error describe the same output error: cos ≥ √(1 − t²)
+            assert cos >= (1 - sec[b][label]["mean_rel_err"] ** 2) ** 0.5 - 0.05
+    assert sec["2"]["q_only"]["mean_output_cos"] < sec["4"]["q_only"]["mean_output_cos"]
     for name in ("REPORT.md", "experiment.json", "frontier_kl.png", "frontier_ppl.png",
                  "plan_bits.png", "plan_ranks.png", "plan_groups.png",
                  "predicted_vs_measured.png"):
