@@ -219,6 +219,8 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import logging
+
     from compressor.data import Split, token_sequences
     from compressor.hessian import collect_hessians
     from compressor.loading import load_model, load_tokenizer
@@ -227,6 +229,8 @@ def cmd_demo(args) -> int:
     from service.experiment import baseline_plan
     from service.settings import DEMO_MODEL
 
+    if not args.verbose:  # the demo prints its own steps; per-linear logs only with -v
+        logging.getLogger("compressor").setLevel(logging.WARNING)
     settings = get_settings()
     model_ref = str(DEMO_MODEL)
     out = args.out or settings.data_dir / "demo"
