@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-PROFILE_CODE_VERSION = "1"
+PROFILE_CODE_VERSION = "2"   # 2: MSE-clipped quantization grids
 
 
 @dataclass
