@@ -210,7 +210,15 @@ def cmd_experiment(args) -> int:
     prof = ensure_profile(args.model)
     budgets = args.budgets.split(",") if args.budgets else DEFAULT_BUDGETS
     out = args.out or get_settings().data_dir / "reports" / prof.key
-    result = run_experiment(args.model, prof, budgets, out_dir=out)
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc="experiment", unit="%", disable=not sys.stderr.isatty())
+
+    def progress(stage: str, frac: float) -> None:
+        bar.update(round(100 * frac) - bar.n)
+
+    result = run_experiment(args.model, prof, budgets, out_dir=out, progress=progress)
+    bar.close()
     if args.json:
         print(json.dumps(result))
     else:
