@@ -10,6 +10,8 @@ Layout of an artifact directory:
                              sha256 of the source weights and of every file written here
 Writes go to a temporary sibling directory that is renamed into place, so a reader never sees
 a half-written artifact; `load_compressed` verifies every file's sha256 before using it.
+The whole directory downloads as one deterministic tar (compressor/archive.py, torch-free so
+the API can stream it); an artifact's recorded digest is that archive's sha256.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from compressor.archive import MANIFEST
 from compressor.decompose import Decomposed
 from compressor.modules import CompressedLinear, replace_linear
 from solver.bytes import option_bytes
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "bitplan_manifest.json"
 COMPRESSED = "compressed.safetensors"
 KEPT = "kept.safetensors"
 FORMAT_VERSION = 1

@@ -28,7 +28,8 @@ def run(ctx):
     from safetensors.torch import load_file, save_file
 
     import solver
-    from compressor.artifact import load_compressed, save_artifact, sha256_file
+    from compressor.archive import archive_sha256
+    from compressor.artifact import load_compressed, save_artifact
     from compressor.compress import compress_model
     from compressor.decompose import Decomposed
     from compressor.evaluate import eval_sequences, evaluate, reference_logprobs
@@ -99,17 +100,19 @@ def run(ctx):
     ctx.report("evaluate", 0.9)
     compressed, _ = load_compressed(out, device=settings.device)
     res = evaluate(compressed, seqs, reference=ref)
-    files = sorted(out.glob("*.safetensors"))
     metrics = {"ppl": res.ppl, "kl": res.kl, "top1": res.top1, "eval_tokens": res.tokens,
                "predicted_kl": predicted_kl(profile, plan.assignments),
                "planned_bytes": plan.total_bytes, "artifact_tensor_bytes": manifest.total_bytes}
+    # the digest of the one download (the artifact's deterministic tar), not of one file;
+    # read before the transaction opens, so no session is held while GBs are hashed
+    digest, _ = archive_sha256(out)
     with ctx.db.session() as s:
         row = s.get(Artifact, art_id)
         row.status = "ready"
         row.path = str(out)
         row.bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
         row.tensor_bytes = manifest.total_bytes
-        row.sha256 = sha256_file(files[0]) if files else None
+        row.sha256 = digest
         row.metrics = metrics
         row.finished_at = utcnow()
     shutil.rmtree(work, ignore_errors=True)

@@ -205,6 +205,19 @@ class ArtifactPublic(BaseModel):
     links: dict[str, str] = {}
 
 
+class ArtifactFile(BaseModel):
+    path: str            # inside the downloaded archive
+    bytes: int
+    sha256: str
+
+
+class ArtifactFiles(BaseModel):
+    artifact_id: str
+    archive_sha256: str  # of the download's bytes (also its X-Checksum-SHA256 header)
+    archive_bytes: int
+    files: list[ArtifactFile]
+
+
 class CompressAccepted(BaseModel):
     artifact_id: str
     job_id: str
