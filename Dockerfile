@@ -15,9 +15,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# torch comes from PyTorch's own wheel index, at the version pyproject.toml pins. The default
+# is the CPU build (API and CPU worker: no CUDA libraries, a far smaller image). The GPU worker's
+# image needs a CUDA build: pass that index, as docker-compose.yml does for worker-gpu, e.g.
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t bitplan-gpu .
+# (pick the cuXXX build your driver supports; `pip install .` below then keeps that torch).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
 # Dependencies first (cached while only the code changes).
 COPY pyproject.toml README.md ./
-RUN mkdir -p solver compressor service workers \
+RUN TORCH_SPEC="$(python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
+print(next(x for x in d['project']['dependencies'] if x.startswith('torch')))")" \
+    && pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}" \
+    && mkdir -p solver compressor service workers \
     && touch solver/__init__.py compressor/__init__.py service/__init__.py workers/__init__.py \
     && pip install . \
     && pip uninstall -y bitplan
@@ -36,6 +46,8 @@ RUN pip install --no-deps -e . \
 
 USER bitplan
 EXPOSE 8000
+# The default command is the API: healthy = ready (/readyz: database and queue reachable; an
+# HTTP error status raises, so the check exits non-zero). Workers override this in compose.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=5 \
-    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3).status != 200)" || exit 1
+    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=3).status != 200)" || exit 1
 CMD ["bitplan", "serve", "--host", "0.0.0.0", "--port", "8000"]

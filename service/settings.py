@@ -37,6 +37,10 @@ class Settings(BaseSettings):
                                     "re-sends jobs nobody runs (0 = never)")
     requeue_after_s: float = Field(default=300.0, description="a queued job this old whose "
                                    "message may be lost (a broker restart) is sent again")
+    worker_heartbeat_file: Path | None = Field(
+        default=None, description="a Celery worker touches this file while its consumer loop "
+        "runs; `bitplan worker-health` checks its age (unset = no heartbeat)")
+    worker_heartbeat_s: float = Field(default=10.0, gt=0, description="seconds between beats")
     profile_config: dict = Field(default_factory=dict,
                                  description="overrides of compressor.profile.ProfileConfig")
 

@@ -29,6 +29,13 @@ def register(sub) -> None:  # noqa: ANN001
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)
 
+    p = sub.add_parser("worker-health", help="liveness of a worker on this host: exit 0 while "
+                                             "its heartbeat file (BITPLAN_WORKER_HEARTBEAT_FILE)"
+                                             " is fresh")
+    p.add_argument("--max-age", type=float, default=None,
+                   help="seconds (default: 3 heartbeat intervals, at least 30)")
+    p.set_defaults(func=cmd_worker_health)
+
     p = sub.add_parser("sweep", help="re-send jobs nobody runs: queued ones whose message may be "
                                      "lost, running ones whose worker died (once, or --loop)")
     p.add_argument("--loop", action="store_true", help="keep sweeping every --interval seconds")
@@ -105,10 +112,36 @@ def cmd_worker(args) -> int:  # noqa: ANN001
                          "jobs in-process")
     from workers.app import app
 
+    settings = get_settings()
+    if settings.worker_heartbeat_file:
+        from workers.health import add_heartbeat
+
+        add_heartbeat(app, settings.worker_heartbeat_file, settings.worker_heartbeat_s)
     argv = ["worker", "-Q", ",".join(queues), "--concurrency", str(args.concurrency),
             "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
             "--without-mingle", "-n", f"bitplan-{'-'.join(queues)}@%h"]
     app.worker_main(argv)
+    return 0
+
+
+def cmd_worker_health(args) -> int:  # noqa: ANN001
+    import time
+
+    settings = get_settings()
+    path = settings.worker_heartbeat_file
+    if path is None:
+        raise ValueError("set BITPLAN_WORKER_HEARTBEAT_FILE (for the worker and this check)")
+    max_age = args.max_age if args.max_age is not None else max(30.0,
+                                                                3 * settings.worker_heartbeat_s)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        print(f"unhealthy: no heartbeat at {path} (worker not started, stopped or disconnected)")
+        return 1
+    if age > max_age:
+        print(f"unhealthy: last heartbeat {age:.0f}s ago (limit {max_age:.0f}s)")
+        return 1
+    print(f"ok: last heartbeat {age:.1f}s ago")
     return 0
 
 
