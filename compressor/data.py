@@ -6,6 +6,7 @@ into train / valid / test. It is PSF-licensed and redistributable (see data/LICE
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from enum import Enum
@@ -70,10 +71,26 @@ def corpus_hash(split: Split | str, data_dir: Path | None = None) -> str:
     return hashlib.sha256(load_text(split, data_dir).encode()).hexdigest()[:16]
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    """Encode in chunks (per file) so fast tokenizers never see one giant string."""
-    docs = text.split("\n# file: ")
+def plain_backend(tokenizer):
+    """The fast tokenizer's backend without truncation or padding, or None (a slow tokenizer).
+
+    A saved tokenizer.json may enable both, and the backend honours them in encode_batch (every
+    file cut to max_length, padding ids added), so the corpus would depend on them. The caller's
+    tokenizer is left as it is: we disable them on a copy."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or (backend.truncation is None and backend.padding is None):
+        return backend
+    plain = copy.deepcopy(backend)
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
+
+
+def _encode(tokenizer, text: str, backend=None) -> list[int]:
+    """Encode in chunks (per file) so fast tokenizers never see one giant string; `backend` is
+    plain_backend(tokenizer), passed in by callers that encode many chunks."""
+    docs = text.split("\n# file: ")
+    backend = backend if backend is not None else plain_backend(tokenizer)
     if backend is not None:  # fast path: batch-encode without length warnings
         encoded = backend.encode_batch(docs, add_special_tokens=False)
         return [i for enc in encoded for i in enc.ids]
@@ -107,10 +124,11 @@ def token_sequences(
         order = torch.randperm(len(docs), generator=gen).tolist()
     need = None if n_seqs is None else n_seqs * seq_len
     ids: list[int] = []
+    backend = plain_backend(tokenizer)
     chunk = 16
     for i in range(0, len(order), chunk):
         batch = "\n# file: ".join(docs[j] for j in order[i:i + chunk])
-        ids.extend(_encode(tokenizer, batch))
+        ids.extend(_encode(tokenizer, batch, backend))
         if need is not None and len(ids) >= need:
             break
     n_windows = len(ids) // seq_len

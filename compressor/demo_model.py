@@ -114,7 +114,7 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), data_dir: Path | N
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
     from compressor.loading import MODEL_CONSTRUCTION_LOCK
 

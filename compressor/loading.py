@@ -1,82 +1,38 @@
 """Load Hugging Face causal LMs and discover their compressible linears.
 
 Safetensors only, `trust_remote_code` only when the caller (an operator setting) allows it.
+Every entry point first runs compressor.checkpoint's torch-free checks (config, remote code,
+every weights shard's header, causal-LM architecture), so a bad checkpoint fails in one line.
 Discovery runs on a meta-device skeleton built from the config, so listing the layers of a
 large model never loads its weights.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import threading
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from compressor.checkpoint import (  # noqa: F401  (re-exported: the inventory types live there)
+    Inventory,
+    KeptParam,
+    LinearInfo,
+    ModelLoadError,
+    block_index,
+    check_causal_lm,
+    check_model_dir,
+    check_tokenizer_files,
+    config_dtype,
+)
+
 log = logging.getLogger(__name__)
-
-_BLOCK_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-class ModelLoadError(ValueError):
-    """A model reference that cannot be loaded; the message says why, for the user."""
-
-
-@dataclass(frozen=True)
-class LinearInfo:
-    name: str            # module path, e.g. model.layers.3.mlp.down_proj
-    out_features: int
-    in_features: int
-    block: int | None    # decoder block index, None outside the blocks
-    kind: str            # "linear" or "conv1d" (GPT-2 stores Conv1D weights transposed)
-    has_bias: bool
-
-    @property
-    def numel(self) -> int:
-        return self.out_features * self.in_features
-
-
-@dataclass(frozen=True)
-class KeptParam:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-
-
-@dataclass
-class Inventory:
-    linears: list[LinearInfo]
-    kept: list[KeptParam]
-    num_blocks: int
-    config: dict = field(default_factory=dict)
-
-    @property
-    def kept_bytes(self) -> int:
-        return sum(k.nbytes for k in self.kept)
-
-    @property
-    def linear_params(self) -> int:
-        return sum(li.numel for li in self.linears)
-
-    def to_dict(self) -> dict:
-        return {"linears": [asdict(li) for li in self.linears],
-                "kept": [asdict(k) | {"shape": list(k.shape)} for k in self.kept],
-                "num_blocks": self.num_blocks}
-
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def block_index(name: str) -> int | None:
-    m = _BLOCK_RE.search("." + name + ".")
-    return int(m.group(1)) if m else None
 
 
 def discover(model: nn.Module, head_names: tuple[str, ...] = ("lm_head",)) -> Inventory:
@@ -110,32 +66,13 @@ def discover(model: nn.Module, head_names: tuple[str, ...] = ("lm_head",)) -> In
     return Inventory(linears, kept, (max(blocks) + 1) if blocks else 0)
 
 
-def _check_local(path: Path, trust_remote_code: bool) -> dict:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise ModelLoadError(
-            f"model at {path} needs remote code (auto_map in config.json); refused because "
-            "trust_remote_code is off (set BITPLAN_TRUST_REMOTE_CODE=1 to allow it)")
-    has_st = any(path.glob("*.safetensors"))
-    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
-    if not has_st:
-        if has_pickle:
-            raise ModelLoadError(f"model at {path} has only pickle checkpoints (.bin/.pt); "
-                                 "bitplan loads safetensors weights only")
-        raise ModelLoadError(f"model at {path} has no .safetensors weights")
-    return cfg
-
-
 def resolve(ref: str | os.PathLike, trust_remote_code: bool = False) -> Path | str:
     """A local directory is checked here; anything else is passed to the hub client as an id."""
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{path} is not a directory")
-        _check_local(path, trust_remote_code)
+        check_model_dir(path, str(ref), trust_remote_code)
         return path.resolve()
     return str(ref)
 
@@ -157,6 +94,9 @@ def load_config(ref: str | os.PathLike, trust_remote_code: bool = False):
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise ModelLoadError(f"model {ref!r} needs remote code; refused because "
                              "trust_remote_code is off")
+    # local directories were checked with their weights in resolve(); hub ids by config here
+    check_causal_lm({"architectures": config.architectures, "model_type": config.model_type},
+                    str(ref))
     return config
 
 
@@ -168,9 +108,7 @@ def inventory(ref: str | os.PathLike, trust_remote_code: bool = False) -> Invent
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     inv = discover(skeleton)
-    dtype = getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = getattr(torch, config_dtype(config) or "float32")
     size = torch.tensor([], dtype=dtype).element_size()
     inv.kept = [KeptParam(k.name, k.shape, str(dtype).removeprefix("torch."),
                           int(torch.Size(k.shape).numel()) * size) for k in inv.kept]
@@ -196,7 +134,7 @@ def load_model(ref: str | os.PathLike, trust_remote_code: bool = False,
         with MODEL_CONSTRUCTION_LOCK:
             model = AutoModelForCausalLM.from_pretrained(
                 target, trust_remote_code=trust_remote_code, use_safetensors=True,
-                torch_dtype=dtype)
+                dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load weights of {ref!r}: {exc}") from exc
     return model.to(device).eval()
@@ -206,7 +144,9 @@ def load_tokenizer(ref: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     target = resolve(ref, trust_remote_code)
+    if isinstance(target, Path):   # without any, AutoTokenizer fails with a NoneType TypeError
+        check_tokenizer_files(target, str(ref))
     try:
         return AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError) as exc:   # no tokenizer files: TypeError
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"cannot load tokenizer of {ref!r}: {exc}") from exc

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from sqlalchemy.exc import ArgumentError, OperationalError
 
-    from compressor.loading import ModelLoadError
+    from compressor.checkpoint import ModelLoadError
 
     def fail(message: str, status: int) -> int:
         print(f"bitplan {args.command}: error: {one_line(message)}", file=sys.stderr)

@@ -1,18 +1,19 @@
 """Model references: a bare name or a local path, always resolved inside the configured model
 roots (no `..`, no symlink escapes), plus a cheap fingerprint of the weight files.
 
-The checks here are the cheap ones (config.json present, safetensors only, no remote code unless
-allowed); the layer inventory comes from compressor.loading on first sight of a model. Kept free of
-torch so the API starts fast.
+The checks (config.json, safetensors only and whole, no remote code unless allowed, a causal LM)
+and the layer inventory come from compressor.checkpoint, which reads config.json and safetensors
+headers only. Kept free of torch and transformers so the API accepts plans without them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from compressor import checkpoint
 
 MAX_REF_LEN = 500
 
@@ -76,57 +77,20 @@ def resolve_model(ref: str, roots: list[Path], trust_remote_code: bool = False) 
 
 
 def check_model_dir(path: Path, ref: str, trust_remote_code: bool) -> dict:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise ModelRefError(f"model {ref!r} has no config.json: not a Hugging Face model")
+    """compressor.checkpoint's up-front checks (config, remote code, every weights shard's
+    header, causal-LM architecture) as the service's own error."""
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelRefError(f"model {ref!r} has an unreadable config.json: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise ModelRefError(f"model {ref!r} has a config.json that is not an object")
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise ModelRefError(f"model {ref!r} needs remote code (auto_map in config.json); "
-                             "refused because trust_remote_code is off")
-    if not (cfg.get("model_type") or cfg.get("architectures")):
-        raise ModelRefError(f"model {ref!r} has a config.json without model_type or "
-                             "architectures: not a Hugging Face model config")
-    weights = list(path.glob("*.safetensors"))
-    if not weights:
-        if any(path.glob(p) for p in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
-            raise ModelRefError(f"model {ref!r} has only pickle checkpoints; bitplan loads "
-                                 "safetensors weights only")
-        raise ModelRefError(f"model {ref!r} has no .safetensors weights")
-    for f in weights:
-        safetensors_names(f, ref)
-    return cfg
+        return checkpoint.check_model_dir(path, ref, trust_remote_code)
+    except checkpoint.ModelLoadError as exc:
+        raise ModelRefError(str(exc)) from None
 
 
-def safetensors_names(f: Path, ref: str) -> set[str]:
-    """Tensor names from a safetensors header, refusing a file whose header is not valid (a
-    truncated or corrupt download) — without reading the tensors."""
-    size = f.stat().st_size
-    with f.open("rb") as fh:
-        head = fh.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 2 <= n <= min(size - 8, 100_000_000):
-            raise ModelRefError(f"model {ref!r}: {f.name} is not a valid safetensors file")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            header = None
-    if not isinstance(header, dict) or not all(
-            isinstance(v, dict) and "data_offsets" in v for k, v in header.items()
-            if k != "__metadata__"):
-        raise ModelRefError(f"model {ref!r}: {f.name} has a corrupt safetensors header")
-    return {k for k in header if k != "__metadata__"}
-
-
-def weight_names(path: Path, ref: str) -> set[str]:
-    names: set[str] = set()
-    for f in sorted(path.glob("*.safetensors")):
-        names |= safetensors_names(f, ref)
-    return names
+def model_inventory(path: Path, ref: str, trust_remote_code: bool) -> checkpoint.Inventory:
+    """The layer inventory from config.json and safetensors headers (no torch, no weights)."""
+    try:
+        return checkpoint.header_inventory(path, ref, trust_remote_code)
+    except checkpoint.ModelLoadError as exc:
+        raise ModelRefError(str(exc)) from None
 
 
 def fingerprint(path: Path) -> str:

@@ -52,8 +52,8 @@ _PROBLEMS_SIZE = 32
 
 
 def build_problem(profile: Profile, budget: Any, constraints: dict | None):
-    prof = _require("compressor.profile", "planning")
-    return prof.build_problem(profile, budget, constraints or None)
+    planning = _require("compressor.planning", "planning")   # torch-free: the API solves too
+    return planning.build_problem(profile, budget, constraints or None)
 
 
 def base_problem(profile: Profile, constraints: dict | None, profile_id: str | None = None):

@@ -64,6 +64,16 @@ def stored_profile(model: str):
     return prof
 
 
+def check_model_ref(model: str) -> None:
+    """Refuse a broken or unsupported local checkpoint (weights, architecture) before any other
+    work or message: compressor.checkpoint reads config.json and the safetensors headers only."""
+    from compressor.checkpoint import check_model_dir
+
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / "bitplan_manifest.json").is_file():
+        check_model_dir(path, model, get_settings().trust_remote_code)
+
+
 def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = False):
     """The stored profile of `model`, profiling it first when there is none."""
     import dataclasses
@@ -73,6 +83,7 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
     from compressor.profile import ProfileConfig, run_profile
     from compressor.profile_store import FileProfileStore
 
+    check_model_ref(model)
     settings = get_settings()
     cfg = ProfileConfig()
     if calib_seqs:
@@ -195,6 +206,7 @@ def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = Fa
 def cmd_compress(args) -> int:
     import solver
 
+    check_model_ref(args.model)
     prof = stored_profile(args.model)
     if args.plan:
         plan = solver.Plan.from_dict(json.loads(args.plan.read_text()))

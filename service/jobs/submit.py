@@ -27,7 +27,7 @@ from service.db.session import Database
 from service.db.upsert import upsert
 from service.errors import Conflict, NotFound, TooManyRequests
 from service.jobs.queue import Queue
-from service.modelrefs import ModelRefError, ResolvedModel, resolve_model, weight_names
+from service.modelrefs import ResolvedModel, model_inventory, resolve_model
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ _MODELS: dict[tuple[str, str], ModelRow] = {}   # (db url, fingerprint) -> detac
 
 
 def get_or_create_model(db: Database, resolved: ResolvedModel, settings: Settings) -> ModelRow:
-    """Look a model up by fingerprint; on first sight read its layer inventory (config only).
+    """Look a model up by fingerprint; on first sight read its layer inventory from config.json
+    and the safetensors headers (no torch: the API process never imports it).
     Rows are cached in-process: a fingerprint's identity and inventory never change."""
     ck = (db.url, resolved.fingerprint)
     if (hit := _MODELS.get(ck)) is not None:
@@ -59,15 +60,7 @@ def get_or_create_model(db: Database, resolved: ResolvedModel, settings: Setting
         if row is not None:
             _MODELS[ck] = row
             return row
-    from compressor.loading import inventory
-
-    inv = inventory(str(resolved.path), trust_remote_code=settings.trust_remote_code)
-    names = weight_names(resolved.path, resolved.ref)
-    missing = [li.name for li in inv.linears if f"{li.name}.weight" not in names]
-    if missing:
-        raise ModelRefError(f"model {resolved.ref!r}: its weights do not match its config "
-                            f"({len(missing)} of {len(inv.linears)} linears have no weight "
-                            f"tensor, e.g. {missing[0]})")
+    inv = model_inventory(resolved.path, resolved.ref, settings.trust_remote_code)
     with db.session() as s:
         upsert(s, ModelRow.__table__, [{
             "id": new_id(), "ref": resolved.ref, "path": str(resolved.path),

@@ -1,0 +1,211 @@
+"""compressor.checkpoint: torch-free checks of a checkpoint directory (weights shards, causal-LM
+architecture, tokenizer files) and the layer inventory from config.json + safetensors headers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor.checkpoint import ModelLoadError, check_model_dir, header_inventory, read_header
+from compressor.loading import inventory, load_model, load_tokenizer
+from tests.conftest import DEMO_MODEL, REPO
+
+
+def _save(model, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _gpt2(path: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return _save(GPT2LMHeadModel(cfg), path)
+
+
+def _llama(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=200, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return _save(LlamaForCausalLM(cfg), path)
+
+
+def _qwen2_tied(path: Path) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=136, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return _save(Qwen2ForCausalLM(cfg), path)
+
+
+def _odd_width(path: Path) -> Path:
+    """Widths that are no multiple of anything (group sizes, heads of 2 × 7), bf16 config."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=131, hidden_size=42, intermediate_size=97, num_hidden_layers=2,
+                      num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=False,
+                      dtype="bfloat16")
+    return _save(Qwen2ForCausalLM(cfg).to(torch.bfloat16), path)
+
+
+def _bert(path: Path) -> Path:
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    return _save(BertForMaskedLM(cfg), path)
+
+
+def _key(inv) -> tuple:
+    return (sorted(inv.linears, key=lambda li: li.name), sorted(inv.kept, key=lambda k: k.name),
+            inv.num_blocks, inv.kept_bytes, inv.linear_params)
+
+
+@pytest.mark.parametrize("build", [None, _gpt2, _llama, _qwen2_tied, _odd_width],
+                         ids=["demo", "gpt2-conv1d", "llama", "qwen2-tied", "odd-width"])
+def test_header_inventory_equals_skeleton_inventory(tmp_path, build):
+    path = DEMO_MODEL if build is None else build(tmp_path / "m")
+    from_headers, from_skeleton = header_inventory(path), inventory(path)
+    assert _key(from_headers) == _key(from_skeleton)
+    assert len(from_headers.linears) > 0
+
+
+def test_header_inventory_details(tmp_path):
+    gpt2 = {li.name: li for li in header_inventory(_gpt2(tmp_path / "g")).linears}
+    c_attn = gpt2["transformer.h.0.attn.c_attn"]   # stored [in, out] = [32, 96]
+    assert (c_attn.kind, c_attn.out_features, c_attn.in_features, c_attn.has_bias) == (
+        "conv1d", 96, 32, True)
+    qwen = header_inventory(_qwen2_tied(tmp_path / "q"))
+    kept = {k.name for k in qwen.kept}
+    assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
+    assert qwen.num_blocks == 3 and len(qwen.linears) == 21
+    odd = header_inventory(_odd_width(tmp_path / "o"))
+    assert {k.dtype for k in odd.kept} == {"bfloat16"}
+    assert odd.kept_bytes == 2 * sum(k.nbytes // 2 for k in odd.kept)
+    assert "lm_head.weight" in {k.name for k in odd.kept}   # untied: head kept on its own
+
+
+def test_demo_inventory_numbers_unchanged():
+    inv = header_inventory(DEMO_MODEL)
+    assert inv.num_blocks == 12 and len(inv.linears) == 84
+    assert inv.kept_bytes == inventory(DEMO_MODEL).kept_bytes
+
+
+def test_checkpoint_module_imports_neither_torch_nor_transformers():
+    code = ("import sys\nimport compressor.checkpoint as c\n"
+            f"c.header_inventory(c.Path({str(DEMO_MODEL)!r}))\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+# -- broken weights ------------------------------------------------------------------------------
+def _copy_demo(tmp_path: Path) -> Path:
+    d = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL, d)
+    return d
+
+
+def _lfs_pointer(f: Path) -> None:
+    f.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64
+                 + "\nsize 25000000\n")
+
+
+def _truncate(f: Path) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+
+
+def _bad_offsets(f: Path) -> None:
+    """A header that promises a tensor past the end of the file (same header length)."""
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    b, e = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [b + 10 ** 9, e + 10 ** 9]
+    raw = json.dumps(header).encode()
+    f.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data[8 + n:]))
+
+
+def _trailing(f: Path) -> None:
+    with f.open("ab") as fh:
+        fh.write(b"\0" * 64)
+
+
+def _garbage_header(f: Path) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[:8] + b"\xff" * 16 + data[24:])
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (_lfs_pointer, "git lfs pull"),
+    (_truncate, "truncated"),
+    (_bad_offsets, "offsets"),
+    (_garbage_header, "corrupt"),
+    (_trailing, "trailing"),
+], ids=["lfs-pointer", "truncated", "offsets-outside", "garbage-header", "trailing-bytes"])
+def test_broken_weights_refused_up_front_in_one_line(tmp_path, damage, fragment):
+    d = _copy_demo(tmp_path)
+    damage(d / "model.safetensors")
+    for call in (lambda: check_model_dir(d, "demo"), lambda: inventory(d),
+                 lambda: load_model(d), lambda: load_tokenizer(d)):
+        with pytest.raises(ModelLoadError) as info:
+            call()
+        msg = str(info.value)
+        assert fragment in msg and "model.safetensors" in msg and "\n" not in msg, msg
+
+
+def test_lfs_pointer_message_names_lfs(tmp_path):
+    f = tmp_path / "model.safetensors"
+    _lfs_pointer(f)
+    with pytest.raises(ModelLoadError, match="Git LFS pointer"):
+        read_header(f, "m")
+
+
+def test_missing_shard_of_an_index_refused(tmp_path):
+    d = _copy_demo(tmp_path)
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors"):
+        check_model_dir(d, "demo")
+
+
+# -- architecture ----------------------------------------------------------------------------------
+def test_bert_refused_by_config_and_every_loader(tmp_path):
+    d = _bert(tmp_path / "bert")
+    for call in (lambda: check_model_dir(d, "bert"), lambda: header_inventory(d),
+                 lambda: inventory(d), lambda: load_model(d)):
+        with pytest.raises(ModelLoadError) as info:
+            call()
+        msg = str(info.value)
+        assert "BertForMaskedLM" in msg and "decoder-only causal LMs" in msg, msg
+
+
+def test_causal_name_without_decoder_blocks_refused(tmp_path):
+    d = _bert(tmp_path / "bert")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"architectures": ["BertLMHeadModel"]}))
+    with pytest.raises(ModelLoadError, match="no decoder blocks"):
+        check_model_dir(d, "bert")
+
+
+# -- tokenizer files -------------------------------------------------------------------------------
+def test_no_tokenizer_files_says_what_was_looked_for(tmp_path):
+    d = tmp_path / "bare"
+    d.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(DEMO_MODEL / f, d / f)
+    with pytest.raises(ModelLoadError) as info:
+        load_tokenizer(d)
+    msg = str(info.value)
+    assert "NoneType" not in msg
+    assert "tokenizer.json" in msg and "tokenizer.model" in msg and "none found" in msg, msg
