@@ -11,15 +11,16 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from solver.budget import BudgetError, InfeasibleBudget, format_bytes, parse_budget
-from solver.bytes import Option, option_bytes
+from solver.bytes import FP16_BITS, Option, option_bytes
 from solver.mckp import LPCurve, Menu, lp_curve, pareto_menus
+from solver.plan import Plan
 
 __all__ = ["AllocationProblem", "BudgetError", "Constraints", "InfeasibleBudget", "Item",
            "LinearMenu", "Plan", "parse_budget"]
@@ -172,6 +173,38 @@ class Constraints:
             return list(range(len(options)))
         return [k for k, o in enumerate(options) if ok(o)]
 
+    def rules_for(self, name: str) -> list[str]:
+        """The per-linear rules that apply to `name`, in words (for error messages)."""
+        def hits(glob: str) -> bool:
+            return fnmatch.fnmatchcase(name, glob)
+        lo = max((v for g, v in self.min_bits.items() if hits(g)), default=None)
+        hi = min((v for g, v in self.max_bits.items() if hits(g)), default=None)
+        out = [] if lo is None else [f"min_bits {lo}"]
+        out += [] if hi is None else [f"max_bits {hi}"]
+        out += [f"allowed_ranks {sorted(v)}" for g, v in self.allowed_ranks.items() if hits(g)]
+        out += [f"pinned {_option_text(p) if isinstance(p, Option) else dict(p)}"
+                for g, p in self.pinned.items() if hits(g)]
+        return out
+
+    @cached_property
+    def _asks_fp16(self) -> bool:
+        return any(_pin_bits(p) == FP16_BITS for p in self.pinned.values()) or \
+            any(v >= FP16_BITS for v in self.min_bits.values())
+
+    def dense_option(self, name: str, template: Option) -> Option | None:
+        """The 16-bit (dense fp16) option the rules ask of `name`: a pin with bits 16 or
+        min_bits 16. Partial pins fill in from `template` (rank 0). None when none is asked."""
+        if not self._asks_fp16:
+            return None
+        for glob, pin in self.pinned.items():
+            if _pin_bits(pin) == FP16_BITS and fnmatch.fnmatchcase(name, glob):
+                if isinstance(pin, Option):
+                    return pin
+                return replace(template, **({"bits": FP16_BITS, "rank": 0} | dict(pin)))
+        if any(v >= FP16_BITS for g, v in self.min_bits.items() if fnmatch.fnmatchcase(name, g)):
+            return replace(template, bits=FP16_BITS, rank=0)
+        return None
+
     def globs(self) -> list[tuple[str, str]]:
         """Every (field, glob) pair, for the "matches nothing" check."""
         out = [(f, g) for f in ("min_bits", "max_bits", "allowed_ranks", "pinned")
@@ -196,7 +229,9 @@ class AllocationProblem:
 
     def __init__(self, linears: Sequence[LinearMenu], fixed_bytes: int = 0,
                  budget: int | None = None, constraints: Constraints | None = None) -> None:
-        self.linears = list(linears)
+        self.constraints = constraints or Constraints()
+        # menus are quantized; a linear the rules keep dense gets the fp16 option as well
+        self.linears = [_with_dense(lin, self.constraints) for lin in linears]
         if not self.linears:
             raise ValueError("a problem needs at least one linear")
         names = [lin.name for lin in self.linears]
@@ -211,7 +246,6 @@ class AllocationProblem:
                               f"got {budget!r} (parse strings with parse_budget)")
         self.fixed_bytes = int(fixed_bytes)
         self.budget = None if budget is None else int(budget)
-        self.constraints = constraints or Constraints()
         self.by_name = {lin.name: lin for lin in self.linears}
         # budget-free derived data (items, menus, LP walk), shared by every with_budget copy
         # so a cached budget-less problem pays for it once; races only duplicate work
@@ -262,7 +296,9 @@ class AllocationProblem:
         for lin in self.linears:
             keep = cons.filter(lin.name, lin.options)
             if not keep:
-                raise ValueError(f"constraints leave no option for {lin.name}")
+                rules = "; ".join(cons.rules_for(lin.name))
+                raise ValueError(f"constraints leave no option for {lin.name} ({rules}); "
+                                 f"{describe_options(lin.options)}")
             allowed[lin.name] = keep
         groups = _tie_groups(names, cons.ties)
         items = []
@@ -399,47 +435,32 @@ def tie_per_block(names: Sequence[str], suffixes: Sequence[str] = (
     return [g for g in groups.values() if len(g) > 1]
 
 
-@dataclass
-class Plan:
-    """One option per linear, with exact bytes (fixed included) and the predicted error."""
+def _pin_bits(pin: Option | Mapping[str, Any]) -> Any:
+    return pin.bits if isinstance(pin, Option) else pin.get("bits")
 
-    assignments: dict[str, Option]
-    total_bytes: int
-    predicted_error: float
-    method: str
-    optimal: bool
-    gap: float | None = None
-    solve_ms: float = 0.0
-    budget: int | None = None
-    fixed_bytes: int = 0
-    lower_bound: float | None = None
-    linear_bytes: dict[str, int] = field(default_factory=dict)
-    linear_errors: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
 
-    def bits_per_param(self, total_linear_params: int) -> float:
-        """Average stored bits per compressible parameter (fixed bytes excluded)."""
-        return 8 * (self.total_bytes - self.fixed_bytes) / total_linear_params
+def _with_dense(lin: LinearMenu, cons: Constraints) -> LinearMenu:
+    """`lin` plus the fp16 option its rules ask for. Its error is 0: the weight is stored as
+    is, and the error models measure damage relative to the fp16 model."""
+    opt = cons.dense_option(lin.name, lin.options[0])
+    if opt is None or opt in lin.index:
+        return lin
+    return LinearMenu(lin.name, lin.out_features, lin.in_features, [*lin.options, opt],
+                      [*lin.costs, option_bytes(lin.out_features, lin.in_features, opt)],
+                      [*lin.errors, 0.0])
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "assignments": {n: o.to_dict() for n, o in self.assignments.items()},
-            "total_bytes": self.total_bytes, "predicted_error": self.predicted_error,
-            "method": self.method, "optimal": self.optimal, "gap": self.gap,
-            "solve_ms": self.solve_ms, "budget": self.budget, "fixed_bytes": self.fixed_bytes,
-            "lower_bound": self.lower_bound, "linear_bytes": dict(self.linear_bytes),
-            "linear_errors": dict(self.linear_errors), "info": dict(self.info),
-        }
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
-        return cls(
-            assignments={n: Option.from_dict(o) for n, o in d["assignments"].items()},
-            total_bytes=int(d["total_bytes"]), predicted_error=float(d["predicted_error"]),
-            method=str(d["method"]), optimal=bool(d["optimal"]), gap=d.get("gap"),
-            solve_ms=float(d.get("solve_ms", 0.0)), budget=d.get("budget"),
-            fixed_bytes=int(d.get("fixed_bytes", 0)), lower_bound=d.get("lower_bound"),
-            linear_bytes={k: int(v) for k, v in d.get("linear_bytes", {}).items()},
-            linear_errors={k: float(v) for k, v in d.get("linear_errors", {}).items()},
-            info=dict(d.get("info", {})),
-        )
+def _option_text(o: Option) -> str:
+    return f"{o.bits}b/r{o.rank}/fb{o.factor_bits}/g{o.group_size}" + ("/sym" if o.symmetric
+                                                                       else "")
+
+
+def describe_options(options: Sequence[Option], first: int = 4) -> str:
+    """A linear's menu in a line: the values of each field, then the first few options."""
+    def values(f: str) -> str:
+        return ",".join(str(v) for v in sorted({getattr(o, f) for o in options}))
+    fields = f"bits {values('bits')}; ranks {values('rank')}; factor bits " \
+             f"{values('factor_bits')}; group sizes {values('group_size')}"
+    shown = ", ".join(_option_text(o) for o in options[:first])
+    more = f" (+{len(options) - first} more)" if len(options) > first else ""
+    return f"its {len(options)} options: {fields} — {shown}{more}"

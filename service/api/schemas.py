@@ -111,6 +111,8 @@ class PlanPublic(BaseModel):
     total_bytes: int | None = None
     predicted_error: float | None = None
     optimality_gap: float | None = None
+    notes: list[str] = Field(default=[], description="what to know about the solved plan, e.g. "
+                             "a budget above the largest useful plan")
     linears: list[dict[str, Any]] = []
     plan: dict[str, Any] = {}
     job_id: str | None = None
