@@ -119,8 +119,9 @@ def run(args=None) -> dict:  # noqa: ANN001
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    n_req = int(os.environ.get("BITPLAN_BENCH_REQUESTS", "100"))
-    n_cli = int(os.environ.get("BITPLAN_BENCH_CLIENTS", "10"))
+    quick = bool(getattr(args, "quick", False))   # smoke size unless the environment says
+    n_req = int(os.environ.get("BITPLAN_BENCH_REQUESTS", "24" if quick else "100"))
+    n_cli = int(os.environ.get("BITPLAN_BENCH_CLIENTS", "4" if quick else "10"))
     model_dir = Path(os.environ.get("BITPLAN_BENCH_MODEL", DEMO_MODEL)).resolve()
     if not (model_dir / "config.json").is_file():
         return {"error": f"no model at {model_dir} (train it with `bitplan train-demo`)"}

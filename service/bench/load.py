@@ -140,8 +140,9 @@ def run(args=None) -> dict:  # noqa: ANN001
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    n_cli = int(os.environ.get("BITPLAN_LOAD_CLIENTS", "50"))
-    seconds = float(os.environ.get("BITPLAN_LOAD_SECONDS", "60"))
+    quick = bool(getattr(args, "quick", False))   # smoke size unless the environment says
+    n_cli = int(os.environ.get("BITPLAN_LOAD_CLIENTS", "4" if quick else "50"))
+    seconds = float(os.environ.get("BITPLAN_LOAD_SECONDS", "4" if quick else "60"))
     cap = int(os.environ.get("BITPLAN_LOAD_MAX_REQUESTS", "500000"))
     poll_s = float(os.environ.get("BITPLAN_LOAD_POLL_S", "0.05"))
     model_dir = Path(os.environ.get("BITPLAN_BENCH_MODEL", DEMO_MODEL)).resolve()

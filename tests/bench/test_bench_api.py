@@ -5,12 +5,11 @@ from tests.bench._run import bench, positive
 
 
 def test_bench_api_counts_what_it_sends(tmp_path, demo_model_path):
-    fig = bench("api", tmp_path, env={"BITPLAN_BENCH_REQUESTS": "24",
-                                      "BITPLAN_BENCH_CLIENTS": "4"})
+    fig = bench("api", tmp_path, "--quick")      # 24 requests from 4 clients
     assert {"requests", "sent", "clients", "p50_ms", "p95_ms", "max_ms", "errors", "throttled",
             "single_client_p50_ms", "throughput_rps", "time_to_solved_p50_ms",
             "time_to_solved_p95_ms", "solved", "team_job_limit"} <= set(fig), fig
-    assert fig["sent"] == fig["requests"] == 24 and fig["clients"] == 4
+    assert fig["quick"] is True and fig["sent"] == fig["requests"] == 24 and fig["clients"] == 4
     assert fig["errors"] == 0 and fig["throttled"] == 0, fig
     assert fig["solved"] == 24, fig
     assert positive(fig["p50_ms"], fig["p95_ms"], fig["single_client_p50_ms"],
