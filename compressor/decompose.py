@@ -20,7 +20,7 @@ rotates W and H first; see compressor.rounding for where it applies.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
 import torch
@@ -35,7 +35,7 @@ from compressor.rounding import (
     rotate_weight,
     unrotate_weight,
 )
-from solver.bytes import Option, option_bytes
+from solver.bytes import FP16_BITS, Option, option_bytes
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,10 @@ def decompose(W: Tensor, H: Tensor, option: Option,
     """W [out, in] ≈ Q + L·R stored as `option` says, fitted against H [in, in] (undamped,
     e.g. from collect_hessians). Runs on W's device; float32 math, float64 factorizations."""
     config = config or DecompositionConfig()
+    if option.bits == FP16_BITS and config.hadamard:
+        # a dense fp16 Q has no rounding for incoherence to help; unrotated, it is the fp16
+        # weight itself (the record keeps this config, so w_hat does not unrotate it)
+        config = replace(config, hadamard=False)
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"W must be [m, n] and H [n, n]; got {tuple(W.shape)}, {tuple(H.shape)}")
     m, n = W.shape

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from compressor.profile_store import LinearProfile, Profile
 from solver import AllocationProblem, Constraints, LinearMenu, Option
+from solver.bytes import FP16_BITS
 from solver.errormodel import ErrorModel
 
 
@@ -57,6 +58,8 @@ def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
     total = 0.0
     for lp in profile.linears:
         opt = assignments[lp.name]
+        if opt.bits == FP16_BITS:   # kept dense: no error, as on the solver's menu
+            continue
         model = ErrorModel.from_dict(lp.fit)
         total += lp.alpha * float(model.predict(opt.bits, opt.rank, opt.group_size))
     return total

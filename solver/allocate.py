@@ -7,6 +7,7 @@ from enum import Enum
 
 import numpy as np
 
+from solver.budget import format_bytes
 from solver.dp import ExactResult, pareto_frontier, solve_exact
 from solver.greedy import greedy
 from solver.mckp import Menu
@@ -80,7 +81,21 @@ def solve(problem: AllocationProblem, method: Method | str = Method.EXACT, *,
     if problem.budget is not None and plan.total_bytes > problem.budget:
         raise AssertionError(f"solver {method.value} overspent: {plan.total_bytes} > "
                              f"{problem.budget}")  # a bug, never an input error
+    plan.notes += budget_notes(problem)
     return plan
+
+
+def budget_notes(problem: AllocationProblem) -> list[str]:
+    """A budget above the largest useful plan is not an error, but the user should know the
+    extra bytes were not spent (and why)."""
+    if problem.budget is None:
+        return []
+    top = problem.saturation_bytes()
+    if problem.budget <= top:
+        return []
+    return [f"budget {problem.budget} bytes ({format_bytes(problem.budget)}) is above the "
+            f"largest useful plan {top} bytes ({format_bytes(top)}): the plan uses {top} bytes "
+            "(every linear at its best option); more bytes buy nothing"]
 
 
 def _cpsat_fallback(menus: list[Menu], cap: int, res: ExactResult, time_limit_s: float,

@@ -1,5 +1,5 @@
 """The allocation problem: per-linear menus of (option, exact bytes, predicted error), fixed
-bytes, a byte budget and constraints; and the Plan a solver returns.
+bytes, a byte budget and constraints (solver.constraints); the Plan lives in solver.plan.
 
 Constraints and ties are resolved once into *items*: an item is one linear, or a group of tied
 linears merged into a super-item whose options are the ones every member allows, with summed
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -19,12 +19,12 @@ import numpy as np
 
 from solver.budget import BudgetError, InfeasibleBudget, format_bytes, parse_budget
 from solver.bytes import Option, option_bytes
+from solver.constraints import Constraints, describe_options
 from solver.mckp import LPCurve, Menu, lp_curve, pareto_menus
+from solver.plan import Plan
 
 __all__ = ["AllocationProblem", "BudgetError", "Constraints", "InfeasibleBudget", "Item",
            "LinearMenu", "Plan", "parse_budget"]
-
-_OPTION_FIELDS = ("bits", "rank", "factor_bits", "group_size", "symmetric")
 
 
 @dataclass
@@ -80,106 +80,6 @@ class LinearMenu:
         return {o: k for k, o in enumerate(self.options)}
 
 
-def _as_glob_map(value: Any) -> dict[str, Any]:
-    """An int/collection applies to every linear (glob ``*``); a mapping is glob -> value."""
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    return {"*": value}
-
-
-@dataclass(frozen=True)
-class Constraints:
-    """Restrictions on the menus. Globs use fnmatch (``*`` also crosses dots); exact names work.
-
-    - ``min_bits`` / ``max_bits``: bounds on Q bits, an int for every linear or glob -> int;
-    - ``pinned``: glob -> Option (exactly that option) or a partial dict such as ``{"rank": 256}``
-      (every field given must match, the note's ``pattern_overrides`` form);
-    - ``allowed_ranks``: a collection of ranks for every linear or glob -> collection;
-    - ``ties``: groups of globs; all linears a group matches share one option (groups that share
-      a linear are merged).
-    Where several globs match one linear, all of them apply.
-    """
-
-    min_bits: Mapping[str, int] | int | None = None
-    max_bits: Mapping[str, int] | int | None = None
-    pinned: Mapping[str, Option | Mapping[str, Any]] = field(default_factory=dict)
-    allowed_ranks: Mapping[str, Collection[int]] | Collection[int] | None = None
-    ties: Sequence[Sequence[str]] = ()
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen: normalise once here
-        set_(self, "min_bits", _as_glob_map(self.min_bits))
-        set_(self, "max_bits", _as_glob_map(self.max_bits))
-        set_(self, "allowed_ranks", {g: frozenset(int(r) for r in v) for g, v in
-                                     _as_glob_map(self.allowed_ranks).items()})
-        set_(self, "pinned", dict(self.pinned or {}))
-        ties = self.ties
-        if ties and all(isinstance(t, str) for t in ties):
-            ties = [ties]  # a single group given flat
-        set_(self, "ties", [list(group) for group in ties])
-        for glob, pin in self.pinned.items():
-            if isinstance(pin, Mapping):
-                unknown = set(pin) - set(_OPTION_FIELDS)
-                if unknown:
-                    raise ValueError(f"pinned[{glob!r}]: unknown option fields {sorted(unknown)}")
-            elif not isinstance(pin, Option):
-                raise ValueError(f"pinned[{glob!r}] must be an Option or a dict of its fields")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> Constraints:
-        """From JSON: pinned values are option-field dicts (all five fields = an exact pin)."""
-        d = dict(d or {})
-        unknown = set(d) - {"min_bits", "max_bits", "pinned", "allowed_ranks", "ties"}
-        if unknown:
-            raise ValueError(f"unknown constraint keys {sorted(unknown)}")
-        return cls(min_bits=d.get("min_bits"), max_bits=d.get("max_bits"),
-                   pinned=dict(d.get("pinned") or {}), allowed_ranks=d.get("allowed_ranks"),
-                   ties=d.get("ties") or ())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "min_bits": dict(self.min_bits), "max_bits": dict(self.max_bits),
-            "pinned": {g: p.to_dict() if isinstance(p, Option) else dict(p)
-                       for g, p in self.pinned.items()},
-            "allowed_ranks": {g: sorted(v) for g, v in self.allowed_ranks.items()},
-            "ties": [list(t) for t in self.ties],
-        }
-
-    def filter(self, name: str, options: Sequence[Option]) -> list[int]:
-        """Indices of `options` the per-linear rules (not ties) allow for linear `name`."""
-        def hits(glob: str) -> bool:
-            return fnmatch.fnmatchcase(name, glob)
-        lo = max((v for g, v in self.min_bits.items() if hits(g)), default=None)
-        hi = min((v for g, v in self.max_bits.items() if hits(g)), default=None)
-        rank_sets = [v for g, v in self.allowed_ranks.items() if hits(g)]
-        pins = [v for g, v in self.pinned.items() if hits(g)]
-
-        def ok(opt: Option) -> bool:
-            if (lo is not None and opt.bits < lo) or (hi is not None and opt.bits > hi):
-                return False
-            if any(opt.rank not in ranks for ranks in rank_sets):
-                return False
-            for pin in pins:
-                if isinstance(pin, Option):
-                    if opt != pin:
-                        return False
-                elif any(getattr(opt, k) != v for k, v in pin.items()):
-                    return False
-            return True
-        if lo is None and hi is None and not rank_sets and not pins:
-            return list(range(len(options)))
-        return [k for k, o in enumerate(options) if ok(o)]
-
-    def globs(self) -> list[tuple[str, str]]:
-        """Every (field, glob) pair, for the "matches nothing" check."""
-        out = [(f, g) for f in ("min_bits", "max_bits", "allowed_ranks", "pinned")
-               for g in getattr(self, f)]
-        out += [("ties", g) for group in self.ties for g in group]
-        return out
-
-
 @dataclass(frozen=True)
 class Item:
     """What solvers see: one linear or a tied group, with its allowed options."""
@@ -196,7 +96,9 @@ class AllocationProblem:
 
     def __init__(self, linears: Sequence[LinearMenu], fixed_bytes: int = 0,
                  budget: int | None = None, constraints: Constraints | None = None) -> None:
-        self.linears = list(linears)
+        self.constraints = constraints or Constraints()
+        # menus are quantized; a linear the rules keep dense gets the fp16 option as well
+        self.linears = [_with_dense(lin, self.constraints) for lin in linears]
         if not self.linears:
             raise ValueError("a problem needs at least one linear")
         names = [lin.name for lin in self.linears]
@@ -211,7 +113,6 @@ class AllocationProblem:
                               f"got {budget!r} (parse strings with parse_budget)")
         self.fixed_bytes = int(fixed_bytes)
         self.budget = None if budget is None else int(budget)
-        self.constraints = constraints or Constraints()
         self.by_name = {lin.name: lin for lin in self.linears}
         # budget-free derived data (items, menus, LP walk), shared by every with_budget copy
         # so a cached budget-less problem pays for it once; races only duplicate work
@@ -262,7 +163,9 @@ class AllocationProblem:
         for lin in self.linears:
             keep = cons.filter(lin.name, lin.options)
             if not keep:
-                raise ValueError(f"constraints leave no option for {lin.name}")
+                rules = "; ".join(cons.rules_for(lin.name))
+                raise ValueError(f"constraints leave no option for {lin.name} ({rules}); "
+                                 f"{describe_options(lin.options)}")
             allowed[lin.name] = keep
         groups = _tie_groups(names, cons.ties)
         items = []
@@ -399,47 +302,12 @@ def tie_per_block(names: Sequence[str], suffixes: Sequence[str] = (
     return [g for g in groups.values() if len(g) > 1]
 
 
-@dataclass
-class Plan:
-    """One option per linear, with exact bytes (fixed included) and the predicted error."""
-
-    assignments: dict[str, Option]
-    total_bytes: int
-    predicted_error: float
-    method: str
-    optimal: bool
-    gap: float | None = None
-    solve_ms: float = 0.0
-    budget: int | None = None
-    fixed_bytes: int = 0
-    lower_bound: float | None = None
-    linear_bytes: dict[str, int] = field(default_factory=dict)
-    linear_errors: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def bits_per_param(self, total_linear_params: int) -> float:
-        """Average stored bits per compressible parameter (fixed bytes excluded)."""
-        return 8 * (self.total_bytes - self.fixed_bytes) / total_linear_params
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "assignments": {n: o.to_dict() for n, o in self.assignments.items()},
-            "total_bytes": self.total_bytes, "predicted_error": self.predicted_error,
-            "method": self.method, "optimal": self.optimal, "gap": self.gap,
-            "solve_ms": self.solve_ms, "budget": self.budget, "fixed_bytes": self.fixed_bytes,
-            "lower_bound": self.lower_bound, "linear_bytes": dict(self.linear_bytes),
-            "linear_errors": dict(self.linear_errors), "info": dict(self.info),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
-        return cls(
-            assignments={n: Option.from_dict(o) for n, o in d["assignments"].items()},
-            total_bytes=int(d["total_bytes"]), predicted_error=float(d["predicted_error"]),
-            method=str(d["method"]), optimal=bool(d["optimal"]), gap=d.get("gap"),
-            solve_ms=float(d.get("solve_ms", 0.0)), budget=d.get("budget"),
-            fixed_bytes=int(d.get("fixed_bytes", 0)), lower_bound=d.get("lower_bound"),
-            linear_bytes={k: int(v) for k, v in d.get("linear_bytes", {}).items()},
-            linear_errors={k: float(v) for k, v in d.get("linear_errors", {}).items()},
-            info=dict(d.get("info", {})),
-        )
+def _with_dense(lin: LinearMenu, cons: Constraints) -> LinearMenu:
+    """`lin` plus the fp16 option its rules ask for. Its error is 0: the weight is stored as
+    is, and the error models measure damage relative to the fp16 model."""
+    opt = cons.dense_option(lin.name, lin.options[0])
+    if opt is None or opt in lin.index:
+        return lin
+    return LinearMenu(lin.name, lin.out_features, lin.in_features, [*lin.options, opt],
+                      [*lin.costs, option_bytes(lin.out_features, lin.in_features, opt)],
+                      [*lin.errors, 0.0])

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api import errors
+from service.api.media import JsonBodies
 from service.api.routes import artifacts, health, jobs, models, plans
 from service.db.session import get_database
 from service.jobs.queue import InProcessQueue, Queue, make_queue
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
     app.include_router(health.router)
     for mod in (plans, jobs, models, artifacts):
         app.include_router(mod.router, prefix="/v1")
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

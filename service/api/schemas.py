@@ -22,9 +22,10 @@ class ErrorResponse(BaseModel):
 
 
 class PlanCreate(BaseModel):
-    """A plan request: which model, how many bytes, and how to solve."""
+    """A plan request: which model, how many bytes, and how to solve. Strict: "yes" is not
+    true and "5" is not 5 (a typo must not start a compress job)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"model": "bitplan-demo", "budget": "3.25bpp"}]})
 
     model: str = Field(min_length=1, max_length=500,
@@ -110,6 +111,8 @@ class PlanPublic(BaseModel):
     total_bytes: int | None = None
     predicted_error: float | None = None
     optimality_gap: float | None = None
+    notes: list[str] = Field(default=[], description="what to know about the solved plan, e.g. "
+                             "a budget above the largest useful plan")
     linears: list[dict[str, Any]] = []
     plan: dict[str, Any] = {}
     job_id: str | None = None
@@ -143,7 +146,7 @@ class FrontierPublic(BaseModel):
 
 
 class ModelCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(min_length=1, max_length=500)
 
 

@@ -1,22 +1,32 @@
-"""`bitplan bench e2e --json`: the experiment on the demo model (profile reused when stored)."""
+"""`bitplan bench e2e --json`: the experiment on the demo model (profile reused when stored).
+
+`--quick`: one budget (3.25bpp), 4 evaluation sequences and no refinement, for a smoke run; the
+figures are computed as in the full run. BITPLAN_BENCH_MODEL runs it on another model (e.g. a
+tiny one, profiled first when no profile is stored).
+"""
 
 from __future__ import annotations
 
+import os
+
 from service.settings import DEMO_MODEL, get_settings
 
+QUICK = {"budgets": ("3.25bpp",), "eval_seqs": 4, "refine_rounds": 0}
 
-def run(args) -> dict:
+
+def run(args) -> dict:  # noqa: ANN001 - argparse namespace
     from service.commands.planning import ensure_profile
     from service.experiment import run_experiment
 
-    ref = str(DEMO_MODEL)
+    ref = os.environ.get("BITPLAN_BENCH_MODEL") or str(DEMO_MODEL)
     prof = ensure_profile(ref, quiet=True)
     out = get_settings().data_dir / "reports" / f"e2e-{prof.key[:12]}"
-    result = run_experiment(ref, prof, out_dir=out)
+    result = run_experiment(ref, prof, out_dir=out,
+                            **(QUICK if getattr(args, "quick", False) else {}))
     budgets = [{"budget": r["budget"], "budget_bytes": r["budget_bytes"],
                 "strategies": r["strategies"], "refined": r.get("refined")}
                for r in result["budgets"]]
-    return {"original_ppl": result["original_ppl"], "budgets": budgets,
+    return {"model": ref, "original_ppl": result["original_ppl"], "budgets": budgets,
             "excess_ppl_closed_pct": result["excess_ppl_closed_pct"],
             "kl_gain_vs_uniform_pct": result["kl_gain_vs_uniform_pct"],
             "headline_plan": result["headline_plan"],

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.bench.api import _free_port, _pct, _prepare
+from service.bench.api import _free_port, _pct, _prepare, team_keys
 from service.settings import DEMO_MODEL, REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -54,19 +54,6 @@ class Tally:
     @property
     def requests(self) -> int:
         return len(self.lat_ms)
-
-
-def _team_keys(db_url: str, n: int) -> list[str]:
-    from service.db.auth import create_key, create_team
-    from service.db.session import get_database
-
-    db = get_database(db_url)
-    keys = []
-    with db.session() as s:
-        for i in range(n):
-            keys.append(create_key(s, create_team(s, f"load-{i:03d}"))[1])
-    db.dispose()
-    return keys
 
 
 def _client(httpx, base: str, key: str, model: str, lo: int, hi: int, idx: int,  # noqa: ANN001
@@ -153,8 +140,9 @@ def run(args=None) -> dict:  # noqa: ANN001
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    n_cli = int(os.environ.get("BITPLAN_LOAD_CLIENTS", "50"))
-    seconds = float(os.environ.get("BITPLAN_LOAD_SECONDS", "60"))
+    quick = bool(getattr(args, "quick", False))   # smoke size unless the environment says
+    n_cli = int(os.environ.get("BITPLAN_LOAD_CLIENTS", "4" if quick else "50"))
+    seconds = float(os.environ.get("BITPLAN_LOAD_SECONDS", "4" if quick else "60"))
     cap = int(os.environ.get("BITPLAN_LOAD_MAX_REQUESTS", "500000"))
     poll_s = float(os.environ.get("BITPLAN_LOAD_POLL_S", "0.05"))
     model_dir = Path(os.environ.get("BITPLAN_BENCH_MODEL", DEMO_MODEL)).resolve()
@@ -163,7 +151,7 @@ def run(args=None) -> dict:  # noqa: ANN001
     with tempfile.TemporaryDirectory(prefix="bitplan-bench-load-") as tmp:
         data_dir = Path(tmp)
         url, _ = _prepare(data_dir, model_dir)
-        keys = _team_keys(url, n_cli)
+        keys = team_keys(url, n_cli, "load")
         port = _free_port()
         env = os.environ | {"BITPLAN_DATA_DIR": str(data_dir), "BITPLAN_DATABASE_URL": url,
                             "BITPLAN_MODEL_ROOTS": json.dumps([str(model_dir.parent)])}

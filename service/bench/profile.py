@@ -5,6 +5,9 @@
 - predicted ΔKL = Σ α_i·E_i vs KL measured on the *test* split for ≥ 10 varied plans
   (uniform, random, the note's strategies, optimal at several budgets): Spearman correlation;
 - the per-block sensitivity vector beside the Block Influence proxy.
+
+`--quick`: held-out points on fewer linears, 6 plans on 4 test sequences, for a smoke run (the
+figures are computed as in the full run). BITPLAN_BENCH_MODEL runs it on another model.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def run(args) -> dict:
     from solver.errormodel import ErrorModel, r2_log
     from solver.strategies import baseline
 
-    ref = str(DEMO_MODEL)
+    ref = os.environ.get("BITPLAN_BENCH_MODEL") or str(DEMO_MODEL)
+    quick = bool(getattr(args, "quick", False))
     cfg = ProfileConfig()
     out: dict = {"model": ref}
     fresh = os.environ.get("BITPLAN_BENCH_FRESH_PROFILE") == "1"
@@ -71,7 +75,7 @@ def run(args) -> dict:
     hessians = collect_hessians(model, calib, names)
     modules = dict(model.named_modules())
     ys, yhat, per_linear = [], [], {}
-    for lp in prof.linears[::3]:
+    for lp in prof.linears[::7 if quick else 3]:
         fitm = ErrorModel.from_dict(lp.fit)
         W = linear_weight(modules[lp.name]).detach().float()
         R = cfg.max_rank(lp.out_features, lp.in_features)
@@ -91,29 +95,32 @@ def run(args) -> dict:
             "heldout_points": len(ys)}
 
     # ---- predicted vs measured KL over varied plans ------------------------------------------
-    seqs = token_sequences(tok, Split.TEST, 256, n_seqs=16)
+    seqs = token_sequences(tok, Split.TEST, 256, n_seqs=4 if quick else 16)
     ev = PlanEvaluator(model, hessians, seqs, config=cfg.decomposition,
                        cache_dir=get_settings().data_dir / "cache" / prof.key)
     problem = build_problem(prof)
     plans: dict[str, dict] = {}
-    for bits, rank in ((3, 0), (4, 0), (3, 16), (2, 32), (6, 0)):
+    for bits, rank in ((3, 0), (4, 0)) if quick else ((3, 0), (4, 0), (3, 16), (2, 32), (6, 0)):
         plans[f"uniform_b{bits}_r{rank}"] = {n: solver.Option(bits, rank) for n in names}
-    for bpp in ("2.5bpp", "3bpp", "3.5bpp", "4.5bpp"):
+    for bpp in ("3.5bpp", "4.5bpp") if quick else ("2.5bpp", "3bpp", "3.5bpp", "4.5bpp"):
         plans[f"optimal_{bpp}"] = solver.solve(problem.with_budget(bpp)).assignments
-    for name in ("fidelity", "tiered", "ultra"):
-        plans[f"{name}_3.6bpp"] = baseline(name, problem.with_budget("3.6bpp"),
-                                           prof.block_sensitivity, block_of(prof)).assignments
+    at = "4.5bpp" if quick else "3.6bpp"    # tiny models' group scales need more bytes
+    for name in ("fidelity",) if quick else ("fidelity", "tiered", "ultra"):
+        plans[f"{name}_{at}"] = baseline(name, problem.with_budget(at),
+                                         prof.block_sensitivity, block_of(prof)).assignments
     rng = random.Random(0)
     choices = [solver.Option(2, 16), solver.Option(3, 0), solver.Option(3, 16),
                solver.Option(4, 0), solver.Option(5, 0)]
-    for k in range(3):
+    for k in range(1 if quick else 3):
         plans[f"random_{k}"] = {n: rng.choice(choices) for n in names}
     rows = []
     for label, assign in plans.items():
         res = ev.measure(assign)
         rows.append({"plan": label, "predicted_kl": predicted_kl(prof, assign),
                      "measured_kl": res.kl, "ppl": res.ppl, "top1": res.top1,
-                     "bytes": problem.evaluate(assign)[0]})
+                     "bytes": prof.fixed_bytes + sum(  # random picks may be off-menu
+                         solver.option_bytes(lp.out_features, lp.in_features, assign[lp.name])
+                         for lp in prof.linears)})
     out |= {"n_plans": len(rows),
             "spearman_pred_vs_measured_kl": round(spearman([r["predicted_kl"] for r in rows],
                                                            [r["measured_kl"] for r in rows]), 4),

@@ -51,15 +51,19 @@ def run(args) -> dict:
     rank = int(getattr(args, "rank", None) or DEFAULT_RANK)
     factor_bits, group_size = 4, 128
     config = DecompositionConfig()
+    quick = bool(getattr(args, "quick", False))   # smoke size: 3 linears, less calibration
     if not model_ref.exists():
         return {"error": f"model not found at {model_ref}; train it with `bitplan train-demo`"}
     model = load_model(model_ref, device=device)
     tokenizer = load_tokenizer(model_ref)
-    calib = token_sequences(tokenizer, Split.TRAIN, 256, n_seqs=32, seed=0)
-    t0 = time.perf_counter()
-    hessians = collect_hessians(model, calib, batch_size=8)
-    hessian_s = time.perf_counter() - t0
+    calib = token_sequences(tokenizer, Split.TRAIN, 128 if quick else 256,
+                            n_seqs=8 if quick else 32, seed=0)
     linears = discover(model).linears
+    if quick:
+        linears = linears[:3]
+    t0 = time.perf_counter()
+    hessians = collect_hessians(model, calib, [li.name for li in linears], batch_size=8)
+    hessian_s = time.perf_counter() - t0
     modules = dict(model.named_modules())
     weights = {li.name: linear_weight(modules[li.name]).detach().float() for li in linears}
 
@@ -89,8 +93,8 @@ def run(args) -> dict:
     opt = Option(3, rank, factor_bits, group_size)
     decompose(W, H, opt, config)                              # warm-up
     torch.linalg.svd(W, full_matrices=False)
-    t_dec = _median_time(lambda: decompose(W, H, opt, config), reps=3)
-    t_svd = _median_time(lambda: torch.linalg.svd(W, full_matrices=False), reps=5)
+    t_dec = _median_time(lambda: decompose(W, H, opt, config), reps=1 if quick else 3)
+    t_svd = _median_time(lambda: torch.linalg.svd(W, full_matrices=False), reps=1 if quick else 5)
     return {
         "rank": rank,
         "bits": per_bits,

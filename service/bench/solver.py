@@ -26,11 +26,6 @@ TARGET_MS = {"a": 50.0, "b": 1000.0}
 FRONTIER_TARGET_MS = 1000.0
 
 
-def add_arguments(parser) -> None:  # noqa: ANN001 - argparse parser
-    parser.add_argument("--cpsat-time-limit", type=float, default=None,
-                        help="seconds CP-SAT may spend per instance (default 60)")
-
-
 def _fresh(problem):  # noqa: ANN001, ANN202 - a solver.AllocationProblem
     """The same problem with nothing cached, so timings include all preparation."""
     from solver import AllocationProblem
@@ -105,8 +100,11 @@ def run(args) -> dict:  # noqa: ANN001 - argparse namespace
     limit = getattr(args, "cpsat_time_limit", None) or float(
         os.environ.get("BITPLAN_BENCH_CPSAT_S", "60"))
     out: dict[str, Any] = {"cpu_count": os.cpu_count()}
-    for key, shape, n_options in (("a", QWEN2_1_5B, 40), ("b", QWEN2_72B, 60)):
-        problem, scores, block_of = synthetic_problem(shape, n_options, seed=0,
+    instances = [("a", QWEN2_1_5B, 40, None), ("b", QWEN2_72B, 60, None)]
+    if getattr(args, "quick", False):   # smoke size: instance a cut to 2 blocks x 16 options
+        instances = [("a", QWEN2_1_5B, 16, 2)]
+    for key, shape, n_options, layers in instances:
+        problem, scores, block_of = synthetic_problem(shape, n_options, seed=0, layers=layers,
                                                       bits_per_param=BUDGET_BPP)
         log.info("bench solver: instance %s (%d linears x %d options)", key,
                  len(problem.linears), n_options)

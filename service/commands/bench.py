@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 
-# name -> module under service.bench exposing `add_arguments(parser)` (optional) and `run(args)`.
+# name -> module under service.bench exposing `run(args)`. Options live here, not in the bench
+# modules: registering them must not import torch for every CLI call.
 BENCHES = ["quant", "solver", "profile", "api", "e2e", "load"]
 
 
@@ -14,6 +15,11 @@ def register(sub) -> None:
     p.add_argument("name", choices=BENCHES + ["all"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke-sized run (fewer linears, plans, budgets, requests): the same "
+                        "figures, computed the same way, on less; marked \"quick\" in the JSON")
+    p.add_argument("--cpsat-time-limit", type=float, default=None,
+                   help="solver: seconds CP-SAT may spend per instance (default 60)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -24,7 +30,10 @@ def _run_one(name: str, args) -> dict:
         if exc.name == f"service.bench.{name}":
             return {"error": f"benchmark {name!r} is not available in this build"}
         raise
-    return mod.run(args)
+    out = mod.run(args)
+    if getattr(args, "quick", False) and isinstance(out, dict):
+        out["quick"] = True
+    return out
 
 
 def cmd_bench(args) -> int:

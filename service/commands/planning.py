@@ -146,7 +146,7 @@ def cmd_plan(args) -> int:
     out = {"total_bytes": plan.total_bytes, "budget": plan.budget,
            "bits_per_param": round(plan.bits_per_param(problem.total_linear_params), 4),
            "predicted_kl": plan.predicted_error, "optimal": plan.optimal, "gap": plan.gap,
-           "solve_ms": plan.solve_ms,
+           "solve_ms": plan.solve_ms, "notes": plan.notes,
            "linears": {n: o.to_dict() for n, o in plan.assignments.items()}}
     print(json.dumps(out, indent=1))
     return 0

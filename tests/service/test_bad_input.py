@@ -34,7 +34,8 @@ API_CASES = [
     # malformed bodies and wrong types
     ("empty body", "post", "/v1/plans", _raw(b""), 422, "invalid_request", "body"),
     ("text/plain body", "post", "/v1/plans",
-     {"content": b"hi", "headers": {"content-type": "text/plain"}}, 422, "invalid_request", ""),
+     {"content": b"hi", "headers": {"content-type": "text/plain"}}, 415,
+     "unsupported_media_type", "application/json"),
     ("truncated json string", "post", "/v1/plans", _raw(b'{"model": "tiny'), 400,
      "malformed_json", "JSON"),
     ("json NaN literal", "post", "/v1/plans", _raw(b'{"model":"tiny-qwen","budget":NaN}'), 422,

@@ -89,6 +89,7 @@ def get_plan(plan_id: str, team: TeamDep, db: DbDep) -> PlanPublic:
             budget=plan.budget, method=plan.method, constraints=plan.constraints or {},
             budget_bytes=plan.budget_bytes, total_bytes=plan.total_bytes,
             predicted_error=plan.predicted_error, optimality_gap=plan.optimality_gap,
+            notes=list((plan.result or {}).get("notes") or []),
             linears=pipeline.linear_table(plan.result or {}), plan=plan.result or {},
             job_id=plan.job_id, profile_id=plan.profile_id, created_at=plan.created_at,
             solved_at=plan.solved_at, links=links)

@@ -1,0 +1,29 @@
+"""Run `bitplan bench NAME --json` as a user would (a subprocess) and return its figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from service.settings import REPO_ROOT
+
+
+def bench(name: str, data_dir: Path, *args: str, env: dict[str, str] | None = None,
+          timeout: float = 600) -> dict:
+    full_env = os.environ | {"BITPLAN_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"} | (env or {})
+    full_env.pop("BITPLAN_REDIS_URL", None)
+    out = subprocess.run([sys.executable, "-m", "service.cli", "bench", name, "--json", *args],
+                         cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fig = json.loads(out.stdout)
+    assert "error" not in fig, fig
+    return fig
+
+
+def positive(*xs: float) -> bool:
+    return all(isinstance(x, int | float) and math.isfinite(x) and x > 0 for x in xs)
