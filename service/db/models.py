@@ -219,6 +219,8 @@ class Job(Base):
     result: Mapped[dict] = mapped_column(default=dict)
     history: Mapped[list] = mapped_column(default=list)   # [[stage, iso time], ...]
     worker: Mapped[str | None] = mapped_column(String(200))
+    # the in-process owner (service.jobs.owner) of a running job; NULL: a Celery worker's
+    owner: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
