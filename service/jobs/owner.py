@@ -69,6 +69,17 @@ class Liveness:
         conn.commit()
         return cls(owner, None, conn)
 
+    def alive(self) -> bool:
+        """Postgres: the lock lives as long as its connection; a restarted server drops it."""
+        if self._conn is None:
+            return True
+        try:
+            self._conn.execute(sa.text("SELECT 1"))
+            self._conn.commit()
+            return True
+        except sa.exc.DBAPIError:
+            return False
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -84,15 +95,33 @@ def hold(db: Database) -> str | None:
     """This process's owner id, once its lock is held for `db` (for the process's lifetime);
     None where no other process can share the database (SQLite in memory)."""
     with _LOCK:
+        held = _HELD.get(db.url)
+        if held is not None and not held.alive():     # lost with its connection: take it again
+            log.warning("liveness lock for %s was lost; re-taking it", db.url)
+            held.release()
+            del _HELD[db.url]
         if db.url not in _HELD:
             if db.is_sqlite and _lock_dir(db) is None:
                 return None
             try:
                 _HELD[db.url] = Liveness.acquire(db, OWNER_ID)
+                if db.is_sqlite:
+                    _clean(_lock_dir(db))
             except OSError:   # e.g. a read-only directory: recovery falls back to the lease
                 log.warning("cannot hold a liveness lock for %s", db.url, exc_info=True)
                 return None
     return OWNER_ID
+
+
+def _clean(d: Path) -> None:
+    """Remove the lock files of dead processes (nobody holds them; ours is held)."""
+    for path in d.glob("*.lock"):
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            path.unlink(missing_ok=True)
 
 
 def is_dead(db: Database, owner: str) -> bool:
