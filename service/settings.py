@@ -31,10 +31,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, description="largest accepted request body")
     max_concurrent_jobs_per_team: int = Field(default=8, description="queued + running plan and "
                                               "compress jobs a team may have at once (429 over)")
-    job_lease_s: float = Field(default=60.0, description="a running job whose heartbeat is older "
-                               "than this may be claimed again (its worker died)")
-    sweep_interval_s: float = Field(default=30.0, description="Celery mode: how often the API "
-                                    "re-sends jobs nobody runs (0 = never)")
+    job_lease_s: float = Field(default=20.0, description="a running job whose heartbeat (sent "
+                               "every lease/4) is older than this may be claimed again (its "
+                               "worker died)")
+    sweep_interval_s: float = Field(default=5.0, description="how often the API (or embedded "
+                                    "server) re-sends jobs nobody runs (0 = never)")
     requeue_after_s: float = Field(default=300.0, description="a queued job this old whose "
                                    "message may be lost (a broker restart) is sent again")
     worker_heartbeat_file: Path | None = Field(

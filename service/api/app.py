@@ -16,6 +16,7 @@ from service.api.media import JsonBodies
 from service.api.routes import artifacts, health, jobs, models, plans
 from service.db.session import get_database
 from service.jobs.queue import InProcessQueue, Queue, make_queue
+from service.jobs.sweeper import SweepLoop, sweep
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,13 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = None
-        if isinstance(app.state.queue, InProcessQueue):   # embedded: resume what a restart cut
+        if isinstance(app.state.queue, InProcessQueue):
+            # embedded: resume at once what a restart cut (queued jobs, and the running jobs of
+            # the dead server that owned them), without waiting for any lease
             threading.Thread(target=_resume, args=(app,), daemon=True,
                              name="bitplan-resume").start()
-        elif settings.sweep_interval_s > 0:
-            # Celery: re-send what a broker lost or what a dead worker left running
-            from service.jobs.sweeper import SweepLoop
-
+        if settings.sweep_interval_s > 0:
+            # both modes: re-send what a broker lost, and jobs whose worker died (lease expired)
             sweeper = SweepLoop(app.state.db, app.state.queue, settings.job_lease_s,
                                 settings.sweep_interval_s, settings.requeue_after_s).start()
         yield
@@ -107,8 +108,6 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
 
 
 def _resume(app: FastAPI) -> None:
-    from service.jobs.sweeper import sweep
-
     try:
         sweep(app.state.db, app.state.queue, app.state.settings.job_lease_s)
     except Exception:  # noqa: BLE001 - e.g. the schema is not migrated yet

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import ColumnElement, create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,6 +30,21 @@ def make_engine(url: str) -> Engine:
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
                          pool_recycle=1800)
+
+
+def serialize_on(s: Session, column: ColumnElement, key: object) -> None:
+    """Serialise this transaction, until it ends, with every other that takes the same lock, so
+    a read-then-write (count, then insert) is atomic. Postgres: the row `column == key` FOR
+    UPDATE (later reads in READ COMMITTED see what the previous holder committed). SQLite locks
+    whole databases: BEGIN IMMEDIATE takes the write lock before anything is read (the driver
+    begins only at the first write, and a deferred reader cannot upgrade safely); a transaction
+    that has written already holds it."""
+    conn = s.connection()
+    if conn.dialect.name == "sqlite":
+        if not conn.connection.dbapi_connection.in_transaction:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+    s.execute(select(column).where(column == key).with_for_update())
 
 
 class Database:

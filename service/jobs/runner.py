@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from service.db.models import Job, JobStatus
 from service.db.session import Database, get_database
-from service.jobs import state
-from service.jobs.queue import TASK_QUEUES, Queue
+from service.jobs import owner, state
+from service.jobs.queue import TASK_QUEUES, InProcessQueue, Queue
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,10 @@ def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | Non
         raise ValueError(f"unknown task {task_name!r}")
     db = get_database(settings.resolved_database_url)
     stage_name, fn = _stages()[task_name]
-    claimed = state.claim(db, job_id, stage_name, lease_s=settings.job_lease_s)
+    # in-process: hold this process's liveness lock before its id goes on a job, so that a
+    # restarted server can tell our jobs (never touched while we live) from a dead server's
+    owner_id = owner.hold(db) if isinstance(queue, InProcessQueue) else None
+    claimed = state.claim(db, job_id, stage_name, lease_s=settings.job_lease_s, owner=owner_id)
     if claimed is None:
         with db.session() as s:
             job = s.get(Job, job_id)

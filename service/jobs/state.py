@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import TERMINAL, Job, JobStatus, utcnow
-from service.db.session import Database
+from service.db.session import Database, serialize_on
 
 log = logging.getLogger(__name__)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -41,10 +41,10 @@ class JobFailed(Exception):
 
 
 def _lock(s: Session, job_id: str) -> Job | None:
-    stmt = select(Job).where(Job.id == job_id)
-    if s.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    return s.scalar(stmt)
+    """The job, locked until commit (FOR UPDATE; on SQLite the database's write lock), so two
+    claims of one job cannot both see it free."""
+    serialize_on(s, Job.id, job_id)
+    return s.scalar(select(Job).where(Job.id == job_id))
 
 
 def _history(job: Job, stage: str) -> list:
@@ -58,10 +58,12 @@ def _aware(t: datetime | None) -> datetime | None:
     return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
 
-def claim(db: Database, job_id: str, stage: str, lease_s: float = 60.0) -> Claim | None:
+def claim(db: Database, job_id: str, stage: str, lease_s: float = 20.0,
+          owner: str | None = None) -> Claim | None:
     """Mark the job running and return it, or None when there is nothing to do (yet): it is
     finished, waits on another job, or runs elsewhere with a fresh heartbeat (a duplicate
-    delivery). A running job whose heartbeat is older than `lease_s` is claimed again."""
+    delivery). A running job whose heartbeat is older than `lease_s` is claimed again.
+    `owner`: the in-process owner id (service.jobs.owner) whose lock this process holds."""
     with db.session() as s:
         job = _lock(s, job_id)
         if job is None:
@@ -89,6 +91,7 @@ def claim(db: Database, job_id: str, stage: str, lease_s: float = 60.0) -> Claim
         job.stage = stage
         job.history = _history(job, stage)
         job.worker = WORKER_ID
+        job.owner = owner
         job.started_at = job.started_at or utcnow()
         job.heartbeat_at = job.updated_at = utcnow()
         job.error = job.error_code = None

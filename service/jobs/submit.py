@@ -19,11 +19,12 @@ from service.db.models import (
     ModelRow,
     PlanRow,
     ProfileRow,
+    Team,
     new_id,
     utcnow,
 )
 from service.db.profile_store import DbProfileStore
-from service.db.session import Database
+from service.db.session import Database, serialize_on
 from service.db.upsert import upsert
 from service.errors import Conflict, NotFound, TooManyRequests
 from service.jobs.queue import Queue
@@ -119,11 +120,15 @@ def _replay(s: Session, team_id: str, idem_key: str, rhash: str) -> Submitted | 
     return Submitted(job.plan_id, job.id, job.depends_on, created=False)
 
 
-def check_team_limit(s: Session, team_id: str, settings: Settings) -> None:
-    """429 when the team already has its quota of unfinished jobs (queued or running)."""
+def check_team_limit(s: Session, team_id: str, settings: Settings, *, lock: bool = True) -> None:
+    """429 when the team already has its quota of unfinished jobs (queued or running). With
+    `lock`, call it in the transaction that then inserts the job: the team's lock is held until
+    commit, so concurrent requests of one team count and insert one after another."""
     limit = settings.max_concurrent_jobs_per_team
     if limit <= 0:
         return
+    if lock:
+        serialize_on(s, Team.id, team_id)
     active = s.scalar(select(func.count()).select_from(Job).where(
         Job.team_id == team_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
     if active >= limit:
@@ -150,7 +155,7 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
                                  validation.inventory_names(model.inventory))
     with db.session() as s:
         profile_id = latest_profile_id(s, model.id)
-        check_team_limit(s, team_id, settings)
+        check_team_limit(s, team_id, settings, lock=False)   # fail fast; enforced below
     profile = DbProfileStore(db).get_by_id(profile_id) if profile_id is not None else None
     if profile is not None:   # infeasible budgets fail now, with the solver's message
         pipeline.check_budget(profile, body["budget"], body.get("constraints"), profile_id)
@@ -160,6 +165,9 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
     to_enqueue: list[tuple[str, str]] = []
     try:
         with db.session() as s:
+            check_team_limit(s, team_id, settings)     # locks the team until this commits
+            if idem_key and (replay := _replay(s, team_id, idem_key, rhash)) is not None:
+                return replay                          # a concurrent twin committed first
             plan = PlanRow(id=new_id(), team_id=team_id, model_id=model.id, profile_id=profile_id,
                            budget=str(body["budget"]), method=body.get("method") or "exact",
                            constraints=body.get("constraints") or {},
@@ -212,9 +220,11 @@ def request_compress(db: Database, queue: Queue, team_id: str, plan_id: str,
         if plan.status != "solved":
             raise Conflict(f"plan {plan_id} is not solved yet (status {plan.status})",
                            code="plan_not_ready")
-        if settings is not None and not s.scalar(select(func.count()).select_from(Job).where(
-                Job.plan_id == plan_id, Job.kind == JobKind.COMPRESS)):
-            check_team_limit(s, team_id, settings)
+        if settings is not None and settings.max_concurrent_jobs_per_team > 0:
+            serialize_on(s, Team.id, team_id)           # count and insert atomically
+            if not s.scalar(select(func.count()).select_from(Job).where(
+                    Job.plan_id == plan_id, Job.kind == JobKind.COMPRESS)):
+                check_team_limit(s, team_id, settings, lock=False)   # already locked
         job = pipeline.create_compress_job(s, plan)
         job_id, art_id, status = job.id, job.artifact_id, job.status
     if status == JobStatus.QUEUED:

@@ -1,6 +1,7 @@
-"""Faults with real processes: a Celery worker SIGKILLed mid-profile and mid-compress (the task
-is redelivered — acks_late + a short visibility timeout — and finishes with no duplicate rows,
-with the API restarted meanwhile),
+"""Faults with real processes: a Celery worker SIGKILLed mid-profile and mid-compress (with the
+shipped lease, heartbeat and sweep settings the API's sweeper re-sends the job once its lease
+expires, within 30 s of the kill, and it finishes once, with no duplicate rows, with the API
+restarted meanwhile),
 and a private `redis-server` restarted with jobs queued (they still run: from its append-only
 file, or re-sent by the API's sweeper when the broker lost them). The machine's shared Postgres
 and Redis are never stopped."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from service.db.auth import create_team
 from service.db.models import Artifact, Job, PlanRow
 from service.db.profile_store import DbProfileStore
 from service.pipeline import available
+from service.settings import Settings
 from tests.service.faults import RedisServer
 from tests.service.fixtures import (
     TINY_PROFILE,
@@ -32,9 +35,10 @@ from tests.service.fixtures import (
 from tests.service.flow import row_counts
 from tests.workers.worker_proc import WorkerProcess, clear_redis_prefix, wait_for
 
-# read by the worker subprocesses: quick redelivery, a small evaluation after compressing
-WORKER_ENV = {"BITPLAN_VISIBILITY_TIMEOUT_S": "4", "BITPLAN_JOB_LEASE_S": "3",
-              "BITPLAN_EVAL_SEQS": "4", "BITPLAN_EVAL_SEQ_LEN": "64"}
+# read by the worker subprocesses: a small evaluation after compressing (lease, heartbeat,
+# visibility timeout and sweep interval stay at their shipped defaults)
+WORKER_ENV = {"BITPLAN_EVAL_SEQS": "4", "BITPLAN_EVAL_SEQ_LEN": "64"}
+RECOVERY_BOUND_S = 30.0      # SIGKILL → the job claimed again by another worker
 
 
 def _job(db, job_id: str) -> Job:
@@ -54,18 +58,35 @@ def _kill(worker: WorkerProcess) -> None:
 
 
 def _restart_api(env):
-    """A fresh app (new process state, new broker connection) with the same settings and keys."""
+    """A fresh app (new process state, new broker connection, its own sweeper) with the same
+    settings and keys; the old one is shut down (its lifespan ends, closing its queue)."""
     from fastapi.testclient import TestClient
 
     from service.api import create_app
 
-    env.queue.close()
+    env.client.__exit__(None, None, None)
     app = create_app(env.settings)
-    return type(env)(TestClient(app, raise_server_exceptions=False), env.settings, env.db,
-                     env.keys, app.state.queue)
+    client = TestClient(app, raise_server_exceptions=False)
+    client.__enter__()                                 # runs the lifespan: the sweeper
+    return type(env)(client, env.settings, env.db, env.keys, app.state.queue)
 
 
-def _kill_when_running(db, worker: WorkerProcess, job_id: str, timeout: float) -> None:
+def _recovered_within(db, job_id: str, killed_at: float, attempt: int, worker) -> float:
+    """Seconds from the kill until another worker holds the job (attempt `attempt` running, or
+    already finished): the figure the lease/heartbeat/sweep defaults are there to bound."""
+    def back() -> bool:
+        job = _job(db, job_id)
+        return job.attempts >= attempt and job.status in ("running", "succeeded")
+
+    wait_for(back, RECOVERY_BOUND_S + 30, interval=0.1, what=f"job {job_id} to be re-claimed")
+    took = time.monotonic() - killed_at
+    print(f"\nrecovery after SIGKILL of job {job_id[:8]}: {took:.1f} s")
+    assert took <= RECOVERY_BOUND_S, (took, worker.log()[-3000:])
+    assert _job(db, job_id).attempts == attempt          # re-claimed once, not twice
+    return took
+
+
+def _kill_when_running(db, worker: WorkerProcess, job_id: str, timeout: float) -> float:
     """SIGKILL the whole worker (process group) as soon as the job has started for real."""
     wait_for(lambda: _job(db, job_id).status == "running" or _finished(db, job_id), timeout,
              interval=0.05, what=f"job {job_id} to start")
@@ -73,21 +94,24 @@ def _kill_when_running(db, worker: WorkerProcess, job_id: str, timeout: float) -
     assert job.status == "running", (job.status, job.error, worker.log()[-3000:])
     _kill(worker)
     assert _job(db, job_id).status == "running", "the job finished before the kill"
+    return time.monotonic()
 
 
 def _kill_mid_linears(db, worker: WorkerProcess, work: Path, job_id: str, total: int,
-                      timeout: float = 120) -> int:
+                      timeout: float = 120) -> tuple[int, float]:
     """Freeze the worker (SIGSTOP: instant) once a few linears are on disk, check the job is
-    really mid-way through them, then SIGKILL it. Returns how many linears were done."""
+    really mid-way through them, then SIGKILL it. Returns how many linears were done, and when
+    the worker stopped."""
     linears = work / "linears"
     wait_for(lambda: len(list(linears.glob("*.json"))) >= 2 or _finished(db, job_id), timeout,
              interval=0.005, what="two compressed linears on disk")
     os.killpg(worker.proc.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
     done = len(list(linears.glob("*.json")))
     assert 2 <= done < total, (done, total, worker.log()[-3000:])
     _kill(worker)                                    # SIGKILL ends stopped processes too
     assert _job(db, job_id).status == "running"
-    return done
+    return done, stopped
 
 
 @pytest.mark.skipif(not available("compressor.profile") or not available("compressor.compress"),
@@ -100,9 +124,12 @@ def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_u
     for k, v in WORKER_ENV.items():
         monkeypatch.setenv(k, v)
     settings = make_settings(tmp_path, pg_url, redis_url=redis_url, model_roots=[model_root],
-                             profile_config=TINY_PROFILE, visibility_timeout_s=4,
-                             job_lease_s=3, sweep_interval_s=0, eval_seqs=4, eval_seq_len=64)
+                             profile_config=TINY_PROFILE, eval_seqs=4, eval_seq_len=64)
+    shipped = Settings()
+    for knob in ("job_lease_s", "sweep_interval_s", "visibility_timeout_s"):
+        assert getattr(settings, knob) == getattr(shipped, knob), knob
     env = make_env(settings)
+    env.client.__enter__()                             # the API's lifespan: its sweeper
     workers: list[WorkerProcess] = []
 
     def start() -> WorkerProcess:
@@ -116,9 +143,10 @@ def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_u
                             headers=env.h("alpha"))
         assert r.status_code == 202, r.text
         acc = r.json()
-        _kill_when_running(env.db, start(), acc["profile_job_id"], 120)
+        killed = _kill_when_running(env.db, start(), acc["profile_job_id"], 120)
         env = _restart_api(env)                        # the API restarted too: nothing lost
-        w = start()                                    # the message comes back to this one
+        w = start()                                    # the sweeper re-sends the job to it
+        took_profile = _recovered_within(env.db, acc["profile_job_id"], killed, 2, w)
         job = wait_for(lambda: _finished(env.db, acc["job_id"]), 240, what="plan after kill")
         assert job.status == "succeeded", (job.error, w.log()[-4000:])
         prof = _job(env.db, acc["profile_job_id"])
@@ -135,8 +163,9 @@ def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_u
         assert c.status_code == 202, c.text
         comp = c.json()
         work = settings.data_dir / "artifacts" / f"{comp['artifact_id']}.partial"
-        done = _kill_mid_linears(env.db, w, work, comp["job_id"], n_linears)
+        done, killed = _kill_mid_linears(env.db, w, work, comp["job_id"], n_linears)
         w = start()
+        took_compress = _recovered_within(env.db, comp["job_id"], killed, 2, w)
         job = wait_for(lambda: _finished(env.db, comp["job_id"]), 240, what="compress")
         assert job.status == "succeeded", (job.error, w.log()[-4000:])
         assert job.attempts == 2
@@ -165,7 +194,11 @@ def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_u
         same = ("compressed.safetensors", "kept.safetensors")
         digests = [recorded_file_digests(a.path) for a in (arts[0], art_b)]
         assert [digests[0][f] for f in same] == [digests[1][f] for f in same]
+        print(f"recovery after SIGKILL (lease {settings.job_lease_s:g} s, heartbeat every "
+              f"{settings.job_lease_s / 4:g} s, sweep every {settings.sweep_interval_s:g} s): "
+              f"profile {took_profile:.1f} s, compress {took_compress:.1f} s")
     finally:
+        env.client.__exit__(None, None, None)
         for w in workers:
             w.stop()
         clear_redis_prefix(redis_url, settings.redis_prefix)
