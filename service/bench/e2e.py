@@ -16,12 +16,14 @@ QUICK = {"budgets": ("3.25bpp",), "eval_seqs": 4, "refine_rounds": 0}
 
 def run(args) -> dict:  # noqa: ANN001 - argparse namespace
     from service.commands.planning import ensure_profile
-    from service.experiment import run_experiment
+    from compressor.experiment import run_experiment
 
     ref = os.environ.get("BITPLAN_BENCH_MODEL") or str(DEMO_MODEL)
     prof = ensure_profile(ref, quiet=True)
-    out = get_settings().data_dir / "reports" / f"e2e-{prof.key[:12]}"
-    result = run_experiment(ref, prof, out_dir=out,
+    settings = get_settings()
+    out = settings.data_dir / "reports" / f"e2e-{prof.key[:12]}"
+    result = run_experiment(ref, prof, out_dir=out, device=settings.device,
+                            cache_dir=settings.data_dir / "cache" / prof.key,
                             **(QUICK if getattr(args, "quick", False) else {}))
     budgets = [{"budget": r["budget"], "budget_bytes": r["budget_bytes"],
                 "strategies": r["strategies"], "refined": r.get("refined")}

@@ -178,29 +178,23 @@ def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = Fa
     """Compress every linear as planned, save the artifact, evaluate it against the original."""
     from tqdm import tqdm
 
-    from compressor.artifact import load_compressed, save_artifact
-    from compressor.compress import compress_model
-    from compressor.evaluate import eval_sequences, evaluate, reference_logprobs
-    from compressor.loading import load_model, load_tokenizer
-    from compressor.planning import predicted_kl
-    from compressor.profile import ProfileConfig, calibration
+    from compressor.execute import ExecuteConfig, execute_plan
 
     settings = get_settings()
-    cfg = ProfileConfig.from_dict(prof.config)
-    model = load_model(model_ref, settings.trust_remote_code, device=settings.device)
-    tok = load_tokenizer(model_ref, settings.trust_remote_code)
-    seqs = eval_sequences(tok, settings.eval_seq_len, settings.eval_seqs)
-    ref = reference_logprobs(model, seqs)
-    bar = tqdm(total=len(plan.assignments), desc="compress", disable=quiet or not sys.stderr.isatty())
-    decs = compress_model(model, plan.assignments, calibration(tok, cfg), config=cfg.decomposition,
-                          on_linear=lambda n, d: bar.update(1))
+    config = ExecuteConfig(device=settings.device, trust_remote_code=settings.trust_remote_code,
+                           eval_seq_len=settings.eval_seq_len, eval_seqs=settings.eval_seqs)
+    bar = tqdm(total=100, desc="compress", unit="%", disable=quiet or not sys.stderr.isatty())
+
+    def progress(stage: str, frac: float) -> None:
+        bar.set_description(f"compress:{stage}")
+        bar.update(round(100 * frac) - bar.n)
+
+    done = execute_plan(model_ref, prof, plan, out, config, progress=progress)
     bar.close()
-    manifest = save_artifact(model, tok, decs, out, plan=plan.to_dict(), source_ref=model_ref)
-    compressed, _ = load_compressed(out, device=settings.device)
-    res = evaluate(compressed, seqs, reference=ref)
-    return {"artifact": str(out), "planned_bytes": plan.total_bytes,
-            "artifact_bytes": manifest.total_bytes, "ppl": res.ppl, "kl": res.kl,
-            "top1": res.top1, "predicted_kl": predicted_kl(prof, plan.assignments)}
+    m = done.metrics
+    return {"artifact": str(done.artifact), "planned_bytes": plan.total_bytes,
+            "artifact_bytes": done.manifest.total_bytes, "ppl": m["ppl"], "kl": m["kl"],
+            "top1": m["top1"], "predicted_kl": m["predicted_kl"]}
 
 
 def cmd_compress(args) -> int:
@@ -217,7 +211,7 @@ def cmd_compress(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from service.experiment import DEFAULT_BUDGETS, run_experiment
+    from compressor.experiment import DEFAULT_BUDGETS, run_experiment
 
     prof = ensure_profile(args.model)
     budgets = args.budgets.split(",") if args.budgets else DEFAULT_BUDGETS
@@ -229,7 +223,9 @@ def cmd_experiment(args) -> int:
     def progress(stage: str, frac: float) -> None:
         bar.update(round(100 * frac) - bar.n)
 
-    result = run_experiment(args.model, prof, budgets, out_dir=out, progress=progress)
+    settings = get_settings()
+    result = run_experiment(args.model, prof, budgets, out_dir=out, progress=progress,
+                            device=settings.device, cache_dir=settings.data_dir / "cache" / prof.key)
     bar.close()
     if args.json:
         print(json.dumps(result))
@@ -246,7 +242,7 @@ def cmd_demo(args) -> int:
     from compressor.loading import load_model, load_tokenizer
     from compressor.plan_eval import PlanEvaluator
     from compressor.profile import ProfileConfig, calibration
-    from service.experiment import baseline_plan
+    from compressor.experiment import baseline_plan
     from service.settings import DEMO_MODEL
 
     if not args.verbose:  # the demo prints its own steps; per-linear logs only with -v

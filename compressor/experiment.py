@@ -23,6 +23,7 @@ from compressor.plan_eval import PlanEvaluator
 from compressor.planning import block_of, build_problem, predicted_kl
 from compressor.profile import ProfileConfig, calibration
 from compressor.profile_store import Profile
+from compressor.report import write_report
 from solver.errormodel import ErrorModel
 from solver.strategies import STRATEGIES, baseline
 
@@ -107,12 +108,13 @@ def refine(ev: PlanEvaluator, prof: Profile, problem, plan: solver.Plan,
 
 def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAULT_BUDGETS,
                    out_dir: Path | None = None, eval_seqs: int = 32, refine_rounds: int = 2,
-                   progress: Callable[[str, float], None] | None = None) -> dict:
+                   progress: Callable[[str, float], None] | None = None, device: str = "cpu",
+                   cache_dir: Path | None = None) -> dict:
+    """`cache_dir`: where decomposed Ŵ are kept across runs over the same profile (None: no
+    on-disk cache)."""
     report = progress or (lambda s, f: None)
     cfg = ProfileConfig.from_dict(prof.config)
-    from service.settings import get_settings
-
-    model = load_model(model_ref, device=get_settings().device)
+    model = load_model(model_ref, device=device)
     tok = load_tokenizer(model_ref)
     names = [lp.name for lp in prof.linears]
     hessians = collect_hessians(model, calibration(tok, cfg), names)
@@ -120,7 +122,7 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
     tune = token_sequences(tok, Split.VALID, 256, n_seqs=eval_seqs) if refine_rounds else None
     ev = PlanEvaluator(model, hessians, token_sequences(tok, Split.TEST, 256, n_seqs=eval_seqs),
                        config=cfg.decomposition,
-                       cache_dir=get_settings().data_dir / "cache" / prof.key, tune_seqs=tune)
+                       cache_dir=cache_dir, tune_seqs=tune)
     original = ev.baseline()
     base = build_problem(prof)
     result: dict = {"model": model_ref, "original_ppl": original.ppl, "budgets": []}
@@ -159,8 +161,6 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
     result |= headline(result)
     result["section2"] = section2(ev, names, prof.stats.get("num_blocks", 1))
     if out_dir is not None:
-        from service.report import write_report
-
         write_report(result, prof, Path(out_dir))
     return result
 

@@ -7,10 +7,9 @@ import pytest
 
 from compressor.profile import ProfileConfig, run_profile
 from compressor.profile_store import FileProfileStore
-from service.experiment import headline, run_experiment
-from service.settings import get_settings
+from compressor.experiment import headline, run_experiment
 from solver.strategies import STRATEGIES
-from tests.service.fixtures import TINY_PROFILE
+from tests.service.fixtures import TINY_PROFILE, model_root, tiny_model  # noqa: F401
 
 # group 32 with 64 as the planner's extra choice: on 72-wide rows both are real choices
 CFG = dataclasses.replace(ProfileConfig.from_dict(TINY_PROFILE), group_size=32,
@@ -20,17 +19,10 @@ CFG = dataclasses.replace(ProfileConfig.from_dict(TINY_PROFILE), group_size=32,
 @pytest.fixture(scope="module")
 def experiment(tiny_model, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BITPLAN_DATA_DIR", str(data))
-    get_settings.cache_clear()
-    try:
-        prof = run_profile(str(tiny_model), FileProfileStore(data / "profiles"), config=CFG)
-        out = data / "report"
-        result = run_experiment(str(tiny_model), prof, budgets=("4.5bpp", "6bpp"),
-                                out_dir=out, eval_seqs=4, refine_rounds=1)
-    finally:
-        mp.undo()
-        get_settings.cache_clear()
+    prof = run_profile(str(tiny_model), FileProfileStore(data / "profiles"), config=CFG)
+    out = data / "report"
+    result = run_experiment(str(tiny_model), prof, budgets=("4.5bpp", "6bpp"), out_dir=out,
+                            eval_seqs=4, refine_rounds=1, cache_dir=data / "cache" / prof.key)
     return prof, result, out
 
 
