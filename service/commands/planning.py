@@ -238,11 +238,11 @@ def cmd_demo(args) -> int:
     import logging
 
     from compressor.data import Split, token_sequences
+    from compressor.experiment import baseline_plan
     from compressor.hessian import collect_hessians
     from compressor.loading import load_model, load_tokenizer
     from compressor.plan_eval import PlanEvaluator
     from compressor.profile import ProfileConfig, calibration
-    from compressor.experiment import baseline_plan
     from service.settings import DEMO_MODEL
 
     if not args.verbose:  # the demo prints its own steps; per-linear logs only with -v
