@@ -46,11 +46,9 @@ def build_problem(profile: Profile, budget=None, constraints: Mapping | Constrai
     if constraints is not None and not isinstance(constraints, Constraints):
         constraints = Constraints.from_dict(dict(constraints))
     problem = AllocationProblem([linear_menu(lp, profile, menu) for lp in profile.linears],
-                                fixed_bytes=profile.fixed_bytes, constraints=constraints)
-    if budget is not None:
-        fp16 = profile.stats.get("fp16_bytes")
-        problem = problem.with_budget(problem.parse_budget(budget, fp16_bytes=fp16))
-    return problem
+                                fixed_bytes=profile.fixed_bytes, constraints=constraints,
+                                fp16_bytes=profile.stats.get("fp16_bytes"))
+    return problem.with_budget(budget) if budget is not None else problem
 
 
 def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from compressor.profile_store import Profile  # noqa: E402
+
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
@@ -88,3 +90,10 @@ def scatter_png(points: Mapping[str, Sequence[tuple[float, float]]], xlabel: str
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def profile_plot_png(profile: Profile) -> bytes:
+    """Per-block sensitivity (end-to-end α) beside the Block Influence proxy."""
+    return profile_png(profile.block_sensitivity, profile.block_proxy,
+                       f"sensitivity per block — {profile.model_ref}",
+                       profile.stats.get("spearman_alpha_vs_proxy"))

@@ -24,10 +24,9 @@ from compressor.data import Split, token_sequences
 from compressor.decompose import DecompositionConfig, decompose, h_norm, lowrank_error_curve
 from compressor.hessian import collect_hessians, linear_weight
 from compressor.loading import discover, inventory, load_model, load_tokenizer
-from compressor.planning import build_problem  # noqa: F401  (re-exported for the service)
-from compressor.plots import profile_png
 from compressor.profile_store import LinearProfile, Profile, ProfileStore, profile_key
 from compressor.sensitivity import measure_alpha, summarize
+from solver.budget import fp16_reference_bytes
 from solver.bytes import Option
 from solver.errormodel import ErrorModel, fit, sample_tail
 
@@ -199,7 +198,8 @@ def run_profile(model_ref: str, store: ProfileStore, *, device: str = "cpu",
                "spearman_alpha_vs_proxy": spearman(sens.block_alpha, sens.block_influence),
                "wall_s": round(time.perf_counter() - t_start, 2),
                "num_blocks": inv.num_blocks, "linear_params": inv.linear_params,
-               "fp16_bytes": 2 * (inv.linear_params + sum(math.prod(k.shape) for k in inv.kept)),
+               "fp16_bytes": fp16_reference_bytes(
+                   inv.linear_params, sum(math.prod(k.shape) for k in inv.kept)),
                **{k: round(v, 2) for k, v in timings.items()}},
     )
     store.put(profile)
@@ -218,10 +218,3 @@ def spearman(a, b) -> float | None:
 
 def model_inventory(model_ref: str, trust_remote_code: bool = False):
     return inventory(model_ref, trust_remote_code)
-
-
-def profile_plot_png(profile: Profile) -> bytes:
-    """Per-block sensitivity (end-to-end α) beside the Block Influence proxy."""
-    return profile_png(profile.block_sensitivity, profile.block_proxy,
-                       f"sensitivity per block — {profile.model_ref}",
-                       profile.stats.get("spearman_alpha_vs_proxy"))

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 PROFILE_CODE_VERSION = "2"   # 2: MSE-clipped quantization grids
 
@@ -124,3 +127,23 @@ class FileProfileStore:
         if not self.root.is_dir():
             return []
         return sorted(p.parent.name for p in self.root.glob("*/profile.json"))
+
+
+SHIPPED_PROFILE = "bitplan_profile.json"
+
+
+def seed_shipped_profile(store: ProfileStore, model_path: str | Path) -> bool:
+    """Put a profile shipped beside the model (`bitplan_profile.json`, e.g. the demo's) into
+    `store`. run_profile uses it only if its key matches what it computes from these weights,
+    calibration set, config and code version. False when there is none or it is unreadable."""
+    shipped = Path(model_path) / SHIPPED_PROFILE
+    if not shipped.is_file():
+        return False
+    try:
+        prof = Profile.from_dict(json.loads(shipped.read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.warning("ignoring the profile shipped at %s: %s", shipped, exc)
+        return False
+    if store.get(prof.key) is None:
+        store.put(prof)
+    return True

@@ -1,6 +1,11 @@
-"""Errors the service reports to users: each carries an HTTP status and a stable code."""
+"""Errors the service reports to users: each carries an HTTP status and a stable code (the
+API's envelope); UserError is the command line's (one line, exit status 2)."""
 
 from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by the user's input on the command line: one line, exit status 2."""
 
 
 class ServiceError(Exception):

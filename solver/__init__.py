@@ -4,7 +4,13 @@ Pure numbers (numpy, scipy, ortools, pyyaml); imports nothing else of bitplan.
 """
 
 from solver.allocate import Method, frontier, frontier_plan, solve
-from solver.budget import BudgetError, InfeasibleBudget, format_bytes
+from solver.budget import (
+    BudgetBasis,
+    BudgetError,
+    InfeasibleBudget,
+    format_bytes,
+    fp16_reference_bytes,
+)
 from solver.bytes import Option, option_bytes
 from solver.dp import FrontierTooLarge
 from solver.problem import (
@@ -17,7 +23,7 @@ from solver.problem import (
 )
 
 __all__ = [
-    "AllocationProblem", "BudgetError", "Constraints", "FrontierTooLarge", "InfeasibleBudget",
-    "LinearMenu", "Method", "Option", "Plan", "format_bytes", "frontier", "frontier_plan",
+    "AllocationProblem", "BudgetBasis", "BudgetError", "Constraints", "FrontierTooLarge", "InfeasibleBudget",
+    "LinearMenu", "Method", "Option", "Plan", "format_bytes", "fp16_reference_bytes", "frontier", "frontier_plan",
     "option_bytes", "parse_budget", "solve", "tie_per_block",
 ]

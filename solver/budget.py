@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from fractions import Fraction
 
 UNITS: dict[str, int] = {
@@ -105,3 +106,30 @@ def parse_budget(text_or_int: str | int | float, *, total_linear_params: int,
         return _positive_int(number * fp16_bytes, text_or_int)
     raise BudgetError(f"unknown budget unit {match.group(2)!r} in {text_or_int!r}; use one of "
                       f"B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, bpp, x")
+
+
+def fp16_reference_bytes(linear_params: int, kept_params: int) -> int:
+    """The reference of an ``x`` budget: every parameter of the model (compressible linears and
+    kept ones alike) at 2 bytes, whatever dtype it is stored in. The one place this is computed:
+    the service (from a layer inventory) and the profile (from the loaded model) both call it,
+    so ``"0.3x"`` means the same bytes everywhere."""
+    return 2 * (int(linear_params) + int(kept_params))
+
+
+@dataclass(frozen=True)
+class BudgetBasis:
+    """What a budget string is measured against for one model: its compressible parameters, the
+    bytes kept uncompressed, and the fp16 reference (`fp16_reference_bytes`)."""
+
+    linear_params: int
+    fixed_bytes: int
+    fp16_bytes: int
+
+    @classmethod
+    def of(cls, linear_params: int, kept_params: int, fixed_bytes: int) -> BudgetBasis:
+        return cls(int(linear_params), int(fixed_bytes),
+                   fp16_reference_bytes(linear_params, kept_params))
+
+    def parse(self, budget: str | int | float) -> int:
+        return parse_budget(budget, total_linear_params=self.linear_params,
+                            fp16_bytes=self.fp16_bytes, fixed_bytes=self.fixed_bytes)

@@ -13,7 +13,7 @@ A CALDERA option stores Q [m, n] at `bits`, L [m, r] and R [r, n] at `factor_bit
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 SCALE_BYTES = 2  # fp16 scale (and fp16 zero point when asymmetric)
 MIN_BITS, MAX_BITS = 2, 8
@@ -46,8 +46,10 @@ class Option:
 
     @classmethod
     def from_dict(cls, d: dict) -> Option:
-        return cls(**{k: d[k] for k in ("bits", "rank", "factor_bits", "group_size", "symmetric")
-                      if k in d})
+        return cls(**{k: d[k] for k in OPTION_FIELDS if k in d})
+
+
+OPTION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Option))
 
 
 def quantized_bytes(rows: int, cols: int, bits: int, group_size: int,

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from solver.bytes import FP16_BITS, Option
+from solver.bytes import FP16_BITS, MAX_BITS, MIN_BITS, OPTION_FIELDS, Option
 
-_OPTION_FIELDS = ("bits", "rank", "factor_bits", "group_size", "symmetric")
+CONSTRAINT_KEYS = ("min_bits", "max_bits", "pinned", "allowed_ranks", "ties")
+MAX_RANK = 1 << 16
+MAX_GROUP_SIZE = 1 << 16
 
 
 def _as_glob_map(value: Any) -> dict[str, Any]:
@@ -55,7 +57,7 @@ class Constraints:
         set_(self, "ties", [list(group) for group in ties])
         for glob, pin in self.pinned.items():
             if isinstance(pin, Mapping):
-                unknown = set(pin) - set(_OPTION_FIELDS)
+                unknown = set(pin) - set(OPTION_FIELDS)
                 if unknown:
                     raise ValueError(f"pinned[{glob!r}]: unknown option fields {sorted(unknown)}")
             elif not isinstance(pin, Option):
@@ -64,10 +66,8 @@ class Constraints:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Constraints:
         """From JSON: pinned values are option-field dicts (all five fields = an exact pin)."""
+        validate_constraints(d)
         d = dict(d or {})
-        unknown = set(d) - {"min_bits", "max_bits", "pinned", "allowed_ranks", "ties"}
-        if unknown:
-            raise ValueError(f"unknown constraint keys {sorted(unknown)}")
         return cls(min_bits=d.get("min_bits"), max_bits=d.get("max_bits"),
                    pinned=dict(d.get("pinned") or {}), allowed_ranks=d.get("allowed_ranks"),
                    ties=d.get("ties") or ())
@@ -164,3 +164,108 @@ def describe_options(options: Sequence[Option], first: int = 4) -> str:
     shown = ", ".join(_option_text(o) for o in options[:first])
     more = f" (+{len(options) - first} more)" if len(options) > first else ""
     return f"its {len(options)} options: {fields} — {shown}{more}"
+
+
+class ConstraintError(ValueError):
+    """Constraints the solver cannot use; the message says which field and why."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _bits(v: Any, where: str) -> None:
+    if not _is_int(v) or not (MIN_BITS <= v <= MAX_BITS or v == FP16_BITS):
+        raise ConstraintError(f"{where} must be an integer in {MIN_BITS}..{MAX_BITS} or "
+                              f"{FP16_BITS}, got {v!r}")
+
+
+def _rank(v: Any, where: str) -> None:
+    if not _is_int(v) or not 0 <= v <= MAX_RANK:
+        raise ConstraintError(f"{where} must be an integer in 0..{MAX_RANK}, got {v!r}")
+
+
+def _glob_map(value: Any, fld: str) -> dict[str, Any]:
+    """An int/collection for every linear, or a mapping glob -> value (as the solver takes it)."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        for g in value:
+            if not isinstance(g, str) or not g:
+                raise ConstraintError(f"{fld}: globs must be non-empty strings, got {g!r}")
+        return dict(value)
+    return {"*": value}
+
+
+def _pin(pin: Any, where: str) -> None:
+    if not isinstance(pin, Mapping):
+        raise ConstraintError(f"{where} must be a mapping of option fields, got {pin!r}")
+    unknown = set(pin) - set(OPTION_FIELDS)
+    if unknown:
+        raise ConstraintError(f"{where}: unknown option fields {sorted(unknown)} "
+                              f"(known: {', '.join(OPTION_FIELDS)})")
+    for k in ("bits", "factor_bits"):
+        if k in pin:
+            _bits(pin[k], f"{where}.{k}")
+    if "rank" in pin:
+        _rank(pin["rank"], f"{where}.rank")
+    if "group_size" in pin:
+        gs = pin["group_size"]
+        if not _is_int(gs) or not 1 <= gs <= MAX_GROUP_SIZE:
+            raise ConstraintError(f"{where}.group_size must be an integer in "
+                                  f"1..{MAX_GROUP_SIZE}, got {gs!r}")
+    if "symmetric" in pin and not isinstance(pin["symmetric"], bool):
+        raise ConstraintError(f"{where}.symmetric must be true or false")
+
+
+def validate_constraints(constraints: Mapping[str, Any] | None,
+                         linear_names: Sequence[str] | None = None) -> None:
+    """The one validator of constraints as JSON gives them: ConstraintError (a ValueError, the
+    message naming the field and why) for anything the solver would reject or misread, and,
+    given the model's linear names, for a glob that matches none of them."""
+    if not constraints:
+        return
+    if not isinstance(constraints, Mapping):
+        raise ConstraintError("constraints must be an object")
+    unknown = set(constraints) - set(CONSTRAINT_KEYS)
+    if unknown:
+        raise ConstraintError(f"unknown constraint keys {sorted(unknown)} "
+                              f"(known: {', '.join(CONSTRAINT_KEYS)})")
+    globs: list[tuple[str, str]] = []
+    bounds: dict[str, dict[str, Any]] = {}
+    for fld in ("min_bits", "max_bits"):
+        bounds[fld] = _glob_map(constraints.get(fld), fld)
+        for g, v in bounds[fld].items():
+            _bits(v, f"{fld}[{g!r}]" if g != "*" else fld)
+            globs.append((fld, g))
+    for g, lo in bounds["min_bits"].items():
+        hi = bounds["max_bits"].get(g)
+        if hi is not None and lo > hi:
+            raise ConstraintError(f"min_bits {lo} > max_bits {hi} for {g!r}")
+    ranks = constraints.get("allowed_ranks")
+    for g, v in _glob_map(ranks, "allowed_ranks").items():
+        if isinstance(v, str | bytes | Mapping) or not isinstance(v, Sequence | set | frozenset):
+            raise ConstraintError(f"allowed_ranks must be a list of ranks, got {v!r}")
+        if not v:
+            raise ConstraintError("allowed_ranks must not be empty")
+        for r in v:
+            _rank(r, "allowed_ranks")
+        globs.append(("allowed_ranks", g))
+    pinned = constraints.get("pinned") or {}
+    if not isinstance(pinned, Mapping):
+        raise ConstraintError("pinned must be a mapping of glob -> option fields")
+    for g, pin in _glob_map(pinned, "pinned").items():
+        _pin(pin, f"pinned[{g!r}]")
+        globs.append(("pinned", g))
+    ties = constraints.get("ties") or []
+    if not isinstance(ties, list):
+        raise ConstraintError("ties must be a list of glob groups")
+    if ties and all(isinstance(t, str) for t in ties):
+        ties = [ties]
+    for group in ties:
+        if not isinstance(group, list) or not all(isinstance(t, str) and t for t in group):
+            raise ConstraintError(f"ties: each group is a list of globs, got {group!r}")
+        globs += [("ties", g) for g in group]
+    for fld, g in globs if linear_names is not None else ():
+        if not any(fnmatch.fnmatchcase(n, g) for n in linear_names):
+            raise ConstraintError(f"constraint {fld} glob {g!r} matches no linear")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from solver.budget import BudgetError, InfeasibleBudget, format_bytes, parse_budget
+from solver.budget import BudgetBasis, BudgetError, InfeasibleBudget, format_bytes, parse_budget
 from solver.bytes import Option, option_bytes
 from solver.constraints import Constraints, describe_options
 from solver.mckp import LPCurve, Menu, lp_curve, pareto_menus
@@ -95,7 +95,10 @@ class AllocationProblem:
     """min Σ error  s.t.  Σ bytes + fixed_bytes ≤ budget, one option per linear, constraints."""
 
     def __init__(self, linears: Sequence[LinearMenu], fixed_bytes: int = 0,
-                 budget: int | None = None, constraints: Constraints | None = None) -> None:
+                 budget: int | None = None, constraints: Constraints | None = None,
+                 fp16_bytes: int | None = None) -> None:
+        """`fp16_bytes`: the model's `fp16_reference_bytes` (the ``x`` budget reference); when
+        None, the linears at fp16 plus the fixed bytes (exact for a model stored in fp16)."""
         self.constraints = constraints or Constraints()
         # menus are quantized; a linear the rules keep dense gets the fp16 option as well
         self.linears = [_with_dense(lin, self.constraints) for lin in linears]
@@ -112,6 +115,8 @@ class AllocationProblem:
             raise BudgetError(f"budget must be a positive integer of bytes or None, "
                               f"got {budget!r} (parse strings with parse_budget)")
         self.fixed_bytes = int(fixed_bytes)
+        self.fp16_bytes = int(fp16_bytes) if fp16_bytes is not None else \
+            2 * sum(lin.params for lin in self.linears) + self.fixed_bytes
         self.budget = None if budget is None else int(budget)
         self.by_name = {lin.name: lin for lin in self.linears}
         # budget-free derived data (items, menus, LP walk), shared by every with_budget copy
@@ -140,13 +145,13 @@ class AllocationProblem:
         out.budget = None if budget is None else self.parse_budget(budget)
         return out
 
-    def parse_budget(self, text_or_int: str | int, *, fp16_bytes: int | None = None) -> int:
-        """parse_budget with this problem's sizes; fp16_bytes defaults to the linears at fp16
-        plus the fixed bytes (exact when the uncompressed parameters are stored as fp16)."""
-        fp16 = fp16_bytes if fp16_bytes is not None else \
-            2 * self.total_linear_params + self.fixed_bytes
-        return parse_budget(text_or_int, total_linear_params=self.total_linear_params,
-                            fp16_bytes=fp16, fixed_bytes=self.fixed_bytes)
+    @property
+    def basis(self) -> BudgetBasis:
+        return BudgetBasis(self.total_linear_params, self.fixed_bytes, self.fp16_bytes)
+
+    def parse_budget(self, text_or_int: str | int) -> int:
+        """A budget in bytes against this problem's `basis` (the model's one reference)."""
+        return self.basis.parse(text_or_int)
 
     @property
     def items(self) -> list[Item]:

@@ -24,16 +24,15 @@ from typing import Any
 
 import yaml
 
-from solver.bytes import Option
+from solver.bytes import OPTION_FIELDS, Option
 from solver.problem import Plan
 
-FIELDS = ("bits", "rank", "factor_bits", "group_size", "symmetric")
 _BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.)(\d+)\.(.+)$")
 _MAX_RULES = 500
 
 
 def _diff(opt: Option, default: Option) -> dict[str, Any]:
-    return {f: getattr(opt, f) for f in FIELDS if getattr(opt, f) != getattr(default, f)}
+    return {f: getattr(opt, f) for f in OPTION_FIELDS if getattr(opt, f) != getattr(default, f)}
 
 
 def _candidate_globs(names: Sequence[str]) -> list[str]:
@@ -97,10 +96,10 @@ def _fields(value: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be a mapping of option fields, got {value!r}")
-    unknown = set(value) - set(FIELDS)
+    unknown = set(value) - set(OPTION_FIELDS)
     if unknown:
         raise ValueError(f"{where}: unknown option fields {sorted(unknown)} "
-                         f"(known: {', '.join(FIELDS)})")
+                         f"(known: {', '.join(OPTION_FIELDS)})")
     return dict(value)
 
 

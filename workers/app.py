@@ -1,13 +1,15 @@
-"""The Celery app: Redis broker, queues `gpu` (profile, compress, evaluate) and `cpu` (fit,
-solve), late acks so a task whose worker dies is redelivered. The only module that builds a
-Celery app; the API publishes to the same queues by task name (service.jobs.queue)."""
+"""The Celery app: Redis broker, queues `gpu` (profile, compress) and `cpu` (fit, solve) as
+service.jobs.registry routes them, late acks so a task whose worker dies is redelivered. The
+only module that builds a Celery app; the API publishes to the same queues by task name (service.jobs.queue)."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from service.jobs.queue import TASK_QUEUES, broker_transport_options, kombu_queues
+from service.jobs.queue import broker_transport_options, kombu_queues
+from service.jobs.registry import TASKS
 from service.settings import Settings, get_settings
+from workers.health import add_heartbeat
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -24,7 +26,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_default_queue="cpu",
         task_default_exchange=exchange.name,
         task_default_routing_key="cpu",
-        task_routes={name: {"queue": q, "routing_key": q} for name, q in TASK_QUEUES.items()},
+        task_routes={t.value: {"queue": spec.queue.value, "routing_key": spec.queue.value}
+                     for t, spec in TASKS.items()},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -35,6 +38,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_enable_remote_control=False,
         task_track_started=False,
     )
+    if settings.worker_heartbeat_file:   # liveness for the container's health check
+        add_heartbeat(app, settings.worker_heartbeat_file, settings.worker_heartbeat_s)
     return app
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 
+from service.db.session import get_database
+from service.jobs import state
 from service.jobs.queue import CeleryQueue
+from service.jobs.registry import Task
 from service.jobs.runner import backoff, is_transient, run_task
 from service.settings import get_settings
 from workers.app import app
@@ -46,9 +49,6 @@ def _run(task, task_name: str, job_id: str) -> str:  # noqa: ANN001
 
 
 def _give_up(job_id: str, exc: Exception) -> None:
-    from service.db.session import get_database
-    from service.jobs import state
-
     try:
         state.fail(get_database(get_settings().resolved_database_url), job_id,
                    f"gave up after {MAX_RETRIES} retries: {type(exc).__name__}: {exc}",
@@ -57,26 +57,14 @@ def _give_up(job_id: str, exc: Exception) -> None:
         log.warning("could not mark job %s failed", job_id)
 
 
-@app.task(name="bitplan.profile", bind=True, max_retries=MAX_RETRIES)
-def profile(self, job_id: str) -> str:
-    return _run(self, "bitplan.profile", job_id)
+def _register(task: Task) -> None:
+    """One Celery task per registry entry, named as the registry names it."""
+    def run(self, job_id: str) -> str:  # noqa: ANN001 - Celery's bound task
+        return _run(self, task.value, job_id)
+
+    run.__name__ = task.name.lower()
+    app.task(name=task.value, bind=True, max_retries=MAX_RETRIES)(run)
 
 
-@app.task(name="bitplan.fit", bind=True, max_retries=MAX_RETRIES)
-def fit(self, job_id: str) -> str:
-    return _run(self, "bitplan.fit", job_id)
-
-
-@app.task(name="bitplan.solve", bind=True, max_retries=MAX_RETRIES)
-def solve(self, job_id: str) -> str:
-    return _run(self, "bitplan.solve", job_id)
-
-
-@app.task(name="bitplan.compress", bind=True, max_retries=MAX_RETRIES)
-def compress(self, job_id: str) -> str:
-    return _run(self, "bitplan.compress", job_id)
-
-
-@app.task(name="bitplan.evaluate", bind=True, max_retries=MAX_RETRIES)
-def evaluate(self, job_id: str) -> str:
-    return _run(self, "bitplan.evaluate", job_id)
+for _task in Task:
+    _register(_task)

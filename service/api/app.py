@@ -14,8 +14,10 @@ from fastapi import FastAPI
 from service.api import errors
 from service.api.media import JsonBodies
 from service.api.routes import artifacts, health, jobs, models, plans
+from service.api.schemas import ErrorResponse
 from service.db.session import get_database
-from service.jobs.queue import InProcessQueue, Queue, make_queue
+from service.jobs.queue import InProcessQueue, Queue
+from service.jobs.runner import make_queue
 from service.jobs.sweeper import SweepLoop, sweep
 from service.settings import Settings, get_settings
 
@@ -92,8 +94,8 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
                   description="Optimal per-layer (bits, rank) plans for CALDERA-style LLM "
                               "compression under a byte budget.",
                   lifespan=lifespan,
-                  responses={400: {"model": errors_model()}, 401: {"model": errors_model()},
-                             404: {"model": errors_model()}, 422: {"model": errors_model()}})
+                  responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
+                             404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}})
     app.state.settings = settings
     app.state.db = get_database(settings.resolved_database_url)
     app.state.owns_queue = queue is None
@@ -112,9 +114,3 @@ def _resume(app: FastAPI) -> None:
         sweep(app.state.db, app.state.queue, app.state.settings.job_lease_s)
     except Exception:  # noqa: BLE001 - e.g. the schema is not migrated yet
         log.warning("could not resume unfinished jobs", exc_info=True)
-
-
-def errors_model():
-    from service.api.schemas import ErrorResponse
-
-    return ErrorResponse

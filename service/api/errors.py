@@ -13,7 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import ServiceError
-from service.modelrefs import ModelNotFound
+from service.jobs.modelrefs import ModelNotFound
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 600

@@ -89,8 +89,8 @@ def _prepare(data_dir: Path, model_dir: Path) -> tuple[str, str]:
     from service.db.migrate import upgrade
     from service.db.profile_store import DbProfileStore
     from service.db.session import get_database
+    from service.jobs.modelrefs import resolve_model
     from service.jobs.submit import get_or_create_model
-    from service.modelrefs import resolve_model
     from service.settings import Settings
 
     settings = Settings(data_dir=data_dir, model_roots=[model_dir.parent])

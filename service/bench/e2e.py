@@ -16,7 +16,7 @@ QUICK = {"budgets": ("3.25bpp",), "eval_seqs": 4, "refine_rounds": 0}
 
 def run(args) -> dict:  # noqa: ANN001 - argparse namespace
     from compressor.experiment import run_experiment
-    from service.commands.planning import ensure_profile
+    from service.cli.planning import ensure_profile
 
     ref = os.environ.get("BITPLAN_BENCH_MODEL") or str(DEMO_MODEL)
     prof = ensure_profile(ref, quiet=True)

@@ -41,7 +41,7 @@ def run(args) -> dict:
     from compressor.planning import block_of, build_problem, predicted_kl
     from compressor.profile import ProfileConfig, calibration, run_profile, spearman
     from compressor.profile_store import FileProfileStore
-    from service.commands.planning import ensure_profile
+    from service.cli.planning import ensure_profile
     from service.settings import get_settings
     from solver.errormodel import ErrorModel, r2_log
     from solver.strategies import baseline

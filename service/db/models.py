@@ -87,7 +87,16 @@ class JobKind(StrEnum):
     FIT = "fit"
     PLAN = "plan"          # the solve stage of one plan request
     COMPRESS = "compress"
-    EVALUATE = "evaluate"
+
+
+class PlanStatus(StrEnum):
+    PENDING = "pending"     # waiting for its profile or its solve
+    SOLVED = "solved"
+
+
+class ArtifactStatus(StrEnum):
+    PENDING = "pending"     # its compress job has not finished
+    READY = "ready"
 
 
 class Team(Base):
@@ -239,7 +248,7 @@ class PlanRow(Base):
     method: Mapped[str] = mapped_column(String(20), default="exact")
     constraints: Mapped[dict] = mapped_column(default=dict)
     compress: Mapped[bool] = mapped_column(Boolean, default=False)
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    status: Mapped[str] = mapped_column(String(20), default=PlanStatus.PENDING)
     budget_bytes: Mapped[int | None] = mapped_column(BigInteger)
     total_bytes: Mapped[int | None] = mapped_column(BigInteger)
     predicted_error: Mapped[float | None] = mapped_column(Float)
@@ -255,7 +264,7 @@ class Artifact(Base):
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
     plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"), unique=True)
     job_id: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    status: Mapped[str] = mapped_column(String(20), default=ArtifactStatus.PENDING)
     path: Mapped[str | None] = mapped_column(String(4096))
     bytes: Mapped[int | None] = mapped_column(BigInteger)
     tensor_bytes: Mapped[int | None] = mapped_column(BigInteger)

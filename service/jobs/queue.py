@@ -12,23 +12,20 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from kombu import Connection, Exchange
+from kombu import Queue as KQueue
+
+from service.jobs.registry import QueueName, spec_of
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 EXCHANGE = "bitplan"
-# task name -> queue. gpu: profile, compress, evaluate; cpu: fit, solve.
-TASK_QUEUES: dict[str, str] = {
-    "bitplan.profile": "gpu",
-    "bitplan.compress": "gpu",
-    "bitplan.evaluate": "gpu",
-    "bitplan.fit": "cpu",
-    "bitplan.solve": "cpu",
-}
-QUEUES = ("gpu", "cpu")
+QUEUES = tuple(QueueName)
 
 
 class Queue(Protocol):
@@ -48,9 +45,6 @@ def broker_transport_options(settings: Settings) -> dict:
 
 
 def kombu_queues():
-    from kombu import Exchange
-    from kombu import Queue as KQueue
-
     exchange = Exchange(EXCHANGE, type="direct", durable=True)
     return exchange, {q: KQueue(q, exchange, routing_key=q, durable=True) for q in QUEUES}
 
@@ -59,8 +53,6 @@ class CeleryQueue:
     """Publishes to Redis exactly what `celery_app.send_task(name, args=[job_id])` would."""
 
     def __init__(self, settings: Settings) -> None:
-        from kombu import Connection
-
         assert settings.redis_url, "CeleryQueue needs a Redis URL"
         self._conn = Connection(settings.redis_url,
                                 transport_options=broker_transport_options(settings))
@@ -69,7 +61,7 @@ class CeleryQueue:
         self._producer = None
 
     def enqueue(self, task_name: str, job_id: str) -> None:
-        queue = self._queues[TASK_QUEUES[task_name]]
+        queue = self._queues[spec_of(task_name).queue]
         task_id = uuid.uuid4().hex
         args = [job_id]
         headers = {
@@ -107,27 +99,27 @@ class CeleryQueue:
 
 
 class InProcessQueue:
-    """Runs tasks on a thread pool in this process, with the same runner and retry policy."""
+    """Runs tasks on a thread pool in this process, with the same runner and retry policy
+    (`run` is service.jobs.runner.run_with_retries; see runner.make_queue)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 run: Callable[[str, str, Settings, Queue], str]) -> None:
         self.settings = settings
+        self._run_task = run
         self._pool = ThreadPoolExecutor(max_workers=max(1, settings.inprocess_workers),
                                         thread_name_prefix="bitplan-job")
         self._pending = 0
         self._cv = threading.Condition()
 
     def enqueue(self, task_name: str, job_id: str) -> None:
-        if task_name not in TASK_QUEUES:
-            raise ValueError(f"unknown task {task_name!r}")
+        spec_of(task_name)   # ValueError for a name that is not ours
         with self._cv:
             self._pending += 1
         self._pool.submit(self._run, task_name, job_id)
 
     def _run(self, task_name: str, job_id: str) -> None:
-        from service.jobs.runner import run_with_retries
-
         try:
-            run_with_retries(task_name, job_id, self.settings, queue=self)
+            self._run_task(task_name, job_id, self.settings, self)
         except Exception:
             log.exception("in-process task %s(%s) failed", task_name, job_id)
         finally:
@@ -151,7 +143,3 @@ class InProcessQueue:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def make_queue(settings: Settings) -> Queue:
-    return CeleryQueue(settings) if settings.redis_url else InProcessQueue(settings)

@@ -1,5 +1,5 @@
-"""Runs one task for one job: claim → stage (math lives in compressor/solver, glue in
-service.pipeline) → record the outcome → release what waits on it. The Celery tasks and the
+"""Runs one task for one job: claim → stage (service.jobs.stages; math lives in
+compressor/solver) → record the outcome → release what waits on it. The Celery tasks and the
 in-process queue both call `run_task`; only transient errors (database or broker unreachable)
 propagate, so the caller retries them with backoff; everything else becomes a failed job with a
 clear message."""
@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.db.models import Job, JobStatus
 from service.db.session import Database, get_database
 from service.jobs import owner, state
-from service.jobs.queue import TASK_QUEUES, InProcessQueue, Queue
+from service.jobs.context import StageContext
+from service.jobs.queue import CeleryQueue, InProcessQueue, Queue
+from service.jobs.registry import TASK_OF_KIND, spec_of, stage_of
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-KIND_TASK = {"profile": "bitplan.profile", "fit": "bitplan.fit", "plan": "bitplan.solve",
-             "compress": "bitplan.compress", "evaluate": "bitplan.evaluate"}
 MAX_TRANSIENT_RETRIES = 5
 
 
@@ -28,44 +32,10 @@ class TransientError(Exception):
     """Raise from a stage to ask for a retry with backoff."""
 
 
-@dataclass
-class StageContext:
-    db: Database
-    settings: Settings
-    job_id: str
-    queue: Queue | None
-    report: Callable[[str, float], None]
-
-
-@dataclass
-class StageResult:
-    result: dict = field(default_factory=dict)
-    links: dict = field(default_factory=dict)          # profile_id / plan_id / artifact_id
-    follow_ups: list[tuple[str, str]] = field(default_factory=list)   # (task, job id)
-
-
 def is_transient(exc: BaseException) -> bool:
-    from sqlalchemy.exc import DisconnectionError, OperationalError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
-
-    if isinstance(exc, TransientError | OperationalError | DisconnectionError | PoolTimeout
-                  | ConnectionError):
-        return True
-    try:
-        import redis.exceptions as rx
-
-        if isinstance(exc, rx.ConnectionError | rx.TimeoutError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from kombu.exceptions import OperationalError as KombuOperationalError
-
-        if isinstance(exc, KombuOperationalError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return False
+    return isinstance(exc, TransientError | OperationalError | DisconnectionError | PoolTimeout
+                      | ConnectionError | RedisConnectionError | RedisTimeoutError
+                      | KombuOperationalError)
 
 
 def _classify(exc: Exception) -> tuple[str, str]:
@@ -80,22 +50,12 @@ def _classify(exc: Exception) -> tuple[str, str]:
     return "internal_error", f"{type(exc).__name__}: {exc}"
 
 
-def _stages() -> dict[str, tuple[str, Callable[[StageContext], StageResult]]]:
-    from service import pipeline
-
-    return {"bitplan.profile": ("profile", pipeline.profile_stage),
-            "bitplan.fit": ("fit", pipeline.fit_stage),
-            "bitplan.solve": ("solve", pipeline.solve_stage),
-            "bitplan.compress": ("compress", pipeline.compress_stage),
-            "bitplan.evaluate": ("evaluate", pipeline.evaluate_stage)}
-
-
 def release(db: Database, queue: Queue | None, job_id: str) -> None:
     """Enqueue every queued job that waits on `job_id` (safe to repeat: claims are idempotent)."""
     if queue is None:
         return
     for kind, dep_id in state.waiting_dependents(db, job_id):
-        queue.enqueue(KIND_TASK[kind], dep_id)
+        queue.enqueue(TASK_OF_KIND[kind], dep_id)
 
 
 def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | None = None) -> str:
@@ -103,10 +63,9 @@ def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | Non
     waiting on a dependency that will release it), or busy: another worker holds a fresh lease
     on it — alive, or killed moments ago; the caller checks again once the lease could have
     expired (Celery: a delayed retry) so a dead worker's job does not wait for the sweeper."""
-    if task_name not in TASK_QUEUES:
-        raise ValueError(f"unknown task {task_name!r}")
+    spec = spec_of(task_name)
     db = get_database(settings.resolved_database_url)
-    stage_name, fn = _stages()[task_name]
+    stage_name, fn = spec.stage_name, stage_of(task_name)
     # in-process: hold this process's liveness lock before its id goes on a job, so that a
     # restarted server can tell our jobs (never touched while we live) from a dead server's
     owner_id = owner.hold(db) if isinstance(queue, InProcessQueue) else None
@@ -161,3 +120,10 @@ def run_with_retries(task_name: str, job_id: str, settings: Settings,
 
 def backoff(retries: int) -> float:
     return min(0.5 * 2 ** retries, 30.0)
+
+
+def make_queue(settings: Settings) -> Queue:
+    """Celery when a Redis URL is set, else the in-process queue running this module's tasks."""
+    if settings.redis_url:
+        return CeleryQueue(settings)
+    return InProcessQueue(settings, run=run_with_retries)

@@ -13,11 +13,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db.models import (
+    Artifact,
+    ArtifactStatus,
     Job,
     JobKind,
     JobStatus,
     ModelRow,
     PlanRow,
+    PlanStatus,
     ProfileRow,
     Team,
     new_id,
@@ -27,8 +30,10 @@ from service.db.profile_store import DbProfileStore
 from service.db.session import Database, serialize_on
 from service.db.upsert import upsert
 from service.errors import Conflict, NotFound, TooManyRequests
+from service.jobs import planning
+from service.jobs.modelrefs import ResolvedModel, model_inventory, resolve_model
 from service.jobs.queue import Queue
-from service.modelrefs import ResolvedModel, model_inventory, resolve_model
+from service.jobs.registry import Task
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -146,21 +151,16 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
             replay = _replay(s, team_id, idem_key, rhash)
         if replay:
             return replay
-    from service import pipeline, validation
-
     model = resolve_and_register(db, body["model"], settings)
-    budget_bytes = pipeline.model_budget_bytes(model.inventory, body["budget"])
-    validation.check_budget_bytes(budget_bytes, None, body["budget"])
-    validation.check_constraints(body.get("constraints"),
-                                 validation.inventory_names(model.inventory))
+    budget_bytes = planning.budget_bytes(model.inventory, body["budget"])   # the one parse
+    constraints = body.get("constraints") or None
+    planning.check_constraints(constraints, model.inventory)
     with db.session() as s:
         profile_id = latest_profile_id(s, model.id)
         check_team_limit(s, team_id, settings, lock=False)   # fail fast; enforced below
     profile = DbProfileStore(db).get_by_id(profile_id) if profile_id is not None else None
     if profile is not None:   # infeasible budgets fail now, with the solver's message
-        pipeline.check_budget(profile, body["budget"], body.get("constraints"), profile_id)
-    else:                     # no profile yet: the inventory's bounds (2-bit Q, no correction)
-        validation.check_budget_bytes(budget_bytes, model.inventory, body["budget"])
+        planning.problem_at(profile, budget_bytes, constraints, profile_id)
 
     to_enqueue: list[tuple[str, str]] = []
     try:
@@ -171,7 +171,7 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
             plan = PlanRow(id=new_id(), team_id=team_id, model_id=model.id, profile_id=profile_id,
                            budget=str(body["budget"]), method=body.get("method") or "exact",
                            constraints=body.get("constraints") or {},
-                           compress=bool(body.get("compress")), status="pending",
+                           compress=bool(body.get("compress")), status=PlanStatus.PENDING,
                            budget_bytes=budget_bytes)
             job = Job(id=new_id(), team_id=team_id, kind=JobKind.PLAN, status=JobStatus.QUEUED,
                       idempotency_key=idem_key, request_hash=rhash, plan_id=plan.id,
@@ -183,9 +183,9 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
                 profile_job_id = job.depends_on = pjob.id
                 job.stage = "waiting for profile"
                 if needs:
-                    to_enqueue.append(("bitplan.profile", pjob.id))
+                    to_enqueue.append((Task.PROFILE, pjob.id))
             else:
-                to_enqueue.append(("bitplan.solve", job.id))
+                to_enqueue.append((Task.SOLVE, job.id))
             plan.job_id = job.id
             s.add_all([plan, job])
             s.flush()
@@ -204,20 +204,18 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
         with db.session() as s:
             dep_status = s.scalar(select(Job.status).where(Job.id == profile_job_id))
         if dep_status == JobStatus.SUCCEEDED:
-            queue.enqueue("bitplan.solve", job_id)
+            queue.enqueue(Task.SOLVE, job_id)
     return Submitted(plan_id, job_id, profile_job_id, created=True)
 
 
 def request_compress(db: Database, queue: Queue, team_id: str, plan_id: str,
                      settings: Settings | None = None) -> tuple[str, str]:
     """(artifact id, job id) for compressing a solved plan; asking twice returns the same."""
-    from service import pipeline
-
     with db.session() as s:
         plan = s.scalar(select(PlanRow).where(PlanRow.id == plan_id, PlanRow.team_id == team_id))
         if plan is None:
             raise NotFound(f"plan {plan_id} not found")
-        if plan.status != "solved":
+        if plan.status != PlanStatus.SOLVED:
             raise Conflict(f"plan {plan_id} is not solved yet (status {plan.status})",
                            code="plan_not_ready")
         if settings is not None and settings.max_concurrent_jobs_per_team > 0:
@@ -225,8 +223,28 @@ def request_compress(db: Database, queue: Queue, team_id: str, plan_id: str,
             if not s.scalar(select(func.count()).select_from(Job).where(
                     Job.plan_id == plan_id, Job.kind == JobKind.COMPRESS)):
                 check_team_limit(s, team_id, settings, lock=False)   # already locked
-        job = pipeline.create_compress_job(s, plan)
+        job = ensure_compress_job(s, plan)
         job_id, art_id, status = job.id, job.artifact_id, job.status
     if status == JobStatus.QUEUED:
-        queue.enqueue("bitplan.compress", job_id)
+        queue.enqueue(Task.COMPRESS, job_id)
     return art_id, job_id
+
+
+def ensure_compress_job(s: Session, plan: PlanRow) -> Job:
+    """One artifact (and one compress job) per plan: asking twice returns the same ones."""
+    upsert(s, Artifact.__table__, [{"id": new_id(), "team_id": plan.team_id, "plan_id": plan.id,
+                                    "status": ArtifactStatus.PENDING, "metrics": {},
+                                    "created_at": utcnow()}],
+           keys=["plan_id"], update_cols=[])
+    art = s.scalar(select(Artifact).where(Artifact.plan_id == plan.id))
+    dedup = f"compress:{plan.id}"
+    upsert(s, Job.__table__, [{"id": new_id(), "team_id": plan.team_id, "kind": JobKind.COMPRESS,
+                               "status": JobStatus.QUEUED, "stage": "queued", "progress": 0.0,
+                               "attempts": 0, "dedup_key": dedup, "plan_id": plan.id,
+                               "model_id": plan.model_id, "profile_id": plan.profile_id,
+                               "artifact_id": art.id, "payload": {}, "result": {},
+                               "history": [], "created_at": utcnow(),
+                               "updated_at": utcnow()}], keys=["dedup_key"], update_cols=[])
+    job = s.scalar(select(Job).where(Job.dedup_key == dedup))
+    art.job_id = job.id
+    return job

@@ -16,6 +16,7 @@ from service.db.models import Job, JobStatus, utcnow
 from service.db.session import Database
 from service.jobs import owner
 from service.jobs.queue import Queue
+from service.jobs.registry import TASK_OF_KIND
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ def reclaim_orphans(db: Database) -> list[tuple[str, str]]:
 def stalled_jobs(db: Database, lease_s: float, queued_older_than_s: float = 0.0
                  ) -> list[tuple[str, str]]:
     """(kind, id) of jobs to hand to the queue again."""
-    from service.jobs.runner import KIND_TASK
-
     now = utcnow()
     stale = now - timedelta(seconds=lease_s)
     old = now - timedelta(seconds=queued_older_than_s)
@@ -61,7 +60,7 @@ def stalled_jobs(db: Database, lease_s: float, queued_older_than_s: float = 0.0
                 dep_status = s.scalar(select(Job.status).where(Job.id == dep))
                 if dep_status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, None):
                     continue        # still waiting: its dependency will release it
-            if kind in KIND_TASK:
+            if kind in TASK_OF_KIND:
                 out.append((kind, job_id))
                 if status == JobStatus.QUEUED:   # re-sent: not again for another interval
                     s.execute(update(Job).where(Job.id == job_id,
@@ -71,12 +70,10 @@ def stalled_jobs(db: Database, lease_s: float, queued_older_than_s: float = 0.0
 
 
 def sweep(db: Database, queue: Queue, lease_s: float, queued_older_than_s: float = 0.0) -> int:
-    from service.jobs.runner import KIND_TASK
-
     jobs = reclaim_orphans(db)
     jobs += [j for j in stalled_jobs(db, lease_s, queued_older_than_s) if j not in jobs]
     for kind, job_id in jobs:
-        queue.enqueue(KIND_TASK[kind], job_id)
+        queue.enqueue(TASK_OF_KIND[kind], job_id)
     if jobs:
         log.info("re-enqueued %d stalled job(s)", len(jobs))
     return len(jobs)

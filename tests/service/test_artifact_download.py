@@ -10,15 +10,10 @@ import io
 import tarfile
 from pathlib import Path
 
-import pytest
-
 from service.db.models import Artifact, PlanRow
-from service.pipeline import available, create_compress_job
+from service.jobs.submit import ensure_compress_job
 from tests.service.fixtures import TINY_PROFILE, make_env, make_settings
 from tests.service.flow import poll_job
-
-pytestmark = pytest.mark.skipif(not available("compressor.profile"),
-                                reason="compressor/profile.py is not in this build")
 
 
 def _solved_plan(env, team: str, budget: str) -> str:
@@ -52,7 +47,7 @@ def test_download_verifies_unpacks_and_loads(tmp_path, sqlite_url, model_root, t
         # look at one that is certainly pending: a second plan's, never enqueued)
         other_plan = _solved_plan(env, "alpha", "0.9x")
         with env.db.session() as s:
-            pending = create_compress_job(s, s.get(PlanRow, other_plan)).artifact_id
+            pending = ensure_compress_job(s, s.get(PlanRow, other_plan)).artifact_id
         for tail in ("download", "files"):
             r = env.client.get(f"/v1/artifacts/{pending}/{tail}", headers=env.h("alpha"))
             assert r.status_code == 409 and r.json()["error"]["code"] == "artifact_not_ready"

@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 
 from compressor.archive import recorded_file_digests
-from service.pipeline import available
 from tests.service.fixtures import TINY_PROFILE, make_env, make_settings
 from tests.service.flow import poll_job
-
-pytestmark = pytest.mark.skipif(not available("compressor.profile"),
-                                reason="compressor/profile.py is not in this build")
 
 
 def _plan_and_compress(env) -> tuple[dict, dict]:
@@ -78,28 +74,28 @@ def test_killed_compress_job_resumes_per_linear(tmp_path, sqlite_url, model_root
 
     try:
         from service.db.models import PlanRow
-        from service.pipeline import create_compress_job
+        from service.jobs.submit import ensure_compress_job
 
         a = env.client.post("/v1/plans", json={"model": "tiny-qwen", "budget": "0.85x"},
                             headers=env.h("alpha")).json()
         assert poll_job(env, a["job_id"], "alpha", 240)[0]["status"] == "succeeded"
         with env.db.session() as s:   # a compress job, run here by hand instead of the queue
-            job = create_compress_job(s, s.get(PlanRow, a["plan_id"]))
+            job = ensure_compress_job(s, s.get(PlanRow, a["plan_id"]))
             c = {"job_id": job.id, "artifact_id": job.artifact_id}
         monkeypatch.setattr(cc, "decompose", dying)
         with pytest.raises(Killed):
-            from service import compress_job
-            from service.jobs.runner import StageContext
+            from service.jobs.context import StageContext
+            from service.jobs.stages.compress import compress_stage
 
             ctx = StageContext(env.db, settings, c["job_id"], None, lambda st, f: None)
-            compress_job.run(ctx)
+            compress_stage(ctx)
         partial = Path(settings.data_dir) / "artifacts" / f"{c['artifact_id']}.partial"
         assert len(list((partial / "linears").glob("*.json"))) == 4
         monkeypatch.setattr(cc, "decompose", real)
         counted: list[str] = []
         monkeypatch.setattr(cc, "decompose",
                             lambda W, H, o, cfg=None: counted.append(o) or real(W, H, o, cfg))
-        result = compress_job.run(ctx)
+        result = compress_stage(ctx)
         assert len(counted) == 14 - 4              # only the unfinished linears
         assert not partial.exists()
         m = result.result
@@ -111,9 +107,9 @@ def test_killed_compress_job_resumes_per_linear(tmp_path, sqlite_url, model_root
                             headers=env.h("beta")).json()
         assert poll_job(env, b["job_id"], "beta", 240)[0]["status"] == "succeeded"
         with env.db.session() as s:
-            job_b = create_compress_job(s, s.get(PlanRow, b["plan_id"]))
+            job_b = ensure_compress_job(s, s.get(PlanRow, b["plan_id"]))
             ids = (job_b.id, job_b.artifact_id)
-        compress_job.run(StageContext(env.db, settings, ids[0], None, lambda st, f: None))
+        compress_stage(StageContext(env.db, settings, ids[0], None, lambda st, f: None))
         with env.db.session() as s:
             art_a, art_b = s.get(Artifact, c["artifact_id"]), s.get(Artifact, ids[1])
             # the recorded digests are of each download (its tar names the artifact and its

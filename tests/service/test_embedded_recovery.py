@@ -95,7 +95,7 @@ def test_periodic_sweep_takes_over_a_stale_job_while_serving(tmp_path, sqlite_ur
 def test_a_long_healthy_job_is_never_stolen(tmp_path, sqlite_url, monkeypatch, lease_s):
     """A stage running for several leases, swept every 0.1 s and delivered again meanwhile:
     its heartbeats keep the lease, it runs exactly once."""
-    from service import pipeline
+    from service.jobs.stages import profile as pipeline
 
     settings = make_settings(tmp_path, sqlite_url, job_lease_s=lease_s, sweep_interval_s=0.1,
                              inprocess_workers=3)

@@ -16,7 +16,7 @@ def _modules_after(code: str) -> set[str]:
 
 def test_service_api_imports_neither_celery_nor_workers_nor_torch():
     mods = _modules_after("from service.api import create_app\nimport service.jobs.runner\n"
-                          "import service.pipeline\nimport service.cli")
+                          "import service.jobs.submit\nimport service.jobs.planning\nimport service.cli")
     assert not {m for m in mods if m == "celery" or m.startswith("celery.")}
     assert not {m for m in mods if m == "workers" or m.startswith("workers.")}
     assert "torch" not in mods and "transformers" not in mods
@@ -31,6 +31,6 @@ def test_workers_build_the_celery_app_with_both_queues():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout.splitlines()
     assert out[0] == "['cpu', 'gpu']"
-    assert out[1] == str(sorted(["bitplan.compress", "bitplan.evaluate", "bitplan.fit",
+    assert out[1] == str(sorted(["bitplan.compress", "bitplan.fit",
                                  "bitplan.profile", "bitplan.solve"]))
     assert out[2] == "True True"

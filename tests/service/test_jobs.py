@@ -11,8 +11,7 @@ from service.db.models import Job
 from service.db.profile_store import DbProfileStore
 from service.db.session import get_database
 from service.jobs import state
-from service.jobs.queue import InProcessQueue
-from service.jobs.runner import run_task
+from service.jobs.runner import make_queue, run_task
 from tests.service.fixtures import make_settings, synthetic_profile
 
 
@@ -71,7 +70,7 @@ def test_inprocess_queue_runs_and_redelivery_is_noop(tmp_path, sqlite_url):
     settings = make_settings(tmp_path, sqlite_url)
     db = get_database(sqlite_url)
     job_id, _ = _fit_job(db)
-    queue = InProcessQueue(settings)
+    queue = make_queue(settings)
     try:
         queue.enqueue("bitplan.fit", job_id)
         queue.enqueue("bitplan.fit", job_id)               # delivered twice
@@ -100,8 +99,8 @@ def test_transient_errors_requeue_and_retry(tmp_path, sqlite_url, monkeypatch):
     """A database blip inside a stage: the job goes back to queued and the retry finishes it."""
     from sqlalchemy.exc import OperationalError
 
-    from service import pipeline
     from service.jobs.runner import run_with_retries
+    from service.jobs.stages import profile as pipeline
 
     settings = make_settings(tmp_path, sqlite_url)
     db = get_database(sqlite_url)

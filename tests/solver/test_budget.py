@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from solver import BudgetError, InfeasibleBudget, parse_budget, solve
+from solver import AllocationProblem, BudgetError, InfeasibleBudget, parse_budget, solve
 from solver.synthetic import random_problem
 
 SIZES = {"total_linear_params": 1000, "fp16_bytes": 4000}
@@ -63,5 +63,5 @@ def test_problem_parse_budget_uses_its_sizes():
     params = problem.total_linear_params
     assert problem.parse_budget("4bpp") == problem.fixed_bytes + params * 4 // 8
     assert problem.parse_budget("0.5x") == (2 * params + problem.fixed_bytes) // 2
-    assert problem.parse_budget("0.5x", fp16_bytes=1000) == 500
+    assert AllocationProblem(problem.linears, problem.fixed_bytes, fp16_bytes=1000).parse_budget("0.5x") == 500
     assert problem.with_budget("1KB").budget == 1000

@@ -13,14 +13,9 @@ import redis
 
 from service.db.migrate import upgrade
 from service.db.models import Job
-from service.pipeline import available
 from tests.service.fixtures import DEMO_PROFILE, TINY_PROFILE, make_env, make_settings
 from tests.service.flow import run_plan_flow
 from tests.workers.worker_proc import WorkerProcess, clear_redis_prefix, wait_for
-
-if not available("compressor.profile"):
-    pytest.skip("compressor/profile.py (profiling) is not in this build yet",
-                allow_module_level=True)
 
 
 def _settle(env, redis_url: str):

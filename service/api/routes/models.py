@@ -6,12 +6,12 @@ from fastapi import APIRouter, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import pipeline
 from service.api.deps import DbDep, SettingsDep, TeamDep
 from service.api.schemas import Feasibility, ModelCreate, ModelPublic, ProfileLinear, ProfilePublic
 from service.db.models import ErrorModel, ErrorSamples, LinearSensitivity, ModelRow, ProfileRow
 from service.db.profile_store import DbProfileStore
 from service.errors import Conflict, NotFound
+from service.jobs import planning
 from service.jobs.submit import latest_profile_id, resolve_and_register
 
 router = APIRouter(tags=["models"])
@@ -97,7 +97,9 @@ def get_profile_plot(model_id: str, team: TeamDep, db: DbDep) -> Response:
     with db.session() as s:
         pid = _profile_row(s, model_id).id
     profile = DbProfileStore(db).get_by_id(pid)
-    return Response(pipeline.profile_plot_png(profile), media_type="image/png")
+    from compressor.plots import profile_plot_png  # matplotlib loads on the first plot
+
+    return Response(profile_plot_png(profile), media_type="image/png")
 
 
 @router.get("/models/{model_id}/feasibility", response_model=Feasibility)
@@ -108,7 +110,7 @@ def get_feasibility(model_id: str, team: TeamDep, db: DbDep) -> Feasibility:
         inventory = row.inventory
     if pid is not None:
         profile = DbProfileStore(db).get_by_id(pid)
-        lo, hi = pipeline.feasibility(profile, None, pid)
+        lo, hi = planning.feasibility(profile, None, pid)
         return Feasibility(model_id=model_id, min_bytes=lo, max_bytes=hi, source="profile")
-    lo, hi = pipeline.inventory_feasibility(inventory)
+    lo, hi = planning.inventory_feasibility(inventory)
     return Feasibility(model_id=model_id, min_bytes=lo, max_bytes=hi, source="inventory")

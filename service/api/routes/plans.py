@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import pipeline
 from service.api.deps import DbDep, QueueDep, SettingsDep, TeamDep
 from service.api.schemas import (
     CompressAccepted,
@@ -21,10 +20,14 @@ from service.api.schemas import (
     PlanPublic,
     PlanSummary,
 )
-from service.db.models import ModelRow, PlanRow, Team
+from service.db.models import ModelRow, PlanRow, PlanStatus, Team
 from service.db.profile_store import DbProfileStore
-from service.errors import Conflict, Invalid, NotFound, NotImplementedYet
+from service.db.session import Database
+from service.errors import Conflict, Invalid, NotFound
+from service.jobs import planning
 from service.jobs.submit import request_compress, submit_plan
+from solver import Plan
+from solver.recipes import plan_to_yaml
 
 router = APIRouter(tags=["plans"])
 IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
@@ -39,7 +42,7 @@ def team_plan(s: Session, team: Team, plan_id: str) -> PlanRow:
 
 def _solved(s: Session, team: Team, plan_id: str) -> PlanRow:
     plan = team_plan(s, team, plan_id)
-    if plan.status != "solved":
+    if plan.status != PlanStatus.SOLVED:
         raise Conflict(f"plan {plan_id} is not solved yet (status {plan.status}); poll its job",
                        code="plan_not_ready")
     return plan
@@ -79,7 +82,7 @@ def get_plan(plan_id: str, team: TeamDep, db: DbDep) -> PlanPublic:
         model = s.get(ModelRow, plan.model_id)
         links = {"self": f"/v1/plans/{plan.id}", "job": f"/v1/jobs/{plan.job_id}",
                  "model": f"/v1/models/{plan.model_id}"}
-        if plan.status == "solved":
+        if plan.status == PlanStatus.SOLVED:
             links |= {"recipe": f"/v1/plans/{plan.id}/recipe.yaml",
                       "frontier": f"/v1/plans/{plan.id}/frontier",
                       "plot": f"/v1/plans/{plan.id}/plot.png",
@@ -90,7 +93,7 @@ def get_plan(plan_id: str, team: TeamDep, db: DbDep) -> PlanPublic:
             budget_bytes=plan.budget_bytes, total_bytes=plan.total_bytes,
             predicted_error=plan.predicted_error, optimality_gap=plan.optimality_gap,
             notes=list((plan.result or {}).get("notes") or []),
-            linears=pipeline.linear_table(plan.result or {}), plan=plan.result or {},
+            linears=planning.linear_table(Plan.from_dict(plan.result)) if plan.result else [], plan=plan.result or {},
             job_id=plan.job_id, profile_id=plan.profile_id, created_at=plan.created_at,
             solved_at=plan.solved_at, links=links)
 
@@ -100,14 +103,11 @@ def get_plan(plan_id: str, team: TeamDep, db: DbDep) -> PlanPublic:
 def get_recipe(plan_id: str, team: TeamDep, db: DbDep) -> Response:
     with db.session() as s:
         result = _solved(s, team, plan_id).result
-    from solver import Plan
-    from solver.recipes import plan_to_yaml
-
     return Response(plan_to_yaml(Plan.from_dict(result)), media_type="application/yaml",
                     headers={"Content-Disposition": f'inline; filename="{plan_id}.yaml"'})
 
 
-def _frontier(db, team: Team, plan_id: str) -> FrontierPublic:  # noqa: ANN001
+def _frontier(db: Database, team: Team, plan_id: str) -> FrontierPublic:
     with db.session() as s:
         plan = _solved(s, team, plan_id)
         constraints, profile_id = plan.constraints, plan.profile_id
@@ -115,7 +115,7 @@ def _frontier(db, team: Team, plan_id: str) -> FrontierPublic:  # noqa: ANN001
     profile = DbProfileStore(db).get_by_id(profile_id) if profile_id else None
     if profile is None:
         raise NotFound(f"the profile of plan {plan_id} is gone")
-    points = pipeline.frontier_points(profile, constraints, profile_id)
+    points = planning.frontier_points(profile, constraints, profile_id)
     chosen = FrontierPoint(bytes=total, error=err) if total is not None and err is not None \
         else None
     return FrontierPublic(plan_id=plan_id, points=[FrontierPoint(bytes=b, error=e)
@@ -131,9 +131,13 @@ def get_frontier(plan_id: str, team: TeamDep, db: DbDep) -> FrontierPublic:
             responses={200: {"content": {"image/png": {}}}})
 def get_plot(plan_id: str, team: TeamDep, db: DbDep) -> Response:
     fr = _frontier(db, team, plan_id)
-    png = pipeline.frontier_plot_png([(p.bytes, p.error) for p in fr.points],
-                                     (fr.chosen.bytes, fr.chosen.error) if fr.chosen else None,
-                                     f"plan {plan_id[:8]}: predicted error vs bytes")
+    from compressor.plots import frontier_png  # matplotlib loads on the first plot, not at start
+
+    curves = {"Pareto frontier": [(p.bytes / 2**20, p.error) for p in fr.points]}
+    if fr.chosen is not None:
+        curves["this plan"] = [(fr.chosen.bytes / 2**20, fr.chosen.error)]
+    png = frontier_png(curves, "bytes (MiB)", "predicted error",
+                       f"plan {plan_id[:8]}: predicted error vs bytes")
     return Response(png, media_type="image/png")
 
 
@@ -142,8 +146,6 @@ def compress_plan(plan_id: str, team: TeamDep, db: DbDep, queue: QueueDep,
                   settings: SettingsDep) -> CompressAccepted:
     with db.session() as s:
         team_plan(s, team, plan_id)
-    if not pipeline.available("compressor.compress"):
-        raise NotImplementedYet("compression is not available in this build")
     art_id, job_id = request_compress(db, queue, team.id, plan_id, settings)
     return CompressAccepted(artifact_id=art_id, job_id=job_id,
                             links={"job": f"/v1/jobs/{job_id}",

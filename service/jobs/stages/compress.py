@@ -1,4 +1,4 @@
-"""The compression job: execute a solved plan (compressor.execute), save the artifact, measure
+"""Compress stage (GPU queue): execute a solved plan (compressor.execute), save the artifact, measure
 it, and store predicted and measured side by side.
 
 Layer-resumable: every finished linear is written to the job's work directory
@@ -13,14 +13,13 @@ from pathlib import Path
 import solver
 from compressor.archive import archive_sha256
 from compressor.execute import DirCompressStore, ExecuteConfig, execute_plan
-from service.db.models import Artifact, Job, ModelRow, PlanRow, utcnow
+from service.db.models import Artifact, ArtifactStatus, Job, ModelRow, PlanRow, utcnow
 from service.db.profile_store import DbProfileStore
+from service.jobs.context import StageContext, StageResult
 from service.jobs.state import JobFailed
 
 
-def run(ctx):
-    from service.jobs.runner import StageResult
-
+def compress_stage(ctx: StageContext) -> StageResult:
     with ctx.db.session() as s:
         job = s.get(Job, ctx.job_id)
         plan_row = s.get(PlanRow, job.plan_id) if job.plan_id else None
@@ -54,7 +53,7 @@ def run(ctx):
     digest, _ = archive_sha256(done.artifact)
     with ctx.db.session() as s:
         row = s.get(Artifact, art_id)
-        row.status = "ready"
+        row.status = ArtifactStatus.READY
         row.path = str(done.artifact)
         row.bytes = sum(f.stat().st_size for f in done.artifact.iterdir() if f.is_file())
         row.tensor_bytes = done.manifest.total_bytes

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from service.errors import UserError
 from service.settings import DEMO_MODEL, get_settings
 
 
@@ -52,7 +53,6 @@ def cmd_train_demo(args) -> int:
     import torch
 
     from compressor.demo_model import GPU_RECIPE, DemoConfig, train_demo
-    from service.cli import UserError
 
     cfg = dataclasses.replace(GPU_RECIPE if args.recipe == "gpu" else DemoConfig(),
                               seed=args.seed)

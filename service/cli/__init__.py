@@ -8,17 +8,18 @@ import logging
 import os
 import sys
 
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from compressor.checkpoint import ModelLoadError
+from service.errors import UserError
+
 # One module per area; each exposes `register(subparsers)` and sets `func` on its parsers.
 COMMAND_MODULES = [
-    "service.commands.model",
-    "service.commands.bench",
-    "service.commands.server",
-    "service.commands.planning",
+    "service.cli.model",
+    "service.cli.bench",
+    "service.cli.server",
+    "service.cli.planning",
 ]
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
 
 
 def one_line(message: str, limit: int = 500) -> str:
@@ -41,10 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from sqlalchemy.exc import ArgumentError, OperationalError
-
-    from compressor.checkpoint import ModelLoadError
-
     def fail(message: str, status: int) -> int:
         print(f"bitplan {args.command}: error: {one_line(message)}", file=sys.stderr)
         return status

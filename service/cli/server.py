@@ -148,7 +148,7 @@ def cmd_worker_health(args) -> int:  # noqa: ANN001
 def cmd_sweep(args) -> int:  # noqa: ANN001
     import time
 
-    from service.jobs.queue import make_queue
+    from service.jobs.runner import make_queue
     from service.jobs.sweeper import sweep
 
     settings = get_settings()

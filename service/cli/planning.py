@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from service.errors import UserError
 from service.settings import get_settings
 
 
@@ -54,7 +55,6 @@ def remember(model: str, key: str) -> None:
 
 def stored_profile(model: str):
     from compressor.profile_store import FileProfileStore
-    from service.cli import UserError
 
     idx = json.loads(_index_path().read_text()) if _index_path().is_file() else {}
     key = idx.get(_ref_key(model))
@@ -114,7 +114,7 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
 def cmd_profile(args) -> int:
     prof = ensure_profile(args.model, args.calib_seqs)
     if args.plot:
-        from compressor.profile import profile_plot_png
+        from compressor.plots import profile_plot_png
 
         args.plot.write_bytes(profile_plot_png(prof))
     summary = {"key": prof.key, "linears": len(prof.linears), "stats": prof.stats,
@@ -252,7 +252,7 @@ def cmd_demo(args) -> int:
     out = args.out or settings.data_dir / "demo"
     print(f"[1/4] profile {model_ref} (reused when stored)", flush=True)
     prof = ensure_profile(model_ref)
-    from compressor.profile import profile_plot_png
+    from compressor.plots import profile_plot_png
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.png").write_bytes(profile_plot_png(prof))

@@ -1,0 +1,79 @@
+"""Profile and fit stages (GPU queue / CPU queue): profile a model once, resumable per linear
+through the database store, and check its fitted error models."""
+
+from __future__ import annotations
+
+from compressor.decompose import DecompositionConfig
+from compressor.profile import ProfileConfig, run_profile
+from compressor.profile_store import Profile, seed_shipped_profile
+from service.db.models import Job, ModelRow
+from service.db.profile_store import DbProfileStore
+from service.jobs.context import StageContext, StageResult
+from service.jobs.state import JobFailed
+from service.settings import Settings
+
+
+def profile_config(settings: Settings) -> ProfileConfig:
+    """The operator's ProfileConfig (part of the profile key: change it, get a new profile)."""
+    def norm(v: object) -> object:   # JSON lists back to the config's tuples
+        return tuple(norm(x) for x in v) if isinstance(v, list) else v
+
+    over = {k: norm(v) for k, v in (settings.profile_config or {}).items()}
+    if isinstance(over.get("decomposition"), dict):
+        over["decomposition"] = DecompositionConfig.from_dict(over["decomposition"])
+    unknown = set(over) - set(ProfileConfig.__dataclass_fields__)
+    if unknown:
+        raise JobFailed(f"unknown profile_config keys: {sorted(unknown)}", "bad_settings")
+    return ProfileConfig(**over)
+
+
+def fit_summary(profile: Profile) -> dict:
+    """Every linear must carry a fitted E_i(b, r); report how well they fit."""
+    missing = [lp.name for lp in profile.linears if not lp.fit]
+    if missing:
+        raise JobFailed(f"{len(missing)} linears lack a fitted error model "
+                        f"(first: {missing[0]})", "fit_missing")
+    r2 = [v for lp in profile.linears for k, v in lp.fit.items()
+          if k in ("r2_heldout", "r2_fit", "r2") and isinstance(v, int | float)]
+    return {"linears": len(profile.linears), "fitted": len(profile.linears),
+            "fit_r2_mean": round(sum(r2) / len(r2), 4) if r2 else None}
+
+
+def profile_stage(ctx: StageContext) -> StageResult:
+    with ctx.db.session() as s:
+        job = s.get(Job, ctx.job_id)
+        model = s.get(ModelRow, job.model_id) if job.model_id else None
+    if model is None:
+        raise JobFailed("profile job has no model", "invalid_job")
+    store = DbProfileStore(ctx.db)
+
+    def progress(stage: str, frac: float) -> None:   # load/hessians/linears → profile/…
+        if stage != "done":
+            ctx.report(f"profile/{stage}", 0.95 * frac)
+
+    ctx.report("profile", 0.0)
+    seed_shipped_profile(store, model.path)
+    profile = run_profile(model.path, store, device=ctx.settings.device,
+                          trust_remote_code=ctx.settings.trust_remote_code,
+                          progress=progress, config=profile_config(ctx.settings))
+    ctx.report("fit", 0.96)
+    if store.get(profile.key) is None:
+        store.put(profile)
+    profile_id = store.link_model(profile.key, model.id)
+    with ctx.db.session() as s:
+        row = s.get(ModelRow, model.id)
+        if row is not None and profile.weights_hash:
+            row.weights_hash = profile.weights_hash
+    return StageResult(result={"profile_id": profile_id, "profile_key": profile.key}
+                       | fit_summary(profile), links={"profile_id": profile_id})
+
+
+def fit_stage(ctx: StageContext) -> StageResult:
+    with ctx.db.session() as s:
+        profile_id = s.get(Job, ctx.job_id).profile_id
+    if not profile_id:
+        raise JobFailed("fit job has no profile", "invalid_job")
+    profile = DbProfileStore(ctx.db).get_by_id(profile_id)
+    if profile is None:
+        raise JobFailed(f"profile {profile_id} is not complete", "invalid_job")
+    return StageResult(result=fit_summary(profile))
