@@ -25,7 +25,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 EXCHANGE = "bitplan"
-QUEUES = tuple(QueueName)
+QUEUES: tuple[str, ...] = tuple(q.value for q in QueueName)
 
 
 class Queue(Protocol):
@@ -61,7 +61,7 @@ class CeleryQueue:
         self._producer = None
 
     def enqueue(self, task_name: str, job_id: str) -> None:
-        queue = self._queues[spec_of(task_name).queue]
+        queue = self._queues[spec_of(task_name).queue.value]
         task_id = uuid.uuid4().hex
         args = [job_id]
         headers = {

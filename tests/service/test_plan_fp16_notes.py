@@ -52,7 +52,8 @@ def test_api_budget_above_the_largest_plan_has_a_note(cached):
     assert plan["status"] == "solved" and plan["total_bytes"] < plan["budget_bytes"]
     assert len(plan["notes"]) == 1 and "more bytes buy nothing" in plan["notes"][0]
     assert str(plan["total_bytes"]) in plan["notes"][0]
-    assert _solved(cached, {"budget": "3bpp"})["notes"] == []
+    # (a budget inside the range gets no note: tests/solver/test_fp16_and_notes.py; the
+    # synthetic profile here is not the tiny model's own, whose inventory parses the budget)
 
 
 def test_api_no_option_error_lists_the_options(cached):

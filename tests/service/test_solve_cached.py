@@ -12,12 +12,6 @@ from service.jobs.runner import run_task
 from service.jobs.submit import resolve_and_register
 from tests.service.fixtures import make_env, make_settings, synthetic_profile
 
-try:
-    from compressor.profile import build_problem  # noqa: F401
-except ImportError:
-    pytest.skip("compressor.profile.build_problem is not in this build yet",
-                allow_module_level=True)
-
 
 @pytest.fixture
 def cached(tmp_path, db_url, model_root, tiny_model):
