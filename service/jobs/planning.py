@@ -54,14 +54,19 @@ def inventory_names(inventory: dict) -> list[str]:
 
 def budget_bytes(inventory: dict, budget: str | int | float) -> int:
     """The one parse of a request's budget: bad strings, units and absurd sizes fail here with
-    the solver's message; budgets below the inventory's minimum name the feasible range."""
+    the solver's message."""
     nbytes = inventory_basis(inventory).parse(budget)
     if nbytes > MAX_BUDGET_BYTES:
         raise BudgetError(f"budget {budget!r} is over the 1 PiB ({MAX_BUDGET_BYTES} byte) limit")
+    return nbytes
+
+
+def check_inventory_minimum(nbytes: int, inventory: dict) -> None:
+    """Before a profile exists: budgets below every-linear-at-2-bits name the feasible range
+    (with a profile, its own problem is the authority: `problem_at`)."""
     lo, hi = inventory_feasibility(inventory)
     if nbytes < lo:
         raise InfeasibleBudget(nbytes, lo, hi)
-    return nbytes
 
 
 def check_constraints(constraints: dict | None, inventory: dict) -> None:

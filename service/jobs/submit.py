@@ -161,6 +161,8 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, bo
     profile = DbProfileStore(db).get_by_id(profile_id) if profile_id is not None else None
     if profile is not None:   # infeasible budgets fail now, with the solver's message
         planning.problem_at(profile, budget_bytes, constraints, profile_id)
+    else:                     # no profile yet: the inventory's bounds (2-bit Q, no correction)
+        planning.check_inventory_minimum(budget_bytes, model.inventory)
 
     to_enqueue: list[tuple[str, str]] = []
     try:
