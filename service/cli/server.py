@@ -110,18 +110,16 @@ def cmd_worker(args) -> int:  # noqa: ANN001
     if not get_settings().redis_url:
         raise ValueError("a worker needs BITPLAN_REDIS_URL; without it `bitplan serve` runs "
                          "jobs in-process")
-    from workers.app import app
-
-    settings = get_settings()
-    if settings.worker_heartbeat_file:
-        from workers.health import add_heartbeat
-
-        add_heartbeat(app, settings.worker_heartbeat_file, settings.worker_heartbeat_s)
-    argv = ["worker", "-Q", ",".join(queues), "--concurrency", str(args.concurrency),
-            "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
-            "--without-mingle", "-n", f"bitplan-{'-'.join(queues)}@%h"]
-    app.worker_main(argv)
-    return 0
+    # Celery's own command line runs workers.app (the service never imports workers); exec
+    # keeps this process's pid, so signals sent to `bitplan worker` reach the worker itself
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q",
+            ",".join(queues), "--concurrency", str(args.concurrency), "--pool", args.pool,
+            "--loglevel", args.loglevel, "--without-gossip", "--without-mingle",
+            "-n", f"bitplan-{'-'.join(queues)}@%h"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
 
 
 def cmd_worker_health(args) -> int:  # noqa: ANN001

@@ -11,12 +11,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
 from service.db.models import JobKind
-
-if TYPE_CHECKING:
-    from service.jobs.context import StageContext, StageResult
 
 
 class Task(StrEnum):
@@ -61,6 +57,7 @@ def spec_of(task_name: str) -> TaskSpec:
         raise ValueError(f"unknown task {task_name!r}") from None
 
 
-def stage_of(task_name: str) -> Callable[[StageContext], StageResult]:
+def stage_of(task_name: str) -> Callable[..., object]:
+    """The stage function (StageContext → StageResult) of a task name."""
     module, _, func = spec_of(task_name).stage.partition(":")
     return getattr(importlib.import_module(module), func)
