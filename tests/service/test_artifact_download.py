@@ -14,8 +14,9 @@ import pytest
 
 from service.db.models import Artifact, PlanRow
 from service.pipeline import available, create_compress_job
-from tests.service.fixtures import TINY_PROFILE, make_env, make_settings
-from tests.service.flow import poll_job
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.flow import poll_job
+from tests.helpers.profiles import TINY_PROFILE
 
 pytestmark = pytest.mark.skipif(not available("compressor.profile"),
                                 reason="compressor/profile.py is not in this build")

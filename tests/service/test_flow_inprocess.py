@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from service.pipeline import available
-from tests.service.fixtures import TINY_PROFILE, make_env, make_settings
-from tests.service.flow import row_counts, run_plan_flow
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.flow import row_counts, run_plan_flow
+from tests.helpers.profiles import TINY_PROFILE
 
 needs_profiling = pytest.mark.skipif(
     not available("compressor.profile"),

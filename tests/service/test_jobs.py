@@ -13,7 +13,8 @@ from service.db.session import get_database
 from service.jobs import state
 from service.jobs.queue import InProcessQueue
 from service.jobs.runner import run_task
-from tests.service.fixtures import make_settings, synthetic_profile
+from tests.helpers.api import make_settings
+from tests.helpers.profiles import synthetic_profile
 
 
 def _job(db, **kw) -> str:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.service.fixtures import REPO
+from tests.helpers.paths import REPO
 
 
 class WorkerProcess:
