@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,15 +22,12 @@ from compressor.blocks import capture
 from compressor.data import Split, token_sequences
 from compressor.decompose import DecompositionConfig, decompose, h_norm, lowrank_error_curve
 from compressor.hessian import collect_hessians, linear_weight
-from compressor.loading import discover, inventory, load_model, load_tokenizer
-from compressor.planning import build_problem  # noqa: F401  (re-exported for the service)
+from compressor.loading import discover, load_model, load_tokenizer
 from compressor.plots import profile_png
 from compressor.profile_store import LinearProfile, Profile, ProfileStore, profile_key
 from compressor.sensitivity import measure_alpha, summarize
 from solver.bytes import Option
 from solver.errormodel import ErrorModel, fit, sample_tail
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 
@@ -214,10 +210,6 @@ def spearman(a, b) -> float | None:
         return None  # undefined; None (not NaN) so the value survives JSON and SQL round trips
     rho = float(spearmanr(a, b).statistic)
     return rho if math.isfinite(rho) else None
-
-
-def model_inventory(model_ref: str, trust_remote_code: bool = False):
-    return inventory(model_ref, trust_remote_code)
 
 
 def profile_plot_png(profile: Profile) -> bytes:

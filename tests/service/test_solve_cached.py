@@ -13,12 +13,6 @@ from service.jobs.submit import resolve_and_register
 from tests.helpers.api import make_env, make_settings
 from tests.helpers.profiles import synthetic_profile
 
-try:
-    from compressor.profile import build_problem  # noqa: F401
-except ImportError:
-    pytest.skip("compressor.profile.build_problem is not in this build yet",
-                allow_module_level=True)
-
 
 @pytest.fixture
 def cached(tmp_path, db_url, model_root, tiny_model):
