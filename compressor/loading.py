@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.checkpoint import (  # noqa: F401  (re-exported: the inventory types live there)
+from compressor.checkpoint import (  # also re-exported: the inventory types live there
     Inventory,
     KeptParam,
     LinearInfo,
