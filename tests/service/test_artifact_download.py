@@ -10,16 +10,11 @@ import io
 import tarfile
 from pathlib import Path
 
-import pytest
-
 from service.db.models import Artifact, PlanRow
-from service.pipeline import available, create_compress_job
+from service.pipeline import create_compress_job
 from tests.helpers.api import make_env, make_settings
 from tests.helpers.flow import poll_job
 from tests.helpers.profiles import TINY_PROFILE
-
-pytestmark = pytest.mark.skipif(not available("compressor.profile"),
-                                reason="compressor/profile.py is not in this build")
 
 
 def _solved_plan(env, team: str, budget: str) -> str:

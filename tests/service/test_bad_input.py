@@ -265,10 +265,7 @@ def test_team_job_limit_covers_compress_requests(tmp_path, sqlite_url, model_roo
 
     from service.db.models import PlanRow, Team
     from service.jobs.submit import resolve_and_register
-    from service.pipeline import available
 
-    if not available("compressor.compress"):
-        pytest.skip("compression is not in this build")
     settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
                              max_concurrent_jobs_per_team=1)
     env = make_env(settings, queue=RecordingQueue())

@@ -9,13 +9,9 @@ from pathlib import Path
 import pytest
 
 from compressor.archive import recorded_file_digests
-from service.pipeline import available
 from tests.helpers.api import make_env, make_settings
 from tests.helpers.flow import poll_job
 from tests.helpers.profiles import TINY_PROFILE
-
-pytestmark = pytest.mark.skipif(not available("compressor.profile"),
-                                reason="compressor/profile.py is not in this build")
 
 
 def _plan_and_compress(env) -> tuple[dict, dict]:

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
-from service.pipeline import available
 from tests.helpers.api import make_env, make_settings
 from tests.helpers.flow import row_counts, run_plan_flow
 from tests.helpers.profiles import TINY_PROFILE
 
-needs_profiling = pytest.mark.skipif(
-    not available("compressor.profile"),
-    reason="compressor/profile.py (profiling) is not in this build yet")
 
-
-@needs_profiling
 def test_plan_flow_sqlite_inprocess(tmp_path, sqlite_url, model_root, tiny_model):
     settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
                              profile_config=TINY_PROFILE)
@@ -25,7 +17,6 @@ def test_plan_flow_sqlite_inprocess(tmp_path, sqlite_url, model_root, tiny_model
         env.queue.close()
 
 
-@needs_profiling
 def test_nan_weights_fail_clearly(tmp_path, sqlite_url, model_root, tiny_nan_model):
     settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
                              profile_config=TINY_PROFILE)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import sqlalchemy as sa
 
 from service.db.auth import authenticate
 from service.db.models import Job, JobStatus, PlanRow
 from service.jobs.submit import resolve_and_register
-from service.pipeline import available
 from tests.helpers.api import RecordingQueue, make_env, make_settings
 
 LIMIT, N = 8, 30
@@ -57,8 +55,6 @@ def test_concurrent_plan_requests_respect_the_limit(tmp_path, db_url, model_root
 
 def test_concurrent_compress_requests_respect_the_limit(tmp_path, db_url, model_root,
                                                         tiny_model):
-    if not available("compressor.compress"):
-        pytest.skip("compression is not in this build")
     settings = make_settings(tmp_path, db_url, model_roots=[model_root],
                              max_concurrent_jobs_per_team=LIMIT)
     env = make_env(settings, queue=RecordingQueue())

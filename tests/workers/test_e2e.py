@@ -13,15 +13,10 @@ import redis
 
 from service.db.migrate import upgrade
 from service.db.models import Job
-from service.pipeline import available
 from tests.helpers.api import make_env, make_settings
 from tests.helpers.flow import run_plan_flow
 from tests.helpers.profiles import DEMO_PROFILE, TINY_PROFILE
 from tests.workers.worker_proc import WorkerProcess, clear_redis_prefix, wait_for
-
-if not available("compressor.profile"):
-    pytest.skip("compressor/profile.py (profiling) is not in this build yet",
-                allow_module_level=True)
 
 
 def _settle(env, redis_url: str):

@@ -15,14 +15,12 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from compressor.archive import recorded_file_digests
 from service.db.auth import create_team
 from service.db.models import Artifact, Job, PlanRow
 from service.db.profile_store import DbProfileStore
-from service.pipeline import available
 from service.settings import Settings
 from tests.helpers.api import make_env, make_settings
 from tests.helpers.flow import row_counts
@@ -110,8 +108,6 @@ def _kill_mid_linears(db, worker: WorkerProcess, work: Path, job_id: str, total:
     return done, stopped
 
 
-@pytest.mark.skipif(not available("compressor.profile") or not available("compressor.compress"),
-                    reason="profiling/compression not in this build")
 def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_url, model_root,
                                                        monkeypatch):
     layers = 6                      # 42 linears: a compress kill lands between two of them
