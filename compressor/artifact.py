@@ -93,7 +93,7 @@ def source_sha256(source_ref: str | Path | None) -> str | None:
 
             path = Path(snapshot_download(str(source_ref), local_files_only=True,
                                           allow_patterns=["*.safetensors"]))
-        except Exception as exc:  # noqa: BLE001 — any failure means "not at hand"
+        except Exception as exc:   # any failure means "not at hand"
             log.warning("no local weights for %s to hash: %s", source_ref, exc)
             return None
     files = sorted(path.glob("*.safetensors"))

@@ -7,20 +7,12 @@ into train / valid / test. It is PSF-licensed and redistributable (see data/LICE
 from __future__ import annotations
 
 import copy
-import hashlib
-import logging
 from enum import Enum
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-
-# Directories of the stdlib left out: tests (huge, repetitive), code tables and vendored data.
-_EXCLUDED_PARTS = {"test", "tests", "site-packages", "encodings", "ensurepip", "idlelib",
-                   "lib2to3", "__pycache__", "turtledemo", "config-3.11-x86_64-linux-gnu"}
 
 
 class Split(str, Enum):
@@ -29,46 +21,12 @@ class Split(str, Enum):
     TEST = "test"
 
 
-def _split_of(rel_path: str) -> Split:
-    """Files go to a split by a stable hash of their path: ~90% train, 5% valid, 5% test."""
-    bucket = int(hashlib.sha256(rel_path.encode()).hexdigest(), 16) % 100
-    if bucket < 5:
-        return Split.TEST
-    if bucket < 10:
-        return Split.VALID
-    return Split.TRAIN
-
-
-def build_corpus(stdlib_dir: Path, out_dir: Path, max_file_bytes: int = 200_000) -> dict[str, int]:
-    """Write train/valid/test text files from a CPython stdlib directory; returns bytes per split."""
-    parts: dict[Split, list[str]] = {s: [] for s in Split}
-    for path in sorted(stdlib_dir.rglob("*.py")):
-        rel = path.relative_to(stdlib_dir).as_posix()
-        if set(Path(rel).parts) & _EXCLUDED_PARTS or rel.startswith("_sysconfigdata"):
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if len(text.encode()) > max_file_bytes:
-            continue
-        parts[_split_of(rel)].append(f"# file: {rel}\n{text.strip()}\n")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = {}
-    for split, docs in parts.items():
-        body = "\n".join(docs)
-        (out_dir / f"{split.value}.txt").write_text(body, encoding="utf-8")
-        sizes[split.value] = len(body.encode())
-    return sizes
-
-
 def load_text(split: Split | str, data_dir: Path | None = None) -> str:
     split = Split(split)
     path = (data_dir or DEFAULT_DATA_DIR) / f"{split.value}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"corpus split {split.value!r} not found at {path}")
     return path.read_text(encoding="utf-8")
-
-
-def corpus_hash(split: Split | str, data_dir: Path | None = None) -> str:
-    return hashlib.sha256(load_text(split, data_dir).encode()).hexdigest()[:16]
 
 
 def plain_backend(tokenizer):

@@ -19,7 +19,6 @@ rotates W and H first; see compressor.rounding for where it applies.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
@@ -36,8 +35,6 @@ from compressor.rounding import (
     unrotate_weight,
 )
 from solver.bytes import FP16_BITS, Option, option_bytes
-
-log = logging.getLogger(__name__)
 
 
 class Rounding(StrEnum):

@@ -9,8 +9,6 @@ each the minimum over budgets where uniform's excess is ≥ 1 %.
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,8 +24,6 @@ from compressor.profile_store import Profile
 from compressor.report import write_report
 from solver.errormodel import ErrorModel
 from solver.strategies import STRATEGIES, baseline
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BUDGETS = ("2.4bpp", "2.75bpp", "3.25bpp", "3.75bpp", "4.5bpp")
 
@@ -241,8 +237,3 @@ def _output_cosine(ev: PlanEvaluator, name: str, opt: solver.Option) -> float:
 def _max_rank(ev: PlanEvaluator, name: str) -> int:
     m, n = ev.original[name].shape
     return max(0, min(m, n) // 2)
-
-
-def save_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))

@@ -9,7 +9,6 @@ large model never loads its weights.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.checkpoint import (  # noqa: F401  (re-exported: the inventory types live there)
+from compressor.checkpoint import (  # also re-exported: the inventory types live there
     Inventory,
     KeptParam,
     LinearInfo,
@@ -29,7 +28,6 @@ from compressor.checkpoint import (  # noqa: F401  (re-exported: the inventory t
     config_dtype,
 )
 
-log = logging.getLogger(__name__)
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")

@@ -12,7 +12,6 @@ never come from the data the decisions were tuned on.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from compressor.decompose import DecompositionConfig, decompose
 from compressor.evaluate import EvalResult, evaluate, reference_logprobs
 from compressor.hessian import linear_weight
 from solver.bytes import Option
-
-log = logging.getLogger(__name__)
 
 
 class PlanEvaluator:

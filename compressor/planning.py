@@ -63,9 +63,5 @@ def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
     return total
 
 
-def block_scores(profile: Profile) -> list[float]:
-    return list(profile.block_sensitivity)
-
-
 def block_of(profile: Profile) -> dict[str, int]:
     return {lp.name: lp.block for lp in profile.linears if lp.block is not None}

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from compressor.profile_store import Profile  # noqa: E402
+from compressor.profile_store import Profile
 
 
 def _png(fig) -> bytes:

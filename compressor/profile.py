@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,14 +22,12 @@ from compressor.blocks import capture
 from compressor.data import Split, token_sequences
 from compressor.decompose import DecompositionConfig, decompose, h_norm, lowrank_error_curve
 from compressor.hessian import collect_hessians, linear_weight
-from compressor.loading import discover, inventory, load_model, load_tokenizer
+from compressor.loading import discover, load_model, load_tokenizer
 from compressor.profile_store import LinearProfile, Profile, ProfileStore, profile_key
 from compressor.sensitivity import measure_alpha, summarize
 from solver.budget import fp16_reference_bytes
 from solver.bytes import Option
 from solver.errormodel import ErrorModel, fit, sample_tail
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 
@@ -216,5 +213,3 @@ def spearman(a, b) -> float | None:
     return rho if math.isfinite(rho) else None
 
 
-def model_inventory(model_ref: str, trust_remote_code: bool = False):
-    return inventory(model_ref, trust_remote_code)

@@ -35,20 +35,6 @@ _PACK_CHUNK = 1 << 20   # elements per packing chunk; a multiple of 8 so chunks 
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """How one tensor is quantized (the per-tensor half of a `solver.bytes.Option`)."""
-
-    bits: int
-    group_size: int = 128
-    symmetric: bool = False
-
-    def __post_init__(self) -> None:
-        _check_bits(self.bits)
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-
-
-@dataclass(frozen=True)
 class QuantMeta:
     """Everything but the codes: shape, format, and the per-group fp16 scales / zero points
     (shape [rows, n_groups]; None for 16-bit tensors, zero None when symmetric)."""

@@ -13,7 +13,6 @@ cached pass at no extra cost, reported beside α with their rank correlation.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -23,8 +22,6 @@ from torch import Tensor, nn
 from compressor.blocks import BlockCache, block_influence, kl_to_ref, run_from
 from compressor.hessian import linear_weight
 from compressor.loading import block_index
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

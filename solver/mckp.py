@@ -58,21 +58,6 @@ def pareto_menu(cost: np.ndarray, err: np.ndarray) -> Menu:
     return Menu(cost[k], err[k], k)
 
 
-def lower_hull(cost: list[int], err: list[float]) -> list[int]:
-    """Andrew's monotone chain: the lower convex hull of a menu (points by cost, err falling).
-    Collinear points are dropped, so hull slopes strictly fall."""
-    hull: list[int] = []
-    for j in range(len(cost)):
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            if (err[b] - err[a]) * (cost[j] - cost[a]) >= (err[j] - err[a]) * (cost[b] - cost[a]):
-                hull.pop()
-            else:
-                break
-        hull.append(j)
-    return hull
-
-
 @dataclass(frozen=True)
 class LPCurve:
     """The parametric LP walk over hull segments, sorted by slope (steepest first).

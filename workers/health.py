@@ -28,15 +28,15 @@ def add_heartbeat(app: Celery, path: str | Path, interval_s: float) -> None:
     class Heartbeat(bootsteps.StartStopStep):
         requires = {"celery.worker.consumer.tasks:Tasks"}   # beat once tasks are consumed
 
-        def __init__(self, parent, **kwargs) -> None:  # noqa: ANN001
+        def __init__(self, parent, **kwargs) -> None:
             super().__init__(parent, **kwargs)
             self.tref = None
 
-        def start(self, c) -> None:  # noqa: ANN001
+        def start(self, c) -> None:
             self._beat()
             self.tref = c.timer.call_repeatedly(interval_s, self._beat)
 
-        def stop(self, c) -> None:  # noqa: ANN001
+        def stop(self, c) -> None:
             if self.tref is not None:
                 self.tref.cancel()
                 self.tref = None

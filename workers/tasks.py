@@ -26,7 +26,7 @@ def _follow_up_queue() -> CeleryQueue:
     return _queue
 
 
-def _run(task, task_name: str, job_id: str) -> str:  # noqa: ANN001
+def _run(task, task_name: str, job_id: str) -> str:
     settings = get_settings()
     try:
         outcome = run_task(task_name, job_id, settings, _follow_up_queue())
@@ -53,13 +53,13 @@ def _give_up(job_id: str, exc: Exception) -> None:
         state.fail(get_database(get_settings().resolved_database_url), job_id,
                    f"gave up after {MAX_RETRIES} retries: {type(exc).__name__}: {exc}",
                    "transient_exhausted")
-    except Exception:  # noqa: BLE001 - still unreachable: a sweeper picks it up later
+    except Exception:  # still unreachable: a sweeper picks it up later
         log.warning("could not mark job %s failed", job_id)
 
 
 def _register(task: Task) -> None:
     """One Celery task per registry entry, named as the registry names it."""
-    def run(self, job_id: str) -> str:  # noqa: ANN001 - Celery's bound task
+    def run(self, job_id: str) -> str:  # Celery's bound task
         return _run(self, task.value, job_id)
 
     run.__name__ = task.name.lower()

@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 class BodyLimit:
     """Pure ASGI middleware: 413 for request bodies over `limit` bytes (declared or streamed)."""
 
-    def __init__(self, app, limit: int) -> None:  # noqa: ANN001
+    def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
 
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -55,7 +55,7 @@ class BodyLimit:
         except _TooLarge:
             await self._reject(send)
 
-    async def _reject(self, send, status: int = 413, code: str = "payload_too_large",  # noqa: ANN001
+    async def _reject(self, send, status: int = 413, code: str = "payload_too_large",
                       message: str | None = None) -> None:
         message = message or f"request body over {self.limit} bytes"
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
@@ -112,5 +112,5 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
 def _resume(app: FastAPI) -> None:
     try:
         sweep(app.state.db, app.state.queue, app.state.settings.job_lease_s)
-    except Exception:  # noqa: BLE001 - e.g. the schema is not migrated yet
+    except Exception:  # e.g. the schema is not migrated yet
         log.warning("could not resume unfinished jobs", exc_info=True)

@@ -115,7 +115,7 @@ def _prepare(data_dir: Path, model_dir: Path) -> tuple[str, str]:
     return url, key
 
 
-def run(args=None) -> dict:  # noqa: ANN001
+def run(args=None) -> dict:
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -172,17 +172,17 @@ class _Count:
                 self.errors += 1
 
 
-def _post(c, model: str, budget: int) -> tuple[float, int | None, str | None]:  # noqa: ANN001
+def _post(c, model: str, budget: int) -> tuple[float, int | None, str | None]:
     t0 = time.perf_counter()
     try:
         r = c.post("/v1/plans", json={"model": model, "budget": budget})
         status, job = r.status_code, (r.json().get("job_id") if r.status_code == 202 else None)
-    except Exception:  # noqa: BLE001 - transport errors and bad bodies are counted, not raised
+    except Exception:  # transport errors and bad bodies are counted, not raised
         status, job = None, None
     return (time.perf_counter() - t0) * 1000, status, job
 
 
-def _measure(httpx, base: str, warm_key: str, keys: list[str], model: str,  # noqa: ANN001
+def _measure(httpx, base: str, warm_key: str, keys: list[str], model: str,
              n_req: int) -> dict:
     deadline = time.monotonic() + 60
     while True:
@@ -237,7 +237,7 @@ def _measure(httpx, base: str, warm_key: str, keys: list[str], model: str,  # no
             "mode": "sqlite + in-process queue, uvicorn on loopback"}
 
 
-def _await_jobs(httpx, base: str, jobs: list[tuple[str, str, float]],  # noqa: ANN001
+def _await_jobs(httpx, base: str, jobs: list[tuple[str, str, float]],
                 timeout: float = 300) -> tuple[list[float], int]:
     """Time until each job succeeded, and how many failed or never finished. A job is read
     with its own team's key (another team's job is a 404)."""

@@ -14,7 +14,7 @@ from service.settings import DEMO_MODEL, get_settings
 QUICK = {"budgets": ("3.25bpp",), "eval_seqs": 4, "refine_rounds": 0}
 
 
-def run(args) -> dict:  # noqa: ANN001 - argparse namespace
+def run(args) -> dict:  # argparse namespace
     from compressor.experiment import run_experiment
     from service.cli.planning import ensure_profile
 

@@ -56,11 +56,11 @@ class Tally:
         return len(self.lat_ms)
 
 
-def _client(httpx, base: str, key: str, model: str, lo: int, hi: int, idx: int,  # noqa: ANN001
+def _client(httpx, base: str, key: str, model: str, lo: int, hi: int, idx: int,
             stop_at: float, drain_at: float, cap: int, poll_s: float, tally: Tally) -> None:
     headers = {"Authorization": f"Bearer {key}"}
 
-    def call(method: str, path: str, **kw) -> dict | None:  # noqa: ANN003
+    def call(method: str, path: str, **kw) -> dict | None:
         t0 = time.perf_counter()
         try:
             r = c.request(method, path, **kw)
@@ -94,7 +94,7 @@ def _client(httpx, base: str, key: str, model: str, lo: int, hi: int, idx: int, 
                 time.sleep(poll_s)
 
 
-def _wait_ready(httpx, base: str, timeout: float = 90.0) -> bool:  # noqa: ANN001
+def _wait_ready(httpx, base: str, timeout: float = 90.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -106,7 +106,7 @@ def _wait_ready(httpx, base: str, timeout: float = 90.0) -> bool:  # noqa: ANN00
     return False
 
 
-def measure(httpx, base: str, keys: list[str], model: str, seconds: float, cap: int,  # noqa: ANN001
+def measure(httpx, base: str, keys: list[str], model: str, seconds: float, cap: int,
             poll_s: float) -> dict:
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys[0]}"},
                       timeout=30) as c:
@@ -136,7 +136,7 @@ def measure(httpx, base: str, keys: list[str], model: str, seconds: float, cap: 
             "mode": "sqlite + in-process queue, one uvicorn process on loopback"}
 
 
-def run(args=None) -> dict:  # noqa: ANN001
+def run(args=None) -> dict:
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -26,7 +26,7 @@ TARGET_MS = {"a": 50.0, "b": 1000.0}
 FRONTIER_TARGET_MS = 1000.0
 
 
-def _fresh(problem):  # noqa: ANN001, ANN202 - a solver.AllocationProblem
+def _fresh(problem):  # a solver.AllocationProblem
     """The same problem with nothing cached, so timings include all preparation."""
     from solver import AllocationProblem
 
@@ -43,7 +43,7 @@ def _timed(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def _instance(key: str, problem, scores, block_of, cpsat_limit: float) -> dict:  # noqa: ANN001
+def _instance(key: str, problem, scores, block_of, cpsat_limit: float) -> dict:
     from solver import Method, frontier, solve
     from solver.cpsat import rounding_slack
     from solver.strategies import all_baselines
@@ -94,7 +94,7 @@ def _instance(key: str, problem, scores, block_of, cpsat_limit: float) -> dict: 
     }
 
 
-def run(args) -> dict:  # noqa: ANN001 - argparse namespace
+def run(args) -> dict:  # argparse namespace
     from solver.synthetic import QWEN2_1_5B, QWEN2_72B, synthetic_problem
 
     limit = getattr(args, "cpsat_time_limit", None) or float(

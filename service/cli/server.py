@@ -12,7 +12,7 @@ from service.settings import get_settings
 log = logging.getLogger(__name__)
 
 
-def register(sub) -> None:  # noqa: ANN001
+def register(sub) -> None:
     p = sub.add_parser("serve", help="run the REST API (embedded default: SQLite + in-process "
                                      "jobs)")
     p.add_argument("--host", default="127.0.0.1")
@@ -76,7 +76,7 @@ def _db():
     return get_database(get_settings().resolved_database_url)
 
 
-def cmd_serve(args) -> int:  # noqa: ANN001
+def cmd_serve(args) -> int:
     import uvicorn
 
     settings = get_settings()
@@ -100,7 +100,7 @@ def cmd_serve(args) -> int:  # noqa: ANN001
     return 0
 
 
-def cmd_worker(args) -> int:  # noqa: ANN001
+def cmd_worker(args) -> int:
     from service.jobs.queue import QUEUES
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
@@ -122,7 +122,7 @@ def cmd_worker(args) -> int:  # noqa: ANN001
     return 0  # pragma: no cover - execv does not return
 
 
-def cmd_worker_health(args) -> int:  # noqa: ANN001
+def cmd_worker_health(args) -> int:
     import time
 
     settings = get_settings()
@@ -143,7 +143,7 @@ def cmd_worker_health(args) -> int:  # noqa: ANN001
     return 0
 
 
-def cmd_sweep(args) -> int:  # noqa: ANN001
+def cmd_sweep(args) -> int:
     import time
 
     from service.jobs.runner import make_queue
@@ -167,7 +167,7 @@ def cmd_sweep(args) -> int:  # noqa: ANN001
         queue.close()
 
 
-def cmd_db_upgrade(args) -> int:  # noqa: ANN001
+def cmd_db_upgrade(args) -> int:
     from service.db.migrate import upgrade
 
     upgrade(get_settings().resolved_database_url, args.revision)
@@ -175,14 +175,14 @@ def cmd_db_upgrade(args) -> int:  # noqa: ANN001
     return 0
 
 
-def cmd_db_current(args) -> int:  # noqa: ANN001
+def cmd_db_current(args) -> int:
     from service.db.migrate import current
 
     print(current(get_settings().resolved_database_url) or "(empty)")
     return 0
 
 
-def cmd_teams_create(args) -> int:  # noqa: ANN001
+def cmd_teams_create(args) -> int:
     from service.db.auth import create_team
 
     with _db().session() as s:
@@ -191,7 +191,7 @@ def cmd_teams_create(args) -> int:  # noqa: ANN001
     return 0
 
 
-def cmd_teams_list(args) -> int:  # noqa: ANN001
+def cmd_teams_list(args) -> int:
     from sqlalchemy import select
 
     from service.db.models import Team
@@ -202,7 +202,7 @@ def cmd_teams_list(args) -> int:  # noqa: ANN001
     return 0
 
 
-def cmd_keys_create(args) -> int:  # noqa: ANN001
+def cmd_keys_create(args) -> int:
     from service.db.auth import create_key, find_team
 
     with _db().session() as s:
@@ -217,7 +217,7 @@ def cmd_keys_create(args) -> int:  # noqa: ANN001
     return 0
 
 
-def cmd_keys_revoke(args) -> int:  # noqa: ANN001
+def cmd_keys_revoke(args) -> int:
     from service.db.auth import revoke_key
 
     with _db().session() as s:

@@ -58,7 +58,7 @@ class Liveness:
             d.mkdir(parents=True, exist_ok=True)
             path = d / f"{_digest(owner).hex()[:32]}.lock"
             while True:
-                f = open(path, "a+")  # noqa: SIM115 - kept open: it is the lock
+                f = open(path, "a+")  # kept open: it is the lock
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                     return cls(owner, f, None)

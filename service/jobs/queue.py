@@ -89,7 +89,7 @@ class CeleryQueue:
                 self._conn.ensure_connection(max_retries=1, timeout=2)
                 client = self._conn.default_channel.client
                 return bool(client.ping())
-        except Exception:  # noqa: BLE001 - readiness is a yes/no answer
+        except Exception:  # readiness is a yes/no answer
             log.warning("queue not reachable", exc_info=True)
             return False
 

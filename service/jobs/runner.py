@@ -87,7 +87,7 @@ def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | Non
             log.warning("job %s: transient error, will retry: %s", job_id, exc)
             try:
                 state.requeue(db, job_id, str(exc))
-            except Exception:  # noqa: BLE001 - the database may be the thing that is down
+            except Exception:  # the database may be the thing that is down
                 log.warning("job %s: could not record the retry", job_id)
             raise
         code, message = _classify(exc)

@@ -117,7 +117,7 @@ class Heartbeat:
         while not self._stop.wait(self.every_s):
             try:
                 heartbeat(self.db, self.job_id)
-            except Exception:  # noqa: BLE001 - a missed beat is not fatal
+            except Exception:  # a missed beat is not fatal
                 log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
 
     def __enter__(self) -> Heartbeat:

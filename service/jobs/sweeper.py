@@ -97,7 +97,7 @@ class SweepLoop:
         while not self._stop.wait(self.interval_s):
             try:
                 sweep(self.db, self.queue, self.lease_s, self.requeue_after_s)
-            except Exception:  # noqa: BLE001 - the database or broker may be down; try again
+            except Exception:  # the database or broker may be down; try again
                 log.warning("sweep failed; retrying in %.0fs", self.interval_s, exc_info=True)
 
     def start(self) -> SweepLoop:

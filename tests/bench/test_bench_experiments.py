@@ -7,16 +7,13 @@ import math
 import pytest
 
 from tests.bench._run import bench, positive
-from tests.service.fixtures import write_tiny_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench-exp")
-    model = write_tiny_model(root / "models" / "tiny-qwen")
-    return root / "data", {"BITPLAN_BENCH_MODEL": str(model)}
+def tiny_env(tmp_path_factory, tiny_model):
+    return tmp_path_factory.mktemp("bench-exp") / "data", {"BITPLAN_BENCH_MODEL": str(tiny_model)}
 
 
 def test_bench_profile_quick(tiny_env):

@@ -14,45 +14,28 @@ import torch
 
 from compressor.checkpoint import ModelLoadError, check_model_dir, header_inventory, read_header
 from compressor.loading import inventory, load_model, load_tokenizer
-from tests.conftest import DEMO_MODEL, REPO
-
-
-def _save(model, path: Path) -> Path:
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+from tests.helpers.models import save_model, tiny_lm
+from tests.helpers.paths import DEMO_MODEL, REPO
 
 
 def _gpt2(path: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return _save(GPT2LMHeadModel(cfg), path)
+    return save_model(tiny_lm("gpt2", None, vocab=100, hidden=32), path)
 
 
 def _llama(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=200, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    return _save(LlamaForCausalLM(cfg), path)
+    return save_model(tiny_lm("llama", None, vocab=200, hidden=48, intermediate=100), path)
 
 
 def _qwen2_tied(path: Path) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=136, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return _save(Qwen2ForCausalLM(cfg), path)
+    return save_model(tiny_lm("qwen2", None, vocab=300, hidden=64, intermediate=136, blocks=3,
+                              tie=True), path)
 
 
 def _odd_width(path: Path) -> Path:
     """Widths that are no multiple of anything (group sizes, heads of 2 × 7), bf16 config."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=131, hidden_size=42, intermediate_size=97, num_hidden_layers=2,
-                      num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=False,
-                      dtype="bfloat16")
-    return _save(Qwen2ForCausalLM(cfg).to(torch.bfloat16), path)
+    model = tiny_lm("qwen2", None, vocab=131, hidden=42, intermediate=97, heads=3, kv_heads=1,
+                    dtype="bfloat16")
+    return save_model(model.to(torch.bfloat16), path)
 
 
 def _bert(path: Path) -> Path:
@@ -60,7 +43,7 @@ def _bert(path: Path) -> Path:
 
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64)
-    return _save(BertForMaskedLM(cfg), path)
+    return save_model(BertForMaskedLM(cfg), path)
 
 
 def _key(inv) -> tuple:

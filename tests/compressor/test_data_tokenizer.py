@@ -9,7 +9,7 @@ from pathlib import Path
 
 from compressor.data import Split, token_sequences
 from compressor.loading import load_tokenizer
-from tests.conftest import DEMO_MODEL, REPO
+from tests.helpers.paths import DEMO_MODEL, REPO
 
 
 def _with_truncation_and_padding(src: Path, dst: Path) -> Path:

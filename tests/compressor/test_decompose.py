@@ -24,7 +24,7 @@ from compressor.rounding import (
     unrotate_weight,
 )
 from solver.bytes import Option, option_bytes
-from tests.compressor._tiny import correlated_problem
+from tests.helpers.models import correlated_problem
 
 torch.set_num_threads(1)
 FAST = DecompositionConfig(outer_iters=1, lr_iters=2)

@@ -9,7 +9,7 @@ from compressor.experiment import headline, run_experiment
 from compressor.profile import ProfileConfig, run_profile
 from compressor.profile_store import FileProfileStore
 from solver.strategies import STRATEGIES
-from tests.service.fixtures import TINY_PROFILE
+from tests.helpers.profiles import TINY_PROFILE
 
 # group 32 with 64 as the planner's extra choice: on 72-wide rows both are real choices
 CFG = dataclasses.replace(ProfileConfig.from_dict(TINY_PROFILE), group_size=32,

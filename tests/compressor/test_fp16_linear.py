@@ -12,7 +12,7 @@ from compressor.decompose import DecompositionConfig
 from compressor.hessian import linear_weight
 from compressor.loading import discover
 from solver.bytes import Option, fp16_bytes
-from tests.compressor._tiny import tiny_qwen2, tokens
+from tests.helpers.models import tiny_qwen2, tokens
 
 DENSE = "model.layers.0.mlp.down_proj"
 

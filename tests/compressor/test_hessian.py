@@ -9,7 +9,7 @@ import torch
 from compressor.decompose import DecompositionConfig, Rounding, decompose
 from compressor.hessian import collect_hessians, cond, damp_hessian, is_linear
 from solver.bytes import Option
-from tests.compressor._tiny import tiny_gpt2, tiny_qwen2, tokens
+from tests.helpers.models import tiny_gpt2, tiny_qwen2, tokens
 
 torch.set_num_threads(1)
 

@@ -1,25 +1,24 @@
 """Layer discovery on Qwen2, Llama and GPT-2 (Conv1D) configs; remote code and pickle refusal."""
 
 import json
+import threading
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+from compressor.loading import (
+    MODEL_CONSTRUCTION_LOCK,
+    ModelLoadError,
+    discover,
+    inventory,
+    load_model,
 )
+from tests.helpers.models import save_model, tiny_config, tiny_lm, write_tiny_model, written_config
 
-from compressor.loading import ModelLoadError, discover, inventory, load_model
 
-
-def _qwen2(tmp_path=None):
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=136, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return Qwen2ForCausalLM(cfg)
+def _qwen2():
+    return tiny_lm("qwen2", None, vocab=300, hidden=64, intermediate=136, blocks=3, tie=True)
 
 
 def test_discover_qwen2_gqa_and_tied_head():
@@ -43,8 +42,7 @@ def test_discover_qwen2_gqa_and_tied_head():
 
 
 def test_discover_llama():
-    cfg = LlamaConfig(vocab_size=200, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    cfg = tiny_config("llama", vocab=200, hidden=48, intermediate=100, kv_heads=4)
     inv = discover(LlamaForCausalLM(cfg))
     assert len(inv.linears) == 14
     assert all(not li.has_bias for li in inv.linears)
@@ -55,8 +53,7 @@ def test_discover_llama():
 
 
 def test_discover_gpt2_conv1d():
-    cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    inv = discover(GPT2LMHeadModel(cfg))
+    inv = discover(tiny_lm("gpt2", None, vocab=100, hidden=32))
     by_name = {li.name: li for li in inv.linears}
     assert set(by_name) == {f"transformer.h.{i}.{s}" for i in range(2)
                             for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
@@ -65,13 +62,8 @@ def test_discover_gpt2_conv1d():
     assert by_name["transformer.h.1.mlp.c_fc"].out_features == 128
 
 
-def _save(model, path):
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def test_inventory_matches_loaded_model_without_weights(tmp_path):
-    path = _save(_qwen2(), tmp_path / "m")
+    path = save_model(_qwen2(), tmp_path / "m")
     inv = inventory(path)
     loaded = discover(load_model(path))
     assert [li.name for li in inv.linears] == [li.name for li in loaded.linears]
@@ -79,7 +71,7 @@ def test_inventory_matches_loaded_model_without_weights(tmp_path):
 
 
 def test_remote_code_refused_by_default(tmp_path):
-    path = _save(_qwen2(), tmp_path / "m")
+    path = save_model(_qwen2(), tmp_path / "m")
     cfg = json.loads((path / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
     (path / "config.json").write_text(json.dumps(cfg))
@@ -90,7 +82,7 @@ def test_remote_code_refused_by_default(tmp_path):
 
 
 def test_pickle_only_checkpoint_refused(tmp_path):
-    path = _save(_qwen2(), tmp_path / "m")
+    path = save_model(_qwen2(), tmp_path / "m")
     (path / "model.safetensors").unlink()
     torch.save({}, path / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="safetensors"):
@@ -107,16 +99,8 @@ def test_model_construction_is_serialised_with_loads(tmp_path):
     builds a model, so a model constructed in another thread at that moment gets parameters on
     the meta device (measured here: 64 of 200 constructions without the lock). load_model holds
     MODEL_CONSTRUCTION_LOCK; constructions that take it too are never hit."""
-    import threading
-
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from compressor.loading import MODEL_CONSTRUCTION_LOCK
-    from tests.service.fixtures import write_tiny_model
-
     path = write_tiny_model(tmp_path / "m", layers=1)
-    cfg = Qwen2Config(vocab_size=264, hidden_size=32, intermediate_size=72, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = written_config(blocks=1)
     stop = threading.Event()
     loads: list[int] = []
 

@@ -23,7 +23,7 @@ from compressor.hessian import collect_hessians, linear_weight
 from compressor.loading import discover
 from compressor.modules import CompressedLinear, replace_linear
 from solver.bytes import Option, option_bytes
-from tests.compressor._tiny import tiny_gpt2, tiny_qwen2, tokens
+from tests.helpers.models import tiny_gpt2, tiny_qwen2, tokens
 
 torch.set_num_threads(1)
 FAST = DecompositionConfig(outer_iters=1, lr_iters=1)

@@ -8,15 +8,8 @@ from compressor.profile import ProfileConfig, run_profile
 from compressor.profile_store import FileProfileStore, profile_key
 from solver.bytes import Option
 from solver.errormodel import ErrorModel
-from tests.service.fixtures import write_tiny_model
 
 CFG = ProfileConfig(calib_seqs=4, seq_len=64, q_bits=(2, 3, 4, 8), anchors=((3, 0.5),))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    # a random 2-block Qwen2 with a word-level tokenizer (fast to encode)
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
 
 
 def test_profile_key_is_stable_and_sensitive():

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from service.db.auth import revoke_key
 from service.db.models import Job, ModelRow, PlanRow
-from tests.service.fixtures import RecordingQueue, make_env, make_settings
+from tests.helpers.api import RecordingQueue, make_env, make_settings
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.service.fixtures import REPO
+from tests.helpers.paths import REPO
 
 FRESH_API = """
 import sys
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from service.db.migrate import upgrade
 from service.db.profile_store import DbProfileStore
-from tests.service.fixtures import RecordingQueue, make_env, make_settings, synthetic_profile
+from tests.helpers.api import make_env, make_settings, RecordingQueue
+from tests.helpers.profiles import synthetic_profile
 
 tmp, root = Path(sys.argv[1]), Path(sys.argv[2])
 url = f"sqlite:///{tmp / 'bitplan.sqlite3'}"
@@ -54,7 +55,7 @@ import threading
 from pathlib import Path
 
 from service.db.migrate import upgrade
-from tests.service.fixtures import RecordingQueue, make_env, make_settings
+from tests.helpers.api import make_env, make_settings, RecordingQueue
 
 tmp, root = Path(sys.argv[1]), Path(sys.argv[2])
 url = f"sqlite:///{tmp / 'bitplan.sqlite3'}"

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from service.db.models import Artifact, PlanRow
 from service.jobs.submit import ensure_compress_job
-from tests.service.fixtures import TINY_PROFILE, make_env, make_settings
-from tests.service.flow import poll_job
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.flow import poll_job
+from tests.helpers.profiles import TINY_PROFILE
 
 
 def _solved_plan(env, team: str, budget: str) -> str:

@@ -10,13 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.fixtures import (
-    RecordingQueue,
-    make_env,
-    make_settings,
-    synthetic_profile,
-    write_tiny_model,
-)
+from tests.helpers.api import RecordingQueue, make_env, make_settings
+from tests.helpers.models import write_tiny_model
+from tests.helpers.profiles import synthetic_profile
 
 OK = {"model": "tiny-qwen", "budget": "0.9x"}   # feasible for the tiny model (min ≈ 0.56x)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.fixtures import RecordingQueue, make_env, make_settings
+from tests.helpers.api import RecordingQueue, make_env, make_settings
 
 
 def _lfs(d: Path) -> None:

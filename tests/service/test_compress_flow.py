@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from compressor.archive import recorded_file_digests
-from tests.service.fixtures import TINY_PROFILE, make_env, make_settings
-from tests.service.flow import poll_job
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.flow import poll_job
+from tests.helpers.profiles import TINY_PROFILE
 
 
 def _plan_and_compress(env) -> tuple[dict, dict]:

@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from service.db.session import dispose_all
-from tests.service.faults import TcpProxy
-from tests.service.fixtures import RecordingQueue, make_env, make_settings
+from tests.helpers.api import RecordingQueue, make_env, make_settings
+from tests.helpers.net import TcpProxy
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import tomllib
 
 import yaml
 
-from tests.service.fixtures import REPO
+from tests.helpers.paths import REPO
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

@@ -17,7 +17,7 @@ from service.db.models import Job, utcnow
 from service.db.session import get_database
 from service.jobs import owner, sweeper
 from service.jobs.queue import InProcessQueue
-from tests.service.fixtures import RecordingQueue, make_settings
+from tests.helpers.api import RecordingQueue, make_settings
 from tests.service.test_jobs import _fit_job, _get
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tests.service.fixtures import TINY_PROFILE, make_env, make_settings
-from tests.service.flow import row_counts, run_plan_flow
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.flow import row_counts, run_plan_flow
+from tests.helpers.profiles import TINY_PROFILE
 
 
 def test_plan_flow_sqlite_inprocess(tmp_path, sqlite_url, model_root, tiny_model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.service.fixtures import REPO
+from tests.helpers.paths import REPO
 
 
 def _modules_after(code: str) -> set[str]:

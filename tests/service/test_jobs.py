@@ -12,7 +12,8 @@ from service.db.profile_store import DbProfileStore
 from service.db.session import get_database
 from service.jobs import state
 from service.jobs.runner import make_queue, run_task
-from tests.service.fixtures import make_settings, synthetic_profile
+from tests.helpers.api import make_settings
+from tests.helpers.profiles import synthetic_profile
 
 
 def _job(db, **kw) -> str:

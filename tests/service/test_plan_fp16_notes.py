@@ -10,7 +10,8 @@ import pytest
 from service.db.profile_store import DbProfileStore
 from service.jobs.submit import resolve_and_register
 from solver.bytes import fp16_bytes
-from tests.service.fixtures import make_env, make_settings, synthetic_profile
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.profiles import synthetic_profile
 
 DOWN = "model.layers.0.mlp.down_proj"     # 32 x 72 in the synthetic profile
 

@@ -9,7 +9,7 @@ from compressor.profile_store import FileProfileStore, LinearProfile
 from service.db.models import ErrorModel, ErrorSamples, LinearSensitivity, ProfileRow
 from service.db.profile_store import DbProfileStore
 from service.db.session import get_database
-from tests.service.fixtures import synthetic_profile
+from tests.helpers.profiles import synthetic_profile
 
 
 def _counts(db, key: str) -> dict[str, int]:

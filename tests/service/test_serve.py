@@ -4,7 +4,6 @@ start, the in-process queue, answering on loopback."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,12 @@ import time
 import httpx
 
 from service.db.migrate import current, head
-from tests.service.fixtures import REPO
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.net import free_port
+from tests.helpers.paths import REPO
 
 
 def test_serve_embedded_default(tmp_path):
-    port = _port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITPLAN_")}
     env["BITPLAN_DATA_DIR"] = str(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],

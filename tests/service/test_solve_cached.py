@@ -10,7 +10,8 @@ from service.db.models import PlanRow
 from service.db.profile_store import DbProfileStore
 from service.jobs.runner import run_task
 from service.jobs.submit import resolve_and_register
-from tests.service.fixtures import make_env, make_settings, synthetic_profile
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.profiles import synthetic_profile
 
 
 @pytest.fixture

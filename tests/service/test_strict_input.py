@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.service.fixtures import RecordingQueue, make_env, make_settings
+from tests.helpers.api import RecordingQueue, make_env, make_settings
 
 OK = {"model": "tiny-qwen", "budget": "0.9x"}
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from service.db.auth import authenticate
 from service.db.models import Job, JobStatus, PlanRow
 from service.jobs.submit import resolve_and_register
-from tests.service.fixtures import RecordingQueue, make_env, make_settings
+from tests.helpers.api import RecordingQueue, make_env, make_settings
 
 LIMIT, N = 8, 30
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from service.db.models import Job, PlanRow
-from tests.service.fixtures import RecordingQueue, make_env, make_settings
+from tests.helpers.api import RecordingQueue, make_env, make_settings
 
 
 def _assert_utc(value: str, where: str) -> None:

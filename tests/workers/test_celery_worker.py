@@ -14,7 +14,8 @@ from service.db.auth import create_team
 from service.db.models import Job
 from service.db.profile_store import DbProfileStore
 from service.jobs.queue import CeleryQueue
-from tests.service.fixtures import make_env, make_settings, synthetic_profile
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.profiles import synthetic_profile
 from tests.workers.worker_proc import WorkerProcess, clear_redis_prefix, wait_for
 
 

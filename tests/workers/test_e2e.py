@@ -13,8 +13,9 @@ import redis
 
 from service.db.migrate import upgrade
 from service.db.models import Job
-from tests.service.fixtures import DEMO_PROFILE, TINY_PROFILE, make_env, make_settings
-from tests.service.flow import run_plan_flow
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.flow import run_plan_flow
+from tests.helpers.profiles import DEMO_PROFILE, TINY_PROFILE
 from tests.workers.worker_proc import WorkerProcess, clear_redis_prefix, wait_for
 
 

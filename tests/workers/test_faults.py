@@ -22,15 +22,11 @@ from service.db.auth import create_team
 from service.db.models import Artifact, Job, PlanRow
 from service.db.profile_store import DbProfileStore
 from service.settings import Settings
-from tests.service.faults import RedisServer
-from tests.service.fixtures import (
-    TINY_PROFILE,
-    make_env,
-    make_settings,
-    synthetic_profile,
-    write_tiny_model,
-)
-from tests.service.flow import row_counts
+from tests.helpers.api import make_env, make_settings
+from tests.helpers.flow import row_counts
+from tests.helpers.models import write_tiny_model
+from tests.helpers.net import RedisServer
+from tests.helpers.profiles import TINY_PROFILE, synthetic_profile
 from tests.workers.worker_proc import WorkerProcess, clear_redis_prefix, wait_for
 
 # read by the worker subprocesses: a small evaluation after compressing (lease, heartbeat,

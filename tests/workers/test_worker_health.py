@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.service.fixtures import REPO
+from tests.helpers.paths import REPO
 from tests.workers.worker_proc import clear_redis_prefix, wait_for
 
 

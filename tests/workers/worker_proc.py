@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.service.fixtures import REPO
+from tests.helpers.paths import REPO
 
 
 class WorkerProcess:
@@ -28,7 +28,7 @@ class WorkerProcess:
             "PYTHONUNBUFFERED": "1",
         })
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "wb")   # closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "worker", "--queues", queues,
              "--concurrency", str(concurrency)],

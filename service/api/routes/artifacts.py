@@ -34,7 +34,7 @@ router = APIRouter(tags=["artifacts"])
 log = logging.getLogger(__name__)
 
 
-def _artifact(db, team_id: str, artifact_id: str) -> Artifact:  # noqa: ANN001
+def _artifact(db, team_id: str, artifact_id: str) -> Artifact:
     with db.session() as s:
         art = s.scalar(select(Artifact).where(Artifact.id == artifact_id,
                                               Artifact.team_id == team_id))

@@ -1,6 +1,6 @@
-"""Fault injection helpers that start and stop only their own processes and sockets: a TCP proxy
-that can be cut (in front of the shared Postgres, which is never touched) and a private
-`redis-server` on a spare port that can be restarted."""
+"""Network helpers that start and stop only their own processes and sockets: a free loopback
+port, a TCP proxy that can be cut (in front of the shared Postgres, which is never touched) and
+a private `redis-server` on a spare port that can be restarted."""
 
 from __future__ import annotations
 

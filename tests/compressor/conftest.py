@@ -1,1 +1,0 @@
-from tests.service.fixtures import model_root, tiny_model  # noqa: F401
