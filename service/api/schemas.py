@@ -6,7 +6,9 @@ import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from solver.constraints import Constraints, validate_constraints
 
 MAX_BUDGET_BYTES = 2 ** 50   # = service.validation.MAX_BUDGET_BYTES
 Method = Literal["exact", "cpsat", "greedy"]
@@ -21,6 +23,31 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class ConstraintsIn(BaseModel):
+    """Solver constraints, field for field `solver.Constraints` (globs use fnmatch): bit bounds,
+    pins (option fields, 16 bits = kept in fp16), allowed ranks, ties. The solver's own validator
+    checks them (one validator); the globs are checked against the model's linears at submit."""
+
+    model_config = ConfigDict(extra="allow")   # unknown keys reach the validator, which names them
+
+    min_bits: int | dict[str, int] | None = None
+    max_bits: int | dict[str, int] | None = None
+    pinned: dict[str, dict[str, Any]] | None = None
+    allowed_ranks: list[int] | dict[str, list[int]] | None = None
+    ties: list[str] | list[list[str]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _solver_validates(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("constraints must be an object")
+        validate_constraints(data)
+        return data
+
+    def to_solver(self) -> Constraints:
+        return Constraints.from_dict(self.model_dump(exclude_none=True))
+
+
 class PlanCreate(BaseModel):
     """A plan request: which model, how many bytes, and how to solve. Strict: "yes" is not
     true and "5" is not 5 (a typo must not start a compress job)."""
@@ -33,7 +60,7 @@ class PlanCreate(BaseModel):
     budget: str | int | float = Field(
         description='bytes ("1.2GB", "850MiB", 123456789), bits per parameter ("3.25bpp") or a '
                     'fraction of the fp16 size ("0.22x")')
-    constraints: dict[str, Any] | None = Field(default=None, description="solver constraints")
+    constraints: ConstraintsIn | None = Field(default=None, description="solver constraints")
     method: Method = "exact"
     compress: bool = False
 
