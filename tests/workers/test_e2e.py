@@ -57,6 +57,7 @@ def _flow(tmp, db_url, redis_url, model_root, model_ref, profile_config, timeout
         clear_redis_prefix(redis_url, settings.redis_prefix)
 
 
+@pytest.mark.slow   # ~30 s on two cores
 def test_e2e_tiny_model(tmp_path, fresh_pg_url, redis_url, model_root, tiny_model):
     _flow(tmp_path, fresh_pg_url, redis_url, model_root, "tiny-qwen", TINY_PROFILE, 300)
 

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from compressor.archive import recorded_file_digests
@@ -108,6 +109,7 @@ def _kill_mid_linears(db, worker: WorkerProcess, work: Path, job_id: str, total:
     return done, stopped
 
 
+@pytest.mark.slow   # ~90 s on two cores
 def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_url, model_root,
                                                        monkeypatch):
     layers = 6                      # 42 linears: a compress kill lands between two of them
