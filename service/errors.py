@@ -33,21 +33,9 @@ class Conflict(ServiceError):
     status, code = 409, "conflict"
 
 
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "payload_too_large"
-
-
 class Invalid(ServiceError):
     status, code = 422, "invalid_request"
 
 
 class TooManyRequests(ServiceError):
     status, code = 429, "too_many_requests"
-
-
-class NotImplementedYet(ServiceError):
-    status, code = 501, "not_implemented"
-
-
-class Unavailable(ServiceError):
-    status, code = 503, "unavailable"

@@ -23,6 +23,9 @@ UNITS: dict[str, int] = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+# 1 PiB: larger than any model we could load; anything above is a typo, not a budget (and would
+# overflow a 64-bit column further up).
+MAX_BUDGET_BYTES = 2 ** 50
 _NUMBER = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)$")
 
 

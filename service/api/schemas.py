@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from solver.budget import MAX_BUDGET_BYTES
 from solver.constraints import Constraints, validate_constraints
 
-MAX_BUDGET_BYTES = 2 ** 50   # = service.validation.MAX_BUDGET_BYTES
 Method = Literal["exact", "cpsat", "greedy"]
 
 
@@ -87,10 +87,6 @@ class PlanCreate(BaseModel):
         if not v or len(v) > 100:
             raise ValueError("budget must be 1-100 characters")
         return v
-
-
-class Links(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
 
 class PlanAccepted(BaseModel):

@@ -31,7 +31,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.settings import DEMO_MODEL, REPO_ROOT
+import httpx
+
+from compressor.loading import inventory
+from compressor.profile_store import LinearProfile, Profile
+from service.db.auth import create_key, create_team
+from service.db.migrate import upgrade
+from service.db.profile_store import DbProfileStore
+from service.db.session import get_database
+from service.jobs.modelrefs import resolve_model
+from service.jobs.submit import get_or_create_model
+from service.settings import DEMO_MODEL, REPO_ROOT, Settings
+from solver.errormodel import ErrorModel
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +64,6 @@ def _pct(xs: list[float], q: float) -> float:
 
 def synthetic_profile_for(inventory, key: str):
     """A profile with one fitted error model per real linear (numbers, not measurements)."""
-    from compressor.profile_store import LinearProfile, Profile
-    from solver.errormodel import ErrorModel
 
     linears = []
     for i, li in enumerate(inventory.linears):
@@ -73,8 +82,6 @@ def synthetic_profile_for(inventory, key: str):
 
 def team_keys(db_url: str, n: int, prefix: str) -> list[str]:
     """API keys of n new teams (one per client, as real tenants would be)."""
-    from service.db.auth import create_key, create_team
-    from service.db.session import get_database
 
     db = get_database(db_url)
     with db.session() as s:
@@ -84,15 +91,6 @@ def team_keys(db_url: str, n: int, prefix: str) -> list[str]:
 
 
 def _prepare(data_dir: Path, model_dir: Path) -> tuple[str, str]:
-    from compressor.loading import inventory
-    from service.db.auth import create_key, create_team
-    from service.db.migrate import upgrade
-    from service.db.profile_store import DbProfileStore
-    from service.db.session import get_database
-    from service.jobs.modelrefs import resolve_model
-    from service.jobs.submit import get_or_create_model
-    from service.settings import Settings
-
     settings = Settings(data_dir=data_dir, model_roots=[model_dir.parent])
     url = settings.resolved_database_url
     upgrade(url)
@@ -102,7 +100,6 @@ def _prepare(data_dir: Path, model_dir: Path) -> tuple[str, str]:
     store = DbProfileStore(db)
     shipped = model_dir / "bitplan_profile.json"
     if shipped.is_file():           # the demo's real profile, as the service would have it
-        from compressor.profile_store import Profile
 
         prof = Profile.from_dict(json.loads(shipped.read_text()))
     else:
@@ -116,8 +113,6 @@ def _prepare(data_dir: Path, model_dir: Path) -> tuple[str, str]:
 
 
 def run(args=None) -> dict:
-    import httpx
-
     logging.getLogger("httpx").setLevel(logging.WARNING)
     quick = bool(getattr(args, "quick", False))   # smoke size unless the environment says
     n_req = int(os.environ.get("BITPLAN_BENCH_REQUESTS", "24" if quick else "100"))

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 
+from compressor.experiment import run_experiment
+from service.cli.planning import ensure_profile
 from service.settings import DEMO_MODEL, get_settings
 
 QUICK = {"budgets": ("3.25bpp",), "eval_seqs": 4, "refine_rounds": 0}
 
 
 def run(args) -> dict:  # argparse namespace
-    from compressor.experiment import run_experiment
-    from service.cli.planning import ensure_profile
 
     ref = os.environ.get("BITPLAN_BENCH_MODEL") or str(DEMO_MODEL)
     prof = ensure_profile(ref, quiet=True)

@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from service.bench.api import _free_port, _pct, _prepare, team_keys
 from service.settings import DEMO_MODEL, REPO_ROOT
 
@@ -137,8 +139,6 @@ def measure(httpx, base: str, keys: list[str], model: str, seconds: float, cap: 
 
 
 def run(args=None) -> dict:
-    import httpx
-
     logging.getLogger("httpx").setLevel(logging.WARNING)
     quick = bool(getattr(args, "quick", False))   # smoke size unless the environment says
     n_cli = int(os.environ.get("BITPLAN_LOAD_CLIENTS", "4" if quick else "50"))

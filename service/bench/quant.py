@@ -17,6 +17,13 @@ from pathlib import Path
 
 import torch
 
+from compressor.data import Split, token_sequences
+from compressor.decompose import DecompositionConfig, decompose
+from compressor.hessian import collect_hessians, linear_weight
+from compressor.loading import discover, load_model, load_tokenizer
+from service.settings import DEMO_MODEL, get_settings
+from solver.bytes import Option
+
 log = logging.getLogger(__name__)
 
 BITS = (2, 3, 4)
@@ -38,13 +45,6 @@ def _median_time(fn, reps: int) -> float:
 
 
 def run(args) -> dict:
-    from compressor.data import Split, token_sequences
-    from compressor.decompose import DecompositionConfig, decompose
-    from compressor.hessian import collect_hessians, linear_weight
-    from compressor.loading import discover, load_model, load_tokenizer
-    from service.settings import DEMO_MODEL, get_settings
-    from solver.bytes import Option
-
     settings = get_settings()
     model_ref = Path(getattr(args, "model", None) or DEMO_MODEL)
     device = getattr(args, "device", None) or settings.device

@@ -18,6 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from solver import AllocationProblem, Method, frontier, solve
+from solver.cpsat import rounding_slack
+from solver.strategies import all_baselines
+from solver.synthetic import QWEN2_1_5B, QWEN2_72B, synthetic_problem
+
 log = logging.getLogger(__name__)
 
 BUDGET_BPP = 3.5
@@ -28,7 +33,6 @@ FRONTIER_TARGET_MS = 1000.0
 
 def _fresh(problem):  # a solver.AllocationProblem
     """The same problem with nothing cached, so timings include all preparation."""
-    from solver import AllocationProblem
 
     return AllocationProblem(problem.linears, problem.fixed_bytes, problem.budget,
                              problem.constraints)
@@ -44,10 +48,6 @@ def _timed(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
 
 
 def _instance(key: str, problem, scores, block_of, cpsat_limit: float) -> dict:
-    from solver import Method, frontier, solve
-    from solver.cpsat import rounding_slack
-    from solver.strategies import all_baselines
-
     n_options = max(len(lin.options) for lin in problem.linears)
     exact_ms, exact = _timed(lambda: solve(_fresh(problem), Method.EXACT), 5)
     greedy_ms, greedy = _timed(lambda: solve(_fresh(problem), Method.GREEDY), 5)
@@ -95,7 +95,6 @@ def _instance(key: str, problem, scores, block_of, cpsat_limit: float) -> dict:
 
 
 def run(args) -> dict:  # argparse namespace
-    from solver.synthetic import QWEN2_1_5B, QWEN2_72B, synthetic_problem
 
     limit = getattr(args, "cpsat_time_limit", None) or float(
         os.environ.get("BITPLAN_BENCH_CPSAT_S", "60"))

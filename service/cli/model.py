@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from service.errors import UserError
 from service.settings import DEMO_MODEL, get_settings
+
+# torch and the compressor's model code are imported inside each command (marked "torch"), so
+# `bitplan --help` and the service commands start without loading them.
 
 
 def register(sub) -> None:
@@ -48,11 +52,9 @@ def register(sub) -> None:
 
 
 def cmd_train_demo(args) -> int:
-    import dataclasses
-
     import torch
 
-    from compressor.demo_model import GPU_RECIPE, DemoConfig, train_demo
+    from compressor.demo_model import GPU_RECIPE, DemoConfig, train_demo  # torch
 
     cfg = dataclasses.replace(GPU_RECIPE if args.recipe == "gpu" else DemoConfig(),
                               seed=args.seed)
@@ -72,12 +74,12 @@ def cmd_train_demo(args) -> int:
 
 def load_any(ref: str):
     """A plain HF model or a compressed artifact directory (it has a bitplan manifest)."""
-    from compressor.loading import load_model, load_tokenizer
+    from compressor.loading import load_model, load_tokenizer  # torch
 
     settings = get_settings()
     path = Path(ref)
     if (path / "bitplan_manifest.json").is_file():
-        from compressor.artifact import load_compressed
+        from compressor.artifact import load_compressed  # torch
 
         model, tokenizer = load_compressed(path, device=settings.device)
         return model, tokenizer
@@ -86,7 +88,12 @@ def load_any(ref: str):
 
 
 def cmd_eval(args) -> int:
-    from compressor.evaluate import eval_sequences, evaluate, reference_logprobs, unigram_ppl
+    from compressor.evaluate import (  # torch
+        eval_sequences,
+        evaluate,
+        reference_logprobs,
+        unigram_ppl,
+    )
 
     settings = get_settings()
     model, tokenizer = load_any(args.model)
@@ -120,7 +127,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_layers(args) -> int:
-    from compressor.loading import inventory
+    from compressor.loading import inventory  # torch
 
     inv = inventory(args.model, trust_remote_code=get_settings().trust_remote_code)
     if args.json:

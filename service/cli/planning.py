@@ -6,12 +6,25 @@ profile key, so `plan` solves from the stored profile without touching the model
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+import solver
+from compressor.checkpoint import check_model_dir
+from compressor.planning import build_problem
+from compressor.profile_store import FileProfileStore, seed_shipped_profile
 from service.errors import UserError
-from service.settings import get_settings
+from service.settings import DEMO_MODEL, get_settings
+from solver.recipes import plan_to_yaml
+
+# The commands below import torch-backed modules (compressor.profile, .execute, .experiment, …)
+# inside the function that needs them, so `bitplan --help`, `plan` and `serve` start without
+# loading torch; plots import matplotlib on first use.
 
 
 def register(sub) -> None:
@@ -54,8 +67,6 @@ def remember(model: str, key: str) -> None:
 
 
 def stored_profile(model: str):
-    from compressor.profile_store import FileProfileStore
-
     idx = json.loads(_index_path().read_text()) if _index_path().is_file() else {}
     key = idx.get(_ref_key(model))
     prof = FileProfileStore(profile_root()).get(key) if key else None
@@ -67,8 +78,6 @@ def stored_profile(model: str):
 def check_model_ref(model: str) -> None:
     """Refuse a broken or unsupported local checkpoint (weights, architecture) before any other
     work or message: compressor.checkpoint reads config.json and the safetensors headers only."""
-    from compressor.checkpoint import check_model_dir
-
     path = Path(model).expanduser()
     if path.is_dir() and not (path / "bitplan_manifest.json").is_file():
         check_model_dir(path, model, get_settings().trust_remote_code)
@@ -76,12 +85,7 @@ def check_model_ref(model: str) -> None:
 
 def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = False):
     """The stored profile of `model`, profiling it first when there is none."""
-    import dataclasses
-
-    from tqdm import tqdm
-
-    from compressor.profile import ProfileConfig, run_profile
-    from compressor.profile_store import FileProfileStore
+    from compressor.profile import ProfileConfig, run_profile  # torch
 
     check_model_ref(model)
     settings = get_settings()
@@ -95,15 +99,7 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
         bar.update(round(100 * frac) - bar.n)
 
     store = FileProfileStore(profile_root())
-    bundled = Path(model) / "bitplan_profile.json"
-    if bundled.is_file():
-        # a profile shipped beside the model (the demo's): used only if its key matches what
-        # run_profile computes from these weights, calibration set, config and code version
-        from compressor.profile_store import Profile
-
-        shipped = Profile.from_dict(json.loads(bundled.read_text()))
-        if store.get(shipped.key) is None:
-            store.put(shipped)
+    seed_shipped_profile(store, model)   # e.g. the demo's; used only if its key matches
     prof = run_profile(model, store, device=settings.device,
                        trust_remote_code=settings.trust_remote_code, progress=progress, config=cfg)
     bar.close()
@@ -114,7 +110,7 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
 def cmd_profile(args) -> int:
     prof = ensure_profile(args.model, args.calib_seqs)
     if args.plot:
-        from compressor.plots import profile_plot_png
+        from compressor.plots import profile_plot_png  # matplotlib
 
         args.plot.write_bytes(profile_plot_png(prof))
     summary = {"key": prof.key, "linears": len(prof.linears), "stats": prof.stats,
@@ -124,17 +120,12 @@ def cmd_profile(args) -> int:
 
 
 def solve_for(prof, budget: str, method: str = "exact", constraints: dict | None = None):
-    import solver
-    from compressor.planning import build_problem
-
     problem = build_problem(prof, budget, constraints)
     problem.check_budget()
     return problem, solver.solve(problem, method=solver.Method(method))
 
 
 def cmd_plan(args) -> int:
-    from solver.recipes import plan_to_yaml
-
     prof = stored_profile(args.model)
     constraints = json.loads(args.constraints.read_text()) if args.constraints else None
     problem, plan = solve_for(prof, args.budget, args.method, constraints)
@@ -176,9 +167,7 @@ def register_execution(sub) -> None:
 
 def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = False) -> dict:
     """Compress every linear as planned, save the artifact, evaluate it against the original."""
-    from tqdm import tqdm
-
-    from compressor.execute import ExecuteConfig, execute_plan
+    from compressor.execute import ExecuteConfig, execute_plan  # torch
 
     settings = get_settings()
     config = ExecuteConfig(device=settings.device, trust_remote_code=settings.trust_remote_code,
@@ -198,8 +187,6 @@ def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = Fa
 
 
 def cmd_compress(args) -> int:
-    import solver
-
     check_model_ref(args.model)
     prof = stored_profile(args.model)
     if args.plan:
@@ -211,13 +198,11 @@ def cmd_compress(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from compressor.experiment import DEFAULT_BUDGETS, run_experiment
+    from compressor.experiment import DEFAULT_BUDGETS, run_experiment  # torch
 
     prof = ensure_profile(args.model)
     budgets = args.budgets.split(",") if args.budgets else DEFAULT_BUDGETS
     out = args.out or get_settings().data_dir / "reports" / prof.key
-    from tqdm import tqdm
-
     bar = tqdm(total=100, desc="experiment", unit="%", disable=not sys.stderr.isatty())
 
     def progress(stage: str, frac: float) -> None:
@@ -235,15 +220,13 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import logging
-
+    # torch: the demo measures uniform beside the optimal plan
     from compressor.data import Split, token_sequences
     from compressor.experiment import baseline_plan
     from compressor.hessian import collect_hessians
     from compressor.loading import load_model, load_tokenizer
     from compressor.plan_eval import PlanEvaluator
     from compressor.profile import ProfileConfig, calibration
-    from service.settings import DEMO_MODEL
 
     if not args.verbose:  # the demo prints its own steps; per-linear logs only with -v
         logging.getLogger("compressor").setLevel(logging.WARNING)
@@ -252,7 +235,7 @@ def cmd_demo(args) -> int:
     out = args.out or settings.data_dir / "demo"
     print(f"[1/4] profile {model_ref} (reused when stored)", flush=True)
     prof = ensure_profile(model_ref)
-    from compressor.plots import profile_plot_png
+    from compressor.plots import profile_plot_png  # matplotlib
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.png").write_bytes(profile_plot_png(prof))

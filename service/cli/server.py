@@ -6,7 +6,17 @@ import json
 import logging
 import os
 import sys
+import time
 
+from sqlalchemy import select
+
+from service.db.auth import create_key, create_team, find_team, revoke_key
+from service.db.migrate import current, upgrade
+from service.db.models import Team
+from service.db.session import get_database
+from service.jobs.queue import QUEUES
+from service.jobs.runner import make_queue
+from service.jobs.sweeper import sweep
 from service.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -71,19 +81,15 @@ def register(sub) -> None:
 
 
 def _db():
-    from service.db.session import get_database
-
     return get_database(get_settings().resolved_database_url)
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    import uvicorn  # the web stack loads only for `serve`
 
     settings = get_settings()
     url = settings.resolved_database_url
     if url.startswith("sqlite") and not args.no_migrate:
-        from service.db.migrate import upgrade
-
         upgrade(url)
     mode = "Celery via Redis" if settings.redis_url else "in-process jobs"
     log.info("bitplan API on http://%s:%d (docs at /docs), %s", args.host, args.port, mode)
@@ -94,15 +100,13 @@ def cmd_serve(args) -> int:
         uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level="info")
     else:
-        from service.api import create_app
+        from service.api import create_app  # the web stack loads only for `serve`
 
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
 
 
 def cmd_worker(args) -> int:
-    from service.jobs.queue import QUEUES
-
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     bad = [q for q in queues if q not in QUEUES]
     if bad or not queues:
@@ -123,8 +127,6 @@ def cmd_worker(args) -> int:
 
 
 def cmd_worker_health(args) -> int:
-    import time
-
     settings = get_settings()
     path = settings.worker_heartbeat_file
     if path is None:
@@ -144,10 +146,6 @@ def cmd_worker_health(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    import time
-
-    from service.jobs.runner import make_queue
-    from service.jobs.sweeper import sweep
 
     settings = get_settings()
     interval = args.interval if args.interval is not None else settings.sweep_interval_s
@@ -168,23 +166,17 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_db_upgrade(args) -> int:
-    from service.db.migrate import upgrade
-
     upgrade(get_settings().resolved_database_url, args.revision)
     print(f"database at revision {args.revision}")
     return 0
 
 
 def cmd_db_current(args) -> int:
-    from service.db.migrate import current
-
     print(current(get_settings().resolved_database_url) or "(empty)")
     return 0
 
 
 def cmd_teams_create(args) -> int:
-    from service.db.auth import create_team
-
     with _db().session() as s:
         team = create_team(s, args.name)
         print(json.dumps({"id": team.id, "name": team.name}))
@@ -192,9 +184,6 @@ def cmd_teams_create(args) -> int:
 
 
 def cmd_teams_list(args) -> int:
-    from sqlalchemy import select
-
-    from service.db.models import Team
 
     with _db().session() as s:
         for t in s.scalars(select(Team).order_by(Team.name)):
@@ -203,8 +192,6 @@ def cmd_teams_list(args) -> int:
 
 
 def cmd_keys_create(args) -> int:
-    from service.db.auth import create_key, find_team
-
     with _db().session() as s:
         team = find_team(s, args.team)
         if team is None:
@@ -218,8 +205,6 @@ def cmd_keys_create(args) -> int:
 
 
 def cmd_keys_revoke(args) -> int:
-    from service.db.auth import revoke_key
-
     with _db().session() as s:
         n = revoke_key(s, args.key)
     if n == 0:

@@ -14,13 +14,9 @@ from typing import Any
 import solver
 from compressor.planning import build_problem
 from compressor.profile_store import Profile
-from solver.budget import BudgetError, InfeasibleBudget
+from solver.budget import MAX_BUDGET_BYTES, BudgetError, InfeasibleBudget
 from solver.bytes import Option, fp16_bytes, option_bytes
 from solver.constraints import validate_constraints
-
-# 1 PiB: larger than any model we could load; anything above is a typo, not a budget (and would
-# overflow a 64-bit column further up).
-MAX_BUDGET_BYTES = 2 ** 50
 
 _PROBLEMS: OrderedDict[tuple[str, str], solver.AllocationProblem] = OrderedDict()
 _PROBLEMS_LOCK = threading.Lock()

@@ -291,7 +291,7 @@ def test_team_job_limit_covers_compress_requests(tmp_path, sqlite_url, model_roo
 def cli_home(tmp_path, monkeypatch):
     """BITPLAN_DATA_DIR with a stored (synthetic) profile for the reference `tiny`."""
     from compressor.profile_store import FileProfileStore
-    from service.commands import planning
+    from service.cli import planning
     from service.settings import get_settings
 
     monkeypatch.setenv("BITPLAN_DATA_DIR", str(tmp_path))

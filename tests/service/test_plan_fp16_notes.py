@@ -75,7 +75,7 @@ def test_api_no_option_error_lists_the_options(cached):
 @pytest.fixture
 def cli_home(tmp_path, monkeypatch):
     from compressor.profile_store import FileProfileStore
-    from service.commands import planning
+    from service.cli import planning
     from service.settings import get_settings
 
     monkeypatch.setenv("BITPLAN_DATA_DIR", str(tmp_path))
