@@ -12,6 +12,10 @@ and saves its logits. Reported:
   dense cache adds Σ m·n·itemsize; `predicted_rss_saving`);
 - max_rel_logit_diff = max|packed − dense| / max|dense| over the prefill logits;
 - decode/prefill tok/s of both, timed in the same run on this device.
+Both children run with the same torch intra-op thread count, BITPLAN_BENCH_THREADS (default 1):
+on a shared 2-core box, 2 OpenMP threads made the packed path's many small elementwise
+unpacking ops ~17× slower from spin contention (1.36 s vs 0.08 s a token, measured) while
+the dense GEMV barely noticed — a scheduling artifact, not the runtime's cost.
 `--quick`: a uniform 3-bit rank-8 plan with round-to-nearest rounding (no profile needed) and 16
 generated tokens — the same figures, computed the same way, on less.
 """
@@ -82,6 +86,7 @@ def _child(artifact: str, runtime: str, new_tokens: int, logits_out: str) -> dic
     from compressor.modules import CompressedLinear, Runtime, set_runtime
 
     torch.manual_seed(0)
+    torch.set_num_threads(int(os.environ.get("BITPLAN_BENCH_THREADS", "1")))
     model = AutoModelForCausalLM.from_pretrained(artifact).eval()
     packed = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     set_runtime(model, Runtime(runtime))
