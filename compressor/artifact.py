@@ -5,17 +5,24 @@ Layout of an artifact directory:
                              — exactly the bytes `solver.bytes.option_bytes` counts (tested)
     kept.safetensors         every other parameter / persistent buffer at its stored dtype
                              (embeddings, norms, head, biases); tied tensors stored once
-    config.json, tokenizer files
+    config.json              the model's config plus `quantization_config` (quant_method
+                             "bitplan": per-linear records, format version; compressor/hf.py)
+    model.safetensors.index.json   maps the kept keys to kept.safetensors, so transformers'
+                             from_pretrained loads them; the packed tensors load through the
+                             registered quantizer (`import compressor.hf`)
+    tokenizer files
     bitplan_manifest.json    per-linear option/config/errors, the plan, library versions,
                              sha256 of the source weights and of every file written here
 Writes go to a temporary sibling directory that is renamed into place, so a reader never sees
-a half-written artifact; `load_compressed` verifies every file's sha256 before using it.
+a half-written artifact; `load_compressed` verifies every file's sha256, then loads through
+`AutoModelForCausalLM.from_pretrained` like any user would.
 The whole directory downloads as one deterministic tar (compressor/archive.py, torch-free so
 the API can stream it); an artifact's recorded digest is that archive's sha256.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -28,17 +35,23 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from compressor import hf
 from compressor.archive import MANIFEST
 from compressor.decompose import Decomposed
-from compressor.modules import CompressedLinear, replace_linear
+from compressor.loading import MODEL_CONSTRUCTION_LOCK
+from compressor.modules import Runtime, set_runtime
 from solver.bytes import option_bytes
 
 log = logging.getLogger(__name__)
 
 COMPRESSED = "compressed.safetensors"
 KEPT = "kept.safetensors"
-FORMAT_VERSION = 1
+INDEX = "model.safetensors.index.json"
+FORMAT_VERSION = hf.FORMAT_VERSION
+# transformers refuses safetensors whose metadata "format" is not pt/tf/flax/mlx
+_ST_METADATA = {"format": "pt"}
 
 
 class ArtifactError(ValueError):
@@ -125,8 +138,8 @@ def _kept_state(model: nn.Module, names: set[str]) -> tuple[dict[str, Tensor], d
     seen: dict[tuple, str] = {}
     for key, t in model.state_dict(keep_vars=False).items():
         owner, _, leaf = key.rpartition(".")
-        if owner in names and leaf != "bias":
-            continue
+        if (owner in names and leaf != "bias") or owner.rpartition(".")[0] in names:
+            continue   # a linear's weight, or a CompressedLinear's packed q/l/r buffers
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if ident in seen and t.numel():
             tied[key] = seen[ident]
@@ -171,11 +184,14 @@ def save_artifact(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(compressed, tmp / COMPRESSED, metadata={"format": "bitplan"})
-        save_file(kept, tmp / KEPT, metadata={"format": "bitplan"})
+        save_file(compressed, tmp / COMPRESSED, metadata=_ST_METADATA)
+        save_file(kept, tmp / KEPT, metadata=_ST_METADATA)
         config = getattr(model, "config", None)
         if config is not None:
-            config.save_pretrained(tmp)
+            _save_config(config, tmp, linears, tied, dtype)
+            (tmp / INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": sum(t.nbytes for t in kept.values())},
+                 "weight_map": dict.fromkeys(sorted(kept), KEPT)}, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         manifest = Manifest(
@@ -205,6 +221,15 @@ def save_artifact(
     return manifest
 
 
+def _save_config(config, out: Path, linears: dict, tied: dict, dtype: str) -> None:
+    """config.json with the bitplan quantization config (on a copy: the caller's model keeps
+    its own config)."""
+    config = copy.deepcopy(config)
+    config.quantization_config = hf.BitplanConfig(
+        linears=linears, dtype=dtype, packed_file=COMPRESSED, tied=tied).to_dict()
+    config.save_pretrained(out)
+
+
 def read_manifest(path: str | Path) -> Manifest:
     f = Path(path) / MANIFEST
     if not f.is_file():
@@ -227,48 +252,23 @@ def verify_artifact(path: str | Path) -> Manifest:
 
 
 def load_compressed(path: str | Path, device: str | torch.device = "cpu",
-                    verify: bool = True, cache_weight: bool = True):
-    """(model, tokenizer) from an artifact: the architecture from config.json (no remote code),
-    CompressedLinear at every compressed linear, kept tensors loaded as stored."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_utils import no_init_weights
-
+                    verify: bool = True, runtime: Runtime = Runtime.PACKED):
+    """(model, tokenizer) from an artifact through `AutoModelForCausalLM.from_pretrained` (the
+    registered bitplan quantizer; no remote code): packed linears by default, `Runtime.DENSE`
+    to cache each dense Ŵ for fast evaluation."""
     path = Path(path)
     manifest = verify_artifact(path) if verify else read_manifest(path)
+    if manifest.format_version < 2:
+        raise ArtifactError(f"{path} is a format-{manifest.format_version} artifact (no "
+                            "quantization config in config.json); compress it again")
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if getattr(config, "auto_map", None):
         raise ArtifactError(f"{path}: config needs remote code; refused")
-    dtype = getattr(torch, manifest.dtype)
-    from compressor.loading import MODEL_CONSTRUCTION_LOCK
-
-    with MODEL_CONSTRUCTION_LOCK, no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = load_file(path / COMPRESSED) if (path / COMPRESSED).is_file() else {}
-    by_linear: dict[str, dict[str, Tensor]] = {n: {} for n in manifest.linears}
-    for key, t in tensors.items():
-        name, part, leaf = key.rsplit(".", 2)
-        if name not in by_linear:
-            raise ArtifactError(f"tensor {key} belongs to no linear in the manifest")
-        by_linear[name][f"{part}.{leaf}"] = t
-    for name, record in manifest.linears.items():
-        dec = Decomposed.from_tensors(by_linear[name], record)
-        replace_linear(model, name, dec, cache_weight=cache_weight)
-    kept = load_file(path / KEPT)
-    result = model.load_state_dict(kept, strict=False)
-    if result.unexpected_keys:
-        raise ArtifactError(f"kept tensors the model does not have: {result.unexpected_keys[:5]}")
-    packed = {k for k, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    missing = [k for k in result.missing_keys
-               if k not in manifest.tied and k.rpartition(".")[0] not in packed]
-    if missing:
-        raise ArtifactError(f"artifact lacks tensors: {missing[:5]}")
-    if manifest.tied:
-        model.tie_weights()
-        state = model.state_dict()
-        for alias, stored in manifest.tied.items():
-            if state[alias].data_ptr() != state[stored].data_ptr():
-                state[alias].copy_(state[stored])
+    with MODEL_CONSTRUCTION_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=getattr(torch, manifest.dtype), trust_remote_code=False,
+            use_safetensors=True)
+    set_runtime(model, runtime)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() \
         else None
     return model.to(device).eval(), tokenizer

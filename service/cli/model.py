@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 from service.errors import UserError
@@ -36,13 +37,18 @@ def register(sub) -> None:
     p.add_argument("--seqs", type=int, default=None, help="number of test sequences")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--dense", action="store_true",
+                   help="artifacts: cache each dense Ŵ (faster on CPU, m·n values a linear)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample a continuation of a prompt")
+    p = sub.add_parser("generate", help="stream a continuation of a prompt, then tokens/s and "
+                                        "resident memory")
     p.add_argument("model")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    p.add_argument("--dense", action="store_true", help="artifacts: cache each dense Ŵ")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("layers", help="list compressible linears and kept parameters")
@@ -72,17 +78,20 @@ def cmd_train_demo(args) -> int:
     return 0
 
 
-def load_any(ref: str):
-    """A plain HF model or a compressed artifact directory (it has a bitplan manifest)."""
+def load_any(ref: str, dense: bool = False):
+    """A plain HF model or a compressed artifact directory (it has a bitplan manifest); an
+    artifact loads through AutoModelForCausalLM.from_pretrained with bitplan's registered
+    quantizer (packed linears; `dense` caches each Ŵ instead)."""
     from compressor.loading import load_model, load_tokenizer  # torch
 
     settings = get_settings()
     path = Path(ref)
     if (path / "bitplan_manifest.json").is_file():
         from compressor.artifact import load_compressed  # torch
+        from compressor.modules import Runtime  # torch
 
-        model, tokenizer = load_compressed(path, device=settings.device)
-        return model, tokenizer
+        runtime = Runtime.DENSE if dense else Runtime.PACKED
+        return load_compressed(path, device=settings.device, runtime=runtime)
     model = load_model(ref, trust_remote_code=settings.trust_remote_code, device=settings.device)
     return model, load_tokenizer(ref, trust_remote_code=settings.trust_remote_code)
 
@@ -96,7 +105,7 @@ def cmd_eval(args) -> int:
     )
 
     settings = get_settings()
-    model, tokenizer = load_any(args.model)
+    model, tokenizer = load_any(args.model, dense=args.dense)
     seqs = eval_sequences(tokenizer, args.seq_len or settings.eval_seq_len,
                           args.seqs or settings.eval_seqs)
     ref = None
@@ -117,13 +126,48 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    model, tokenizer = load_any(args.model)
+    from compressor.memory import packed_linear_bytes, peak_rss_bytes, rss_bytes
+
+    model, tokenizer = load_any(args.model, dense=args.dense)
     torch.manual_seed(args.seed)
     ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, top_k=40,
-                         temperature=0.8, pad_token_id=tokenizer.eos_token_id)
-    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    streamer = _TimedStreamer(tokenizer)
+    sampling = {} if args.greedy else {"do_sample": True, "top_k": 40, "temperature": 0.8}
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                         pad_token_id=tokenizer.eos_token_id, **sampling)
+    seconds = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
+    # decode rate excludes the prompt's prefill: tokens after the first over the time since it
+    first = streamer.first_token_at
+    decode = (new - 1) / (time.perf_counter() - first) if first and new > 1 else float("nan")
+    mib = 1 << 20
+    print(f"\n[{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tok/s overall, "
+          f"{decode:.1f} tok/s decode · resident {rss_bytes() / mib:.1f} MiB "
+          f"(peak {peak_rss_bytes() / mib:.1f} MiB) · packed linears "
+          f"{packed_linear_bytes(model) / mib:.2f} MiB]", file=sys.stderr)
     return 0
+
+
+class _TimedStreamer:
+    """transformers' TextStreamer (prints text as it is generated, prompt included) that also
+    notes when the first new token arrived."""
+
+    def __init__(self, tokenizer) -> None:
+        from transformers import TextStreamer  # deferred: the CLI starts without transformers
+
+        self._inner = TextStreamer(tokenizer, skip_special_tokens=True)
+        self._calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self._calls += 1
+        if self._calls == 2:     # the first put is the prompt, the second the first new token
+            self.first_token_at = time.perf_counter()
+        self._inner.put(value)
+
+    def end(self) -> None:
+        self._inner.end()
 
 
 def cmd_layers(args) -> int:

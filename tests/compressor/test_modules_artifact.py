@@ -21,7 +21,7 @@ from compressor.compress import compress_model
 from compressor.decompose import DecompositionConfig, decompose
 from compressor.hessian import collect_hessians, linear_weight
 from compressor.loading import discover
-from compressor.modules import CompressedLinear, replace_linear
+from compressor.modules import CompressedLinear, Runtime, replace_linear
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import tiny_gpt2, tiny_qwen2, tokens
 
@@ -79,11 +79,13 @@ def test_compressed_linear_computes_q_plus_lr() -> None:
     expect = x @ d.w_hat().T + lin.bias
     assert torch.allclose(new(x), expect, atol=1e-5)
     assert new.nbytes == option_bytes(24, 40, Option(3, 6, 4, 16))
-    assert torch.allclose(new.double()(x.double()), expect.double(), atol=1e-5)  # cache follows
-    uncached = CompressedLinear(d, lin.bias.detach().clone(), cache_weight=False)
-    assert torch.allclose(uncached(x), expect, atol=1e-5) and uncached._w is None
-    assert uncached.bfloat16().nbytes == new.nbytes            # dtype casts keep the format
-    assert torch.equal(uncached.weight_hat(), d.w_hat())
+    assert new._w is None                                       # packed: no dense Ŵ held
+    assert torch.allclose(new.double()(x.double()), expect.double(), atol=1e-5)
+    dense = CompressedLinear(d, lin.bias.detach().clone(), runtime=Runtime.DENSE)
+    assert torch.allclose(dense(x), expect, atol=1e-5) and dense._w is not None
+    assert torch.allclose(dense.double()(x.double()), expect.double(), atol=1e-5)  # cache follows
+    assert dense.bfloat16().nbytes == new.nbytes                # dtype casts keep the format
+    assert torch.equal(dense.weight_hat(), d.w_hat())
     with pytest.raises(ValueError):
         replace_linear(nn.Sequential(nn.Linear(41, 24)), "0", d)
     with pytest.raises(TypeError):
