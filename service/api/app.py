@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import errors
+from service.api import errors, ui
 from service.api.media import JsonBodies
 from service.api.routes import admin, artifacts, health, jobs, models, plans
 from service.api.schemas import ErrorResponse
@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
     app.include_router(health.router)
     for mod in (plans, jobs, models, artifacts, admin):
         app.include_router(mod.router, prefix="/v1")
+    ui.install(app)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

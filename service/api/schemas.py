@@ -186,6 +186,7 @@ class ModelPublic(BaseModel):
     weights_hash: str | None = None
     profile_id: str | None = None
     profiled: bool
+    profiled_at: datetime | None = None
     created_at: datetime
     links: dict[str, str] = {}
 
