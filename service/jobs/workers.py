@@ -78,10 +78,11 @@ def queue_counts(db: Database, team_id: str) -> dict[str, QueueCounts]:
     queue_of = {kind: TASKS[task].queue.value for kind, task in TASK_OF_KIND.items()}
     counts = {q.value: [0, 0, 0, 0] for q in QueueName}
     with db.session() as s:
-        rows = s.execute(select(Job.kind, Job.status, Job.team_id == team_id, func.count())
+        rows = s.execute(select(Job.kind, Job.status, Job.team_id, func.count())
                          .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-                         .group_by(Job.kind, Job.status, Job.team_id == team_id)).all()
-    for kind, status, mine, n in rows:
+                         .group_by(Job.kind, Job.status, Job.team_id)).all()
+    for kind, status, owner_team, n in rows:
+        mine = owner_team == team_id
         c = counts.setdefault(queue_of.get(kind, "other"), [0, 0, 0, 0])
         i = 0 if status == JobStatus.QUEUED else 1
         c[i] += n
