@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -113,7 +114,8 @@ def test_dashboard_plan_compress_download_and_isolation(tmp_path, model_root, ti
 
         # a good one: redirected to the plan page, which shows progress until it is solved
         _submit_plan(d, srv.url, "0.85", "x")
-        _wait(lambda: "/ui/plans/" in d.current_url, 30, "the plan page")
+        # (the form's own URL is /ui/plans/new?…: wait for the plan's)
+        _wait(lambda: re.search(r"/ui/plans/[0-9a-f]{32}$", d.current_url), 30, "the plan page")
         plan_url = d.current_url
         plan_id = plan_url.rsplit("/", 1)[1]
         assert d.find_elements(By.CSS_SELECTOR, ".progress[data-job]"), "no live progress"
