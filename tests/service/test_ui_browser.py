@@ -43,6 +43,7 @@ def browser(tmp_path):
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
     driver.execute_cdp_cmd("Page.setDownloadBehavior",
                            {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.implicitly_wait(10)   # find_element waits for a submitted form's next page
     driver.downloads = downloads
     driver.screens = tmp_path / "screens"
     driver.screens.mkdir()
