@@ -143,8 +143,7 @@ def compare_page(request: Request, user: UserDep, db: DbDep,
     if len({p.model.id for p in chosen}) > 1:
         raise Invalid("compare plans of one model")
     arts = {p.id: _artifact_of(db, user, p.id) for p in chosen}
-    names = [li["name"] for li in chosen[0].linears] or \
-        next((li["name"] for p in chosen for li in p.linears), [])
+    names = list(dict.fromkeys(li["name"] for p in chosen for li in p.linears))
     per_linear = {p.id: {li["name"]: li for li in p.linears} for p in chosen}
     return render(request, "compare.html", user, plans=chosen, artifacts=arts, names=names,
                   per_linear=per_linear)
