@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from celery import Celery
 
+from service.db.session import get_database
 from service.jobs.queue import broker_transport_options, kombu_queues
 from service.jobs.registry import TASKS
 from service.settings import Settings, get_settings
-from workers.health import add_heartbeat
+from workers.health import add_heartbeat, add_worker_beat
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -40,6 +41,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
     )
     if settings.worker_heartbeat_file:   # liveness for the container's health check
         add_heartbeat(app, settings.worker_heartbeat_file, settings.worker_heartbeat_s)
+    # seen by GET /v1/status (the database is only touched once the worker starts)
+    add_worker_beat(app, get_database(settings.resolved_database_url), settings.worker_heartbeat_s)
     return app
 
 

@@ -11,14 +11,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import errors
+from service.api import errors, ui
 from service.api.media import JsonBodies
-from service.api.routes import artifacts, health, jobs, models, plans
+from service.api.routes import admin, artifacts, health, jobs, models, plans
 from service.api.schemas import ErrorResponse
 from service.db.session import get_database
-from service.jobs.queue import InProcessQueue, Queue
+from service.jobs.queue import QUEUES, InProcessQueue, Queue
 from service.jobs.runner import make_queue
 from service.jobs.sweeper import SweepLoop, sweep
+from service.jobs.workers import WorkerBeat, worker_id
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,11 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sweeper = None
+        sweeper = beat = None
         if isinstance(app.state.queue, InProcessQueue):
+            # this process runs jobs: it shows in GET /v1/status while its heartbeat is fresh
+            beat = WorkerBeat(app.state.db, worker_id("inprocess"), "inprocess",
+                              list(QUEUES), settings.worker_heartbeat_s).start()
             # embedded: resume at once what a restart cut (queued jobs, and the running jobs of
             # the dead server that owned them), without waiting for any lease
             threading.Thread(target=_resume, args=(app,), daemon=True,
@@ -87,6 +91,8 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
         yield
         if sweeper is not None:
             sweeper.stop()
+        if beat is not None:
+            beat.stop()
         if app.state.owns_queue:
             app.state.queue.close()
 
@@ -102,8 +108,9 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
     app.state.queue = queue if queue is not None else make_queue(settings)
     errors.install(app)
     app.include_router(health.router)
-    for mod in (plans, jobs, models, artifacts):
+    for mod in (plans, jobs, models, artifacts, admin):
         app.include_router(mod.router, prefix="/v1")
+    ui.install(app)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

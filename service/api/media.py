@@ -1,4 +1,4 @@
-"""Request bodies are JSON, sent as is: other media types and content encodings get a 415 that
+"""Request bodies are JSON (except the dashboard's forms under /ui/), sent as is: other media types and content encodings get a 415 that
 says what to send, before FastAPI would misread them (text as "not a dictionary", gzip bytes as
 malformed JSON)."""
 
@@ -9,6 +9,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.errors import error_response
 
 JSON = "application/json"
+UI_PREFIX = "/ui/"
 
 
 def is_json(content_type: str) -> bool:
@@ -41,7 +42,8 @@ class JsonBodies:
                 f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
                 "uncompressed (identity)", {"Accept-Encoding": "identity"})
             return await response(scope, receive, send)
-        if _has_body(headers):
+        # the dashboard's forms post url-encoded bodies to its own routes (service/api/ui)
+        if _has_body(headers) and not scope.get("path", "").startswith(UI_PREFIX):
             given = headers.get(b"content-type", b"").decode("latin-1").strip()
             if not is_json(given):
                 got = f"got {given[:80]!r}" if given else "no Content-Type was given"

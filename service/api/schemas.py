@@ -182,6 +182,7 @@ class ModelPublic(BaseModel):
     weights_hash: str | None = None
     profile_id: str | None = None
     profiled: bool
+    profiled_at: datetime | None = None
     created_at: datetime
     links: dict[str, str] = {}
 
@@ -248,3 +249,51 @@ class CompressAccepted(BaseModel):
     artifact_id: str
     job_id: str
     links: dict[str, str]
+
+
+class JobCancelled(BaseModel):
+    job_id: str
+    status: Literal["cancelled"] = "cancelled"
+    was: str = Field(description="its status when cancelled: a running job stops at its next "
+                                 "linear (or progress report), a queued one never starts")
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    label: str | None = Field(default=None, max_length=200)
+
+
+class KeyPublic(BaseModel):
+    id: str
+    key_id: str = Field(description="the public part of the key: bp_<key_id>_…")
+    label: str | None = None
+    created_at: datetime
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="the full bearer key; shown this once, never stored")
+
+
+class QueueStatus(BaseModel):
+    queued: int
+    running: int
+    mine_queued: int = Field(description="of those queued, your team's")
+    mine_running: int
+
+
+class WorkerPublic(BaseModel):
+    id: str
+    kind: str
+    host: str
+    queues: list[str]
+    seen_at: datetime
+    age_s: float
+
+
+class ServiceStatus(BaseModel):
+    queues: dict[str, QueueStatus]
+    workers: list[WorkerPublic] = Field(description="processes whose heartbeat was seen within "
+                                                    "`window_s`")
+    window_s: float

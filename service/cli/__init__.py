@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "service.cli.bench",
     "service.cli.server",
     "service.cli.planning",
+    "service.cli.remote",
 ]
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db.models import ApiKey, Team, utcnow
+from service.db.models import ApiKey, Team, UiSession, utcnow
 
 KEY_PREFIX = "bp_"
 
@@ -65,6 +67,11 @@ def parse_key(token: str) -> tuple[str, str]:
 
 
 def authenticate(s: Session, token: str) -> Team:
+    return authenticate_key(s, token)[0]
+
+
+def authenticate_key(s: Session, token: str) -> tuple[Team, ApiKey]:
+    """The team and the key row of a bearer key (AuthError when unknown or revoked)."""
     key_id, secret = parse_key(token)
     row = s.scalar(select(ApiKey).where(ApiKey.key_id == key_id))
     # Hash even when the key id is unknown, so timing does not tell which ids exist.
@@ -76,7 +83,7 @@ def authenticate(s: Session, token: str) -> Team:
     team = s.get(Team, row.team_id)
     if team is None:
         raise AuthError("invalid or revoked API key")
-    return team
+    return team, row
 
 
 def revoke_key(s: Session, key_or_id: str) -> int:
@@ -87,3 +94,69 @@ def revoke_key(s: Session, key_or_id: str) -> int:
                     .where(ApiKey.revoked_at.is_(None))
                     .values(revoked_at=utcnow()))
     return res.rowcount or 0
+
+
+def list_keys(s: Session, team_id: str) -> list[ApiKey]:
+    """A team's keys, newest first (revoked ones too, marked by `revoked_at`); no secrets."""
+    return list(s.scalars(select(ApiKey).where(ApiKey.team_id == team_id)
+                          .order_by(ApiKey.created_at.desc())))
+
+
+def revoke_team_key(s: Session, team_id: str, key_or_id: str) -> ApiKey | None:
+    """Revoke one of `team_id`'s keys (by row id or public key id); None when the team has no
+    such key (another team's key is as unknown as a missing one). Its UI sessions end too."""
+    row = s.scalar(select(ApiKey).where(ApiKey.team_id == team_id,
+                                        (ApiKey.id == key_or_id) | (ApiKey.key_id == key_or_id)))
+    if row is None:
+        return None
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    s.execute(delete(UiSession).where(UiSession.api_key_id == row.id))
+    return row
+
+
+# --- dashboard sessions -------------------------------------------------------------------
+
+SESSION_TTL = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    team: Team
+    csrf: str
+    api_key_id: str
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def open_session(s: Session, api_key: str) -> tuple[str, SignedIn]:
+    """Sign in with an API key: returns the cookie token (only its hash is stored) and who is
+    signed in. AuthError for an unknown or revoked key."""
+    team, key = authenticate_key(s, api_key)
+    token = secrets.token_urlsafe(32)
+    csrf = secrets.token_urlsafe(24)
+    s.add(UiSession(id=_token_hash(token), team_id=team.id, api_key_id=key.id, csrf=csrf,
+                    expires_at=utcnow() + SESSION_TTL))
+    s.flush()
+    return token, SignedIn(team, csrf, key.id)
+
+
+def session_user(s: Session, token: str) -> SignedIn:
+    """Who a session cookie belongs to: AuthError when it is unknown, expired, or its key has
+    been revoked since."""
+    if not token or len(token) > 200:
+        raise AuthError("not signed in")
+    row = s.get(UiSession, _token_hash(token))
+    if row is None or row.expires_at <= utcnow():
+        raise AuthError("not signed in (or the session expired)")
+    key = s.get(ApiKey, row.api_key_id)
+    team = s.get(Team, row.team_id)
+    if key is None or key.revoked_at is not None or team is None:
+        raise AuthError("the API key of this session was revoked")
+    return SignedIn(team, row.csrf, key.id)
+
+
+def close_session(s: Session, token: str) -> None:
+    s.execute(delete(UiSession).where(UiSession.id == _token_hash(token)))

@@ -77,9 +77,10 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"   # by its team; a running one stops at its next progress report
 
 
-TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED)
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class JobKind(StrEnum):
@@ -272,3 +273,32 @@ class Artifact(Base):
     metrics: Mapped[dict] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class UiSession(Base):
+    """A signed-in dashboard session: the cookie holds a random token, the row only its SHA-256.
+    It lives as long as the API key it was opened with (a revoked key ends it) and carries the
+    session's CSRF token for the dashboard's forms."""
+
+    __tablename__ = "ui_sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)   # sha256 of the cookie token
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"),
+                                            index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+
+class WorkerRow(Base):
+    """A process that runs jobs (a Celery worker, or an embedded server's in-process pool), as
+    its own heartbeat last wrote it: `GET /v1/status` lists those seen recently."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)   # host:pid[:tag]
+    kind: Mapped[str] = mapped_column(String(20))                    # celery | inprocess
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list] = mapped_column(default=list)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

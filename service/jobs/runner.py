@@ -59,7 +59,8 @@ def release(db: Database, queue: Queue | None, job_id: str) -> None:
 
 
 def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | None = None) -> str:
-    """Returns the job's outcome for this delivery: succeeded, failed, skipped (finished, or
+    """Returns the job's outcome for this delivery: succeeded, failed, cancelled (its team
+    cancelled it while it ran: the stage stopped at its next report), skipped (finished, or
     waiting on a dependency that will release it), or busy: another worker holds a fresh lease
     on it — alive, or killed moments ago; the caller checks again once the lease could have
     expired (Celery: a delayed retry) so a dead worker's job does not wait for the sweeper."""
@@ -82,6 +83,9 @@ def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | Non
     try:
         with state.Heartbeat(db, job_id, every_s=max(settings.job_lease_s / 4, 0.5)):
             out = fn(ctx)
+    except state.JobCancelled:
+        log.info("job %s: cancelled; stopped", job_id)
+        return "cancelled"
     except Exception as exc:
         if is_transient(exc):
             log.warning("job %s: transient error, will retry: %s", job_id, exc)

@@ -40,6 +40,11 @@ class JobFailed(Exception):
         self.code = code
 
 
+class JobCancelled(Exception):
+    """Raised inside a running stage (at its next progress report) once its team cancelled the
+    job; the runner records nothing more and the stage removes what it had half written."""
+
+
 def _lock(s: Session, job_id: str) -> Job | None:
     """The job, locked until commit (FOR UPDATE; on SQLite the database's write lock), so two
     claims of one job cannot both see it free."""
@@ -82,6 +87,9 @@ def claim(db: Database, job_id: str, stage: str, lease_s: float = 20.0,
             dep = s.get(Job, job.depends_on)
             if dep is not None and dep.status == JobStatus.FAILED:
                 _fail(job, f"{dep.kind} job {dep.id} failed: {dep.error}", "dependency_failed")
+                return None
+            if dep is not None and dep.status == JobStatus.CANCELLED:
+                _fail(job, f"{dep.kind} job {dep.id} was cancelled", "dependency_cancelled")
                 return None
             if dep is not None and dep.status != JobStatus.SUCCEEDED:
                 log.info("job %s waits for %s (%s)", job_id, dep.id, dep.status)
@@ -143,8 +151,8 @@ def set_progress(db: Database, job_id: str, stage: str, progress: float) -> None
 
 def succeed(db: Database, job_id: str, result: dict | None = None, **links: str | None) -> None:
     with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
+        job = _lock(s, job_id)
+        if job is None or job.status == JobStatus.CANCELLED:   # cancelled at the very end
             return
         job.status = JobStatus.SUCCEEDED
         job.stage = "done"
@@ -185,6 +193,34 @@ def fail(db: Database, job_id: str, message: str, code: str = "job_failed") -> l
     return failed
 
 
+def cancel(db: Database, job_id: str) -> str:
+    """Cancel a queued or running job; returns its status before. A queued job never starts; a
+    running one stops at its next progress report (`check_cancelled`). A cancelled compress
+    job gives its dedup key back, so compressing the plan again starts a fresh job (which
+    resumes from the per-linear work already stored)."""
+    with db.session() as s:
+        job = _lock(s, job_id)
+        if job is None:
+            raise KeyError(job_id)
+        before = job.status
+        if job.status in TERMINAL:
+            return before
+        job.status = JobStatus.CANCELLED
+        job.history = _history(job, "cancelled")
+        if job.dedup_key and job.dedup_key.startswith("compress:"):
+            job.dedup_key = None
+        job.finished_at = job.updated_at = utcnow()
+        return before
+
+
+def check_cancelled(db: Database, job_id: str) -> None:
+    """JobCancelled when the job has been cancelled (one indexed read)."""
+    with db.session() as s:
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+    if status == JobStatus.CANCELLED:
+        raise JobCancelled(f"job {job_id} was cancelled")
+
+
 def requeue(db: Database, job_id: str, message: str) -> None:
     """A transient failure: back to queued so the retry (or a sweeper) can claim it."""
     with db.session() as s:
@@ -212,6 +248,8 @@ class Reporter:
         self._stage: str | None = None
 
     def __call__(self, stage: str, fraction: float) -> None:
+        # every report is a point where a cancelled job stops (per linear while compressing)
+        check_cancelled(self.db, self.job_id)
         now = time.monotonic()
         if stage == self._stage and now - self._last < self.interval and fraction < 1.0:
             return

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 
-from service.db.models import Job, JobStatus, utcnow
+from service.db.models import TERMINAL, Job, JobStatus, utcnow
 from service.db.session import Database
 from service.jobs import owner
 from service.jobs.queue import Queue
@@ -58,7 +58,7 @@ def stalled_jobs(db: Database, lease_s: float, queued_older_than_s: float = 0.0
         for kind, job_id, dep, status in rows:
             if dep is not None:
                 dep_status = s.scalar(select(Job.status).where(Job.id == dep))
-                if dep_status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, None):
+                if dep_status not in (*TERMINAL, None):
                     continue        # still waiting: its dependency will release it
             if kind in TASK_OF_KIND:
                 out.append((kind, job_id))

@@ -34,3 +34,10 @@ def test_workers_build_the_celery_app_with_both_queues():
     assert out[1] == str(sorted(["bitplan.compress", "bitplan.fit",
                                  "bitplan.profile", "bitplan.solve"]))
     assert out[2] == "True True"
+
+
+def test_the_http_client_is_light():
+    """`service.client` is what users import on a laptop: httpx, no torch, no database."""
+    mods = _modules_after("import service.client")
+    heavy = {"torch", "transformers", "sqlalchemy", "fastapi", "numpy", "celery"}
+    assert not {m.split(".")[0] for m in mods} & heavy

@@ -11,7 +11,7 @@ from service.db.migrate import current, downgrade, head, upgrade
 from service.db.models import Base
 
 TABLES = {"teams", "api_keys", "models", "profiles", "linear_sensitivities", "error_samples",
-          "error_models", "jobs", "plans", "artifacts"}
+          "error_models", "jobs", "plans", "artifacts", "ui_sessions", "workers"}
 
 
 def _check_empty_to_head(url: str) -> None:

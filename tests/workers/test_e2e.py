@@ -46,9 +46,14 @@ def _flow(tmp, db_url, redis_url, model_root, model_ref, profile_config, timeout
         worker.wait_ready()
         env = make_env(settings)
         try:
-            return run_plan_flow(env, model_ref, timeout=timeout,
-                                 settle=_settle(env, redis_url),
-                                 crash_redelivery=crash_redelivery)
+            out = run_plan_flow(env, model_ref, timeout=timeout,
+                                settle=_settle(env, redis_url),
+                                crash_redelivery=crash_redelivery)
+            # the Celery worker's heartbeat step recorded it with its queues (GET /v1/status)
+            workers = env.client.get("/v1/status", headers=env.h("alpha")).json()["workers"]
+            assert [(w["kind"], sorted(w["queues"])) for w in workers] == \
+                [("celery", ["cpu", "gpu"])], workers
+            return out
         except BaseException:
             print(worker.log()[-6000:])
             raise

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
@@ -28,6 +28,7 @@ from service.api.schemas import ArtifactFile, ArtifactFiles, ArtifactPublic
 from service.db.models import Artifact
 from service.db.session import Database
 from service.errors import Conflict, NotFound
+from service.jobs.control import delete_artifact
 from service.settings import Settings
 
 router = APIRouter(tags=["artifacts"])
@@ -133,3 +134,12 @@ def download_artifact(artifact_id: str, team: TeamDep, db: DbDep,
                "Content-Disposition": f'attachment; filename="{arch.root.name}.tar"'}
     return StreamingResponse(_stream(art.id, arch), media_type="application/x-tar",
                              headers=headers)
+
+
+@router.delete("/artifacts/{artifact_id}", status_code=204, response_class=Response)
+def remove_artifact(artifact_id: str, team: TeamDep, db: DbDep,
+                    settings: SettingsDep) -> Response:
+    """Delete an artifact of your team (files and row); an unfinished compress is cancelled.
+    The plan stays and can be compressed again."""
+    delete_artifact(db, settings, team.id, artifact_id)
+    return Response(status_code=204)

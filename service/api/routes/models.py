@@ -34,6 +34,7 @@ def model_public(s: Session, row: ModelRow) -> ModelPublic:
     return ModelPublic(id=row.id, ref=row.ref, num_linears=row.num_linears,
                        linear_params=row.linear_params, kept_bytes=row.kept_bytes,
                        weights_hash=row.weights_hash, profile_id=pid, profiled=pid is not None,
+                       profiled_at=s.get(ProfileRow, pid).completed_at if pid else None,
                        created_at=row.created_at, links=links)
 
 

@@ -25,6 +25,7 @@ from service.db.profile_store import DbProfileStore
 from service.db.session import Database
 from service.errors import Conflict, Invalid, NotFound
 from service.jobs import planning
+from service.jobs.control import delete_plan
 from service.jobs.submit import request_compress, submit_plan
 from solver import Plan
 from solver.recipes import plan_to_yaml
@@ -150,3 +151,10 @@ def compress_plan(plan_id: str, team: TeamDep, db: DbDep, queue: QueueDep,
     return CompressAccepted(artifact_id=art_id, job_id=job_id,
                             links={"job": f"/v1/jobs/{job_id}",
                                    "artifact": f"/v1/artifacts/{art_id}"})
+
+
+@router.delete("/plans/{plan_id}", status_code=204, response_class=Response)
+def remove_plan(plan_id: str, team: TeamDep, db: DbDep, settings: SettingsDep) -> Response:
+    """Delete a plan of your team, with its artifact; its unfinished jobs are cancelled."""
+    delete_plan(db, settings, team.id, plan_id)
+    return Response(status_code=204)

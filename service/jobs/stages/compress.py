@@ -8,6 +8,7 @@ those and decomposes only the rest. The artifact itself is written atomically by
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import solver
@@ -16,7 +17,7 @@ from compressor.execute import DirCompressStore, ExecuteConfig, execute_plan
 from service.db.models import Artifact, ArtifactStatus, Job, ModelRow, PlanRow, utcnow
 from service.db.profile_store import DbProfileStore
 from service.jobs.context import StageContext, StageResult
-from service.jobs.state import JobFailed
+from service.jobs.state import JobCancelled, JobFailed, check_cancelled
 
 
 def compress_stage(ctx: StageContext) -> StageResult:
@@ -47,10 +48,17 @@ def compress_stage(ctx: StageContext) -> StageResult:
         else:
             ctx.report(f"compress/{stage}", {"load": 0.02, "save": 0.86}.get(stage, 0.0))
 
-    done = execute_plan(model_path, profile, plan, root / art_id, config, store, progress)
-    # the digest of the one download (the artifact's deterministic tar), not of one file;
-    # read before the transaction opens, so no session is held while GBs are hashed
-    digest, _ = archive_sha256(done.artifact)
+    try:
+        done = execute_plan(model_path, profile, plan, root / art_id, config, store, progress)
+        # the digest of the one download (the artifact's deterministic tar), not of one file;
+        # read before the transaction opens, so no session is held while GBs are hashed
+        digest, _ = archive_sha256(done.artifact)
+        check_cancelled(ctx.db, ctx.job_id)   # cancelled while saving or measuring
+    except JobCancelled:
+        # nothing half-written stays: the artifact row stays pending and its files go; the
+        # per-linear work stays in the store, so compressing again resumes from it
+        shutil.rmtree(root / art_id, ignore_errors=True)
+        raise
     with ctx.db.session() as s:
         row = s.get(Artifact, art_id)
         row.status = ArtifactStatus.READY

@@ -1,0 +1,86 @@
+"""The typed client without a server (httpx.MockTransport): errors carry the API's code, a
+download whose bytes do not hash to the advertised sha256 is refused and nothing is kept, a good
+one is kept and its unpacked files are checked one by one."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import httpx
+import pytest
+
+from service.client import BitplanClient, BitplanError, ChecksumMismatch
+
+
+def _tar() -> tuple[bytes, dict[str, str]]:
+    buf = io.BytesIO()
+    files = {"art/manifest.json": b'{"a": 1}', "art/compressed.safetensors": b"\x00" * 1000}
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+
+
+def _client(body: bytes, digest: str, listed: str | None = None,
+            file_digests: dict[str, str] | None = None) -> BitplanClient:
+    def handler(req: httpx.Request) -> httpx.Response:
+        assert req.headers["authorization"] == "Bearer bp_k_s"
+        if req.url.path == "/v1/artifacts/a1/files":
+            return httpx.Response(200, json={
+                "artifact_id": "a1", "archive_sha256": listed or digest,
+                "archive_bytes": len(body),
+                "files": [{"path": p, "bytes": 0, "sha256": h}
+                          for p, h in (file_digests or {}).items()]})
+        if req.url.path == "/v1/artifacts/a1/download":
+            return httpx.Response(200, content=body, headers={
+                "X-Checksum-SHA256": digest, "Content-Length": str(len(body)),
+                "Content-Disposition": 'attachment; filename="../../art.tar"'})
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": "nope"}})
+
+    return BitplanClient("http://server", "bp_k_s", transport=httpx.MockTransport(handler))
+
+
+def test_download_verifies_and_extracts(tmp_path):
+    body, files = _tar()
+    digest = hashlib.sha256(body).hexdigest()
+    with _client(body, digest, file_digests=files) as bp:
+        got = bp.download("a1", tmp_path, extract=True)
+    assert got.sha256 == digest and got.bytes == len(body) and got.files_checked == 2
+    assert got.path == tmp_path / "art" and (tmp_path / "art.tar").read_bytes() == body
+
+
+@pytest.mark.parametrize("bad", ["header", "listing", "file"])
+def test_download_refuses_a_wrong_checksum(tmp_path, bad):
+    body, files = _tar()
+    good = hashlib.sha256(body).hexdigest()
+    with _client(body, "0" * 64 if bad == "header" else good,
+                 listed="f" * 64 if bad == "listing" else None,
+                 file_digests=files | {"art/manifest.json": "1" * 64} if bad == "file"
+                 else files) as bp:
+        with pytest.raises(ChecksumMismatch):
+            bp.download("a1", tmp_path, extract=True)
+    if bad != "file":      # a bad archive is never kept
+        assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob(".*.part"))
+
+
+def test_errors_carry_status_and_code(tmp_path):
+    with _client(b"", "") as bp:
+        with pytest.raises(BitplanError) as err:
+            bp.job("missing")
+    assert err.value.status == 404 and err.value.code == "not_found"
+    assert json.loads(json.dumps(err.value.message)) == "nope"
+
+
+def test_needs_server_and_key(monkeypatch):
+    monkeypatch.delenv("BITPLAN_SERVER", raising=False)
+    monkeypatch.delenv("BITPLAN_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="BITPLAN_SERVER"):
+        BitplanClient()
+    monkeypatch.setenv("BITPLAN_SERVER", "http://x")
+    with pytest.raises(ValueError, match="BITPLAN_API_KEY"):
+        BitplanClient()
