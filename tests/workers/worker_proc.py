@@ -26,6 +26,10 @@ class WorkerProcess:
             "BITPLAN_PROFILE_CONFIG": json.dumps(settings.profile_config),
             "BITPLAN_DEVICE": settings.device,
             "PYTHONUNBUFFERED": "1",
+            # the worker runs `concurrency` task threads; one torch thread each, or OpenMP's
+            # spinning threads oversubscribe a small, busy machine (measured: the demo e2e took
+            # > 600 s instead of 60 s with other jobs running)
+            "OMP_NUM_THREADS": "1",
         })
         self.log_path = log_path
         self._log = open(log_path, "wb")   # closed in stop()
