@@ -70,10 +70,23 @@ def sqlite_url(tmp_path) -> str:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request) -> str:
-    """Run the test on both databases (each migrated to head)."""
+    """Run the test on both databases (each migrated to head). The Postgres one is shared by
+    the session: use `own_db_url` where rows left by other tests would change the outcome."""
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_url")
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def own_db_url(request) -> Iterator[str]:
+    """Both databases, each this test's own and migrated to head (e.g. a test that expects to
+    create a model's shared profile job, which another test may already have queued)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("sqlite_url")
+        return
+    url = request.getfixturevalue("fresh_pg_url")
+    upgrade(url)
+    yield url
 
 
 @pytest.fixture(scope="session")

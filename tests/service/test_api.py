@@ -12,8 +12,8 @@ from tests.helpers.api import RecordingQueue, make_env, make_settings
 
 
 @pytest.fixture
-def env(tmp_path, db_url, model_root, tiny_model):
-    settings = make_settings(tmp_path, db_url, model_roots=[model_root])
+def env(tmp_path, own_db_url, model_root, tiny_model):
+    settings = make_settings(tmp_path, own_db_url, model_roots=[model_root])
     return make_env(settings, queue=RecordingQueue())
 
 
