@@ -213,8 +213,8 @@ def _lplr(A: Tensor, Hd: Tensor, C: Tensor, H: Tensor, rank: int, option: Option
     return best[1], best[2], best[0], tried
 
 
-def _prepare(W: Tensor, H: Tensor, config: DecompositionConfig
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def rotated_problem(W: Tensor, H: Tensor, config: DecompositionConfig
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """float32 W0, symmetrised H0, their (possibly) rotated Wt, Ht, and the damped Hd."""
     W0 = W.detach().float()
     H0 = H.detach().float().to(W0.device)
@@ -241,7 +241,7 @@ def decompose(W: Tensor, H: Tensor, option: Option,
         raise ValueError(f"W must be [m, n] and H [n, n]; got {tuple(W.shape)}, {tuple(H.shape)}")
     m, n = W.shape
     rank = min(option.rank, m, n)
-    W0, H0, Wt, Ht, Hd = _prepare(W, H, config)
+    W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
     w_norm2 = max(h_sq(W0, H0), 1e-300)
     fro2 = max(W0.pow(2).sum(dtype=torch.float64).item(), 1e-300)
     C = torch.linalg.cholesky(Hd.double()).float()
@@ -334,7 +334,7 @@ def q_only_many(W: Tensor, H: Tensor, options: Sequence[Option],
     one inverse Cholesky, one column loop). rel_h_err equals decompose's up to float summation
     order (none at all for options whose lazy-batch blocks coincide)."""
     config = config or DecompositionConfig()
-    W0, H0, Wt, Ht, Hd = _prepare(W, H, config)
+    W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
     w_norm2 = max(h_sq(W0, H0), 1e-300)
     out: dict[int, QOnly] = {}
     ldlq_jobs: dict[bool, list[int]] = {}              # symmetric → indices of options

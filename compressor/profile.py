@@ -85,6 +85,13 @@ class ProfileConfig:
         d["anchors"] = tuple(tuple(a) for a in d.get("anchors", cls.anchors))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
+    def q_only_options(self) -> list[Option]:
+        """The Q-only (rank 0) samples of a linear: every q_bits at group_size, then every
+        group_bits at each extra group, in that order."""
+        return ([Option(b, 0, self.factor_bits, self.group_size) for b in self.q_bits]
+                + [Option(b, 0, self.factor_bits, g) for g in self.extra_groups
+                   for b in self.group_bits])
+
     def max_rank(self, out_features: int, in_features: int) -> int:
         return max(1, int(self.max_rank_fraction * min(out_features, in_features)))
 
@@ -123,10 +130,8 @@ def sample_linear(W: torch.Tensor, H: torch.Tensor,
     samples: list[list[float]] = []
     norm = max(h_norm(W, H), 1e-30)
     tail_ranks, tail = [0], [1.0]
-    q_opts = [Option(b, 0, cfg.factor_bits, cfg.group_size) for b in cfg.q_bits]
-    g_opts = [Option(b, 0, cfg.factor_bits, g) for g in cfg.extra_groups for b in cfg.group_bits]
-    q_only = q_only_many(W, H, q_opts + g_opts, dcfg)
-    for b, d in zip(cfg.q_bits, q_only[:len(q_opts)], strict=True):
+    q_only = q_only_many(W, H, cfg.q_only_options(), dcfg)
+    for b, d in zip(cfg.q_bits, q_only[:len(cfg.q_bits)], strict=True):
         samples.append([b, 0, d.rel_h_err ** 2])
         if b == cfg.tail_bits:
             curve = lowrank_error_curve(W - d.w_hat(), H) / norm
@@ -139,7 +144,7 @@ def sample_linear(W: torch.Tensor, H: torch.Tensor,
     if cfg.extra_groups:
         base = {int(b): t2 for b, r, t2 in samples if r == 0}
         groups[str(cfg.group_size)] = [[b, 1.0] for b in cfg.group_bits]
-        g_only = iter(q_only[len(q_opts):])
+        g_only = iter(q_only[len(cfg.q_bits):])
         for g in cfg.extra_groups:
             groups[str(g)] = [[b, next(g_only).rel_h_err ** 2 / max(base[b], 1e-30)]
                               for b in cfg.group_bits]

@@ -40,10 +40,14 @@ from torch import Tensor
 from compressor.quant import QuantMeta, group_params, quantize
 from solver.bytes import FP16_BITS, MAX_BITS, MIN_BITS
 
-# Lazy-batch block size B per device type. CUDA: 128, GPTQ's choice (kernel launches, not
-# flops, bound the column loop there). CPU: measured by `bitplan bench sampling` (see
-# docs/ARCHITECTURE.md) — smaller blocks keep the in-block rank-1 passes in cache.
-LAZY_BLOCK = {"cuda": 128, "cpu": 32}
+# Lazy-batch block size B per device type (any B is exact; it only regroups float sums).
+# CUDA: 128, GPTQ's choice — kernel launches, not flops, bound the column loop there; the H200
+# sweep is scripts/gpu_check_sampling.sh. CPU: B = 16…128 timed within noise of each other
+# (`bitplan bench sampling`, 1536² and 8960×1536, the 8 profile variants stacked: memory
+# bandwidth bounds both the in-block rank-1 passes and the trailing product), and 128 keeps
+# 128-column groups bit-identical to the rounding before batching (whose B was the group size,
+# rounded up to 128).
+LAZY_BLOCK = {"cuda": 128, "cpu": 128}
 
 
 def lazy_block(device: torch.device | str) -> int:
