@@ -19,6 +19,7 @@ rotates W and H first; see compressor.rounding for where it applies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
@@ -26,10 +27,11 @@ import torch
 from torch import Tensor
 
 from compressor.hessian import damp_hessian
-from compressor.quant import QuantizedTensor, quantize
+from compressor.quant import QuantizedTensor, QuantMeta, dequantize, quantize
 from compressor.rounding import (
     BlockHadamard,
     ldlq,
+    ldlq_many,
     rotate_hessian,
     rotate_weight,
     unrotate_weight,
@@ -211,6 +213,20 @@ def _lplr(A: Tensor, Hd: Tensor, C: Tensor, H: Tensor, rank: int, option: Option
     return best[1], best[2], best[0], tried
 
 
+def rotated_problem(W: Tensor, H: Tensor, config: DecompositionConfig
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """float32 W0, symmetrised H0, their (possibly) rotated Wt, Ht, and the damped Hd."""
+    W0 = W.detach().float()
+    H0 = H.detach().float().to(W0.device)
+    H0 = (H0 + H0.T) / 2
+    if config.hadamard:
+        rots = _rotations(*W0.shape, config.seed, W0.device)
+        Wt, Ht = rotate_weight(W0, *rots), rotate_hessian(H0, rots[1])
+    else:
+        Wt, Ht = W0, H0
+    return W0, H0, Wt, Ht, damp_hessian(Ht, config.damp)
+
+
 @torch.no_grad()
 def decompose(W: Tensor, H: Tensor, option: Option,
               config: DecompositionConfig | None = None) -> Decomposed:
@@ -225,17 +241,9 @@ def decompose(W: Tensor, H: Tensor, option: Option,
         raise ValueError(f"W must be [m, n] and H [n, n]; got {tuple(W.shape)}, {tuple(H.shape)}")
     m, n = W.shape
     rank = min(option.rank, m, n)
-    W0 = W.detach().float()
-    H0 = H.detach().float().to(W0.device)
-    H0 = (H0 + H0.T) / 2
+    W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
     w_norm2 = max(h_sq(W0, H0), 1e-300)
     fro2 = max(W0.pow(2).sum(dtype=torch.float64).item(), 1e-300)
-    if config.hadamard:
-        rots = _rotations(m, n, config.seed, W0.device)
-        Wt, Ht = rotate_weight(W0, *rots), rotate_hessian(H0, rots[1])
-    else:
-        Wt, Ht = W0, H0
-    Hd = damp_hessian(Ht, config.damp)
     C = torch.linalg.cholesky(Hd.double()).float()
 
     zero_l = QuantizedTensor.quantize(W0.new_zeros(m, rank), option.factor_bits,
@@ -298,3 +306,52 @@ def lowrank_error_curve(residual: Tensor, H: Tensor) -> Tensor:
     # tail[r] = Σ_{i ≥ r} σ_i²  (reverse cumulative sum), with tail[min(m, n)] = 0
     tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
     return tail.clamp_min(0).sqrt()
+
+
+@dataclass
+class QOnly:
+    """A rank-0 decomposition without its packed tensors: what the profile samples."""
+
+    option: Option
+    config: DecompositionConfig
+    codes: Tensor               # Q's codes and meta, in the (possibly) rotated basis
+    meta: QuantMeta
+    rel_h_err: float            # ‖(W − Q̂)Xᵀ‖ / ‖W Xᵀ‖ (undamped H), as `Decomposed.rel_h_err`
+
+    def w_hat(self) -> Tensor:
+        """Dense float32 Q̂ in the original basis (equals `Decomposed.w_hat` at rank 0)."""
+        w = dequantize(self.codes, self.meta, torch.float32)
+        if self.config.hadamard:
+            w = unrotate_weight(w, *_rotations(*self.meta.shape, self.config.seed, w.device))
+        return w
+
+
+@torch.no_grad()
+def q_only_many(W: Tensor, H: Tensor, options: Sequence[Option],
+                config: DecompositionConfig | None = None) -> list[QOnly]:
+    """`decompose(W, H, option, config)` at rank 0 for every option (ranks are ignored), with
+    the LDLQ roundings of all of them in one stacked sweep (`rounding.ldlq_many`: one rotation,
+    one inverse Cholesky, one column loop). rel_h_err equals decompose's up to float summation
+    order (none at all for options whose lazy-batch blocks coincide)."""
+    config = config or DecompositionConfig()
+    W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
+    w_norm2 = max(h_sq(W0, H0), 1e-300)
+    out: dict[int, QOnly] = {}
+    ldlq_jobs: dict[bool, list[int]] = {}              # symmetric → indices of options
+    for k, opt in enumerate(options):
+        if opt.bits == FP16_BITS:    # decompose drops the rotation here: let it say how
+            d = decompose(W, H, replace(opt, rank=0), config)
+            out[k] = QOnly(d.option, d.config, d.q.codes(), d.q.meta, d.rel_h_err)
+        elif config.q_rounding is Rounding.LDLQ and Wt.numel():
+            ldlq_jobs.setdefault(opt.symmetric, []).append(k)
+        else:
+            codes, meta = quantize(Wt, opt.bits, opt.group_size, opt.symmetric)
+            out[k] = QOnly(opt, config, codes, meta, 0.0)
+    for sym, idx in ldlq_jobs.items():
+        variants = [(options[k].bits, options[k].group_size) for k in idx]
+        for k, (codes, meta) in zip(idx, ldlq_many(Wt, Hd, variants, sym), strict=True):
+            out[k] = QOnly(options[k], config, codes, meta, 0.0)
+    for q in out.values():
+        if q.option.bits != FP16_BITS:
+            q.rel_h_err = (h_sq(Wt - dequantize(q.codes, q.meta), Ht) / w_norm2) ** 0.5
+    return [out[k] for k in range(len(options))]

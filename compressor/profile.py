@@ -2,9 +2,10 @@
 linear so a killed run resumes where it stopped. Then any budget is solved from the profile
 alone: predicted ΔKL(plan) = Σ α_i · E_i(b_i, r_i) (HIGGS-style linearity, see sensitivity.py).
 
-Per linear the profile costs: Q-only LDLQ roundings at every sampled bit width, one SVD of the
-H-weighted residual (the rank curve for every rank at once), a few full CALDERA decompositions
-at anchor (bits, rank) points, and one noise probe that replays the blocks after it.
+Per linear the profile costs: one stacked LDLQ sweep for the Q-only samples at every sampled
+bit width and group size (compressor.rounding.ldlq_many), one SVD of the H-weighted residual
+(the rank curve for every rank at once), a few full CALDERA decompositions at anchor
+(bits, rank) points, and one noise probe that replays the blocks after it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ import torch
 
 from compressor.blocks import capture
 from compressor.data import Split, token_sequences
-from compressor.decompose import DecompositionConfig, decompose, h_norm, lowrank_error_curve
+from compressor.decompose import (
+    DecompositionConfig,
+    decompose,
+    h_norm,
+    lowrank_error_curve,
+    q_only_many,
+)
 from compressor.hessian import collect_hessians, linear_weight
 from compressor.loading import discover, load_model, load_tokenizer
 from compressor.profile_store import LinearProfile, Profile, ProfileStore, profile_key
@@ -78,6 +85,13 @@ class ProfileConfig:
         d["anchors"] = tuple(tuple(a) for a in d.get("anchors", cls.anchors))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
+    def q_only_options(self) -> list[Option]:
+        """The Q-only (rank 0) samples of a linear: every q_bits at group_size, then every
+        group_bits at each extra group, in that order."""
+        return ([Option(b, 0, self.factor_bits, self.group_size) for b in self.q_bits]
+                + [Option(b, 0, self.factor_bits, g) for g in self.extra_groups
+                   for b in self.group_bits])
+
     def max_rank(self, out_features: int, in_features: int) -> int:
         return max(1, int(self.max_rank_fraction * min(out_features, in_features)))
 
@@ -107,15 +121,17 @@ def weights_hash(model_ref: str, model=None) -> str:
 def sample_linear(W: torch.Tensor, H: torch.Tensor,
                   cfg: ProfileConfig) -> tuple[list, list, list, dict]:
     """Error samples [(bits, rank, t²)], the sampled spectral tail S(r) and the group-size
-    factors {str(g): [[bits, κ], …]} of one linear."""
+    factors {str(g): [[bits, κ], …]} of one linear. Every Q-only sample (each bit width at
+    group_size, each group_bits at each extra group) comes from one stacked LDLQ sweep
+    (`q_only_many`); the anchors are full decompositions."""
     m, n = W.shape
     R = cfg.max_rank(m, n)
     dcfg = cfg.decomposition
     samples: list[list[float]] = []
     norm = max(h_norm(W, H), 1e-30)
     tail_ranks, tail = [0], [1.0]
-    for b in cfg.q_bits:
-        d = decompose(W, H, Option(b, 0, cfg.factor_bits, cfg.group_size), dcfg)
+    q_only = q_only_many(W, H, cfg.q_only_options(), dcfg)
+    for b, d in zip(cfg.q_bits, q_only[:len(cfg.q_bits)], strict=True):
         samples.append([b, 0, d.rel_h_err ** 2])
         if b == cfg.tail_bits:
             curve = lowrank_error_curve(W - d.w_hat(), H) / norm
@@ -128,12 +144,10 @@ def sample_linear(W: torch.Tensor, H: torch.Tensor,
     if cfg.extra_groups:
         base = {int(b): t2 for b, r, t2 in samples if r == 0}
         groups[str(cfg.group_size)] = [[b, 1.0] for b in cfg.group_bits]
+        g_only = iter(q_only[len(cfg.q_bits):])
         for g in cfg.extra_groups:
-            pts = []
-            for b in cfg.group_bits:
-                d = decompose(W, H, Option(b, 0, cfg.factor_bits, g), dcfg)
-                pts.append([b, d.rel_h_err ** 2 / max(base[b], 1e-30)])
-            groups[str(g)] = pts
+            groups[str(g)] = [[b, next(g_only).rel_h_err ** 2 / max(base[b], 1e-30)]
+                              for b in cfg.group_bits]
     return samples, tail_ranks, tail, groups
 
 

@@ -3,11 +3,24 @@
 LDLQ (Chee et al. 2023, "QuIP", §3) is GPTQ's error feedback (Frantar et al. 2022, Alg. 1):
 columns are rounded left to right and each column's rounding error is pushed onto the columns
 not yet rounded through the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), which minimises
-tr(Δ H Δᵀ) greedily. Groups run along the columns, as in our storage format, and a group's
-scale/zero are chosen when the loop reaches its first column, from the already-updated weights
-(GPTQ's "static groups" off). Lazy batch updates (GPTQ §"Lazy Batch-Updates") use blocks that
-are a whole number of groups, so a group never straddles a block and its parameters always see
-every earlier update.
+tr(Δ H Δᵀ) greedily:
+    e_j = (w_j − q̂_j) / U_jj,     w_k ← w_k − e_j·U_jk  for every k > j,
+where w_j is column j as updated by every earlier column and q̂_j its dequantized rounding.
+Groups run along the columns, as in our storage format, and a group's scale/zero are chosen
+when the loop reaches its first column, from the already-updated weights (GPTQ's "static
+groups" off).
+
+Two ways to do the same arithmetic with less work, both exact (in exact arithmetic; in floats
+they only regroup the sums):
+- lazy batch updates (GPTQ §3 "Lazy Batch-Updates"): the rank-1 updates stay inside a block of
+  B columns and the columns after it get them all at once, W[:, i2:] −= E·U[i1:i2, i2:], a
+  matrix product instead of B memory-bound rank-1 passes. A group whose columns reach past the
+  block gets the pending product for just its own columns when its parameters are chosen, so
+  any B is correct for any group size;
+- stacked variants: U depends on H alone and every row is rounded independently, so the
+  roundings of one W at several (bits, group size) run as ONE sweep over a matrix of the
+  variants stacked as rows — per-row grids (qmax, scale, zero) differ, U and the column order
+  are shared. The profile samples every bit width × group size of a linear this way.
 
 The randomized Hadamard transform (QuIP# — Tseng et al. 2024, §3) rotates a weight into an
 incoherent basis. Ours is block-diagonal: a dimension d is split into contiguous blocks of
@@ -19,14 +32,27 @@ exact bytes. Signs come from a seed, so they cost no bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from compressor.quant import QuantMeta, group_params, quantize
-from solver.bytes import FP16_BITS
+from solver.bytes import FP16_BITS, MAX_BITS, MIN_BITS
 
-_TARGET_BLOCK = 128
+# Lazy-batch block size B per device type (any B is exact; it only regroups float sums).
+# CUDA: 128, GPTQ's choice — kernel launches, not flops, bound the column loop there; the H200
+# sweep is scripts/gpu_check_sampling.sh. CPU: B = 16…128 timed within noise of each other
+# (`bitplan bench sampling`, 1536² and 8960×1536, the 8 profile variants stacked: memory
+# bandwidth bounds both the in-block rank-1 passes and the trailing product), and 128 keeps
+# 128-column groups bit-identical to the rounding before batching (whose B was the group size,
+# rounded up to 128).
+LAZY_BLOCK = {"cuda": 128, "cpu": 128}
+
+
+def lazy_block(device: torch.device | str) -> int:
+    """The lazy-batch block size for a device (128 where unmeasured)."""
+    return LAZY_BLOCK.get(torch.device(device).type, 128)
 
 
 def inverse_cholesky_upper(H: Tensor) -> Tensor:
@@ -38,49 +64,99 @@ def inverse_cholesky_upper(H: Tensor) -> Tensor:
     return torch.linalg.cholesky(Hinv, upper=True).to(H.dtype)
 
 
-def ldlq(W: Tensor, H: Tensor, bits: int, group_size: int,
-         symmetric: bool = False) -> tuple[Tensor, QuantMeta]:
+def ldlq(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: bool = False,
+         block_size: int | None = None) -> tuple[Tensor, QuantMeta]:
     """Error-feedback rounding of W [m, n] against a positive-definite H [n, n] → (codes, meta)
     in exactly `quantize`'s format. 16 bits is a plain fp16 cast (nothing to feed back)."""
+    return ldlq_many(W, H, [(bits, group_size)], symmetric, block_size)[0]
+
+
+def ldlq_many(W: Tensor, H: Tensor, variants: Sequence[tuple[int, int]],
+              symmetric: bool = False, block_size: int | None = None,
+              ) -> list[tuple[Tensor, QuantMeta]]:
+    """LDLQ roundings of one W [m, n] against one positive-definite H [n, n] at every
+    (bits, group_size) of `variants`, in one stacked sweep (module docstring) → a list of
+    (codes, meta) in `variants`' order, each equal to `ldlq(W, H, bits, group_size)` up to
+    float summation order. float32 math (float64 for a float64 W). Memory: len(variants)·m·n
+    floats. `block_size`: lazy-batch B
+    (default `lazy_block(W.device)`). Variants that round identically (the same bits, group
+    sizes both ≥ n) are computed once."""
     m, n = W.shape
-    if bits == FP16_BITS or m * n == 0:
-        return quantize(W, bits, group_size, symmetric)
-    W = W.detach().float().clone()
-    U = inverse_cholesky_upper(H.float()).float()
-    n_groups = -(-n // group_size)
-    qmax = float((1 << bits) - 1)
-    codes = torch.empty(m, n, dtype=torch.float32, device=W.device)
-    scale = torch.empty(m, n_groups, dtype=torch.float16, device=W.device)
-    zero = None if symmetric else torch.empty_like(scale)
-    block = group_size * max(1, _TARGET_BLOCK // group_size)
-    inv_s = s_f = off = None
+    out: list[tuple[Tensor, QuantMeta] | None] = [None] * len(variants)
+    todo: dict[tuple[int, int], list[int]] = {}   # (bits, effective group) → variant indices
+    for k, (bits, group_size) in enumerate(variants):
+        if not (MIN_BITS <= bits <= MAX_BITS or bits == FP16_BITS):
+            raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS} or 16, got {bits}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if bits == FP16_BITS or m * n == 0:
+            out[k] = quantize(W, bits, group_size, symmetric)
+        else:
+            todo.setdefault((int(bits), min(int(group_size), n)), []).append(k)
+    if todo:
+        dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+        U = inverse_cholesky_upper(H.to(dtype)).to(W.device)
+        block = block_size or lazy_block(W.device)
+        rounded = _ldlq_stacked(W.detach().to(dtype), U, list(todo), symmetric, block)
+        for (codes, scale, zero), idx in zip(rounded, todo.values(), strict=True):
+            for j, k in enumerate(idx):
+                if j:  # callers own their tensors: duplicates get copies
+                    codes, scale = codes.clone(), scale.clone()
+                    zero = None if zero is None else zero.clone()
+                bits, group_size = variants[k]
+                out[k] = (codes, QuantMeta((m, n), bits, group_size, symmetric, scale, zero))
+    return out
+
+
+def _ldlq_stacked(W: Tensor, U: Tensor, variants: list[tuple[int, int]], symmetric: bool,
+                  block: int) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    """The sweep behind `ldlq_many` on W and U of one float dtype, group sizes ≤ n → per variant
+    (codes [m, n] uint8, scale, zero). Works on X = [Wᵀ Wᵀ …] ([n, k·m]), so a column of every
+    variant is one contiguous row and the trailing update is one [n−i2, B]·[B, k·m] product."""
+    m, n = W.shape
+    k = len(variants)
+    dev = W.device
+    X = W.T.repeat(1, k)                                    # [n, k·m]
+    rows = [slice(v * m, (v + 1) * m) for v in range(k)]
+    qmax = torch.cat([W.new_full((m,), float((1 << b) - 1)) for b, _ in variants])
+    s_f, inv_s, off = torch.empty_like(qmax), torch.empty_like(qmax), torch.empty_like(qmax)
+    codes = torch.empty(n, k * m, dtype=torch.uint8, device=dev)
+    scales = [torch.empty(m, -(-n // g), dtype=torch.float16, device=dev) for _, g in variants]
+    zeros = [None if symmetric else torch.empty_like(s) for s in scales]
+    diag = U.diagonal().tolist()
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        err = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        diag = U1.diagonal().tolist()
+        X1, U1 = X[i1:i2], U[i1:i2, i1:i2]
+        err = X.new_empty(i2 - i1, k * m)
         for i in range(i2 - i1):
             col = i1 + i
-            if col % group_size == 0:
-                g = col // group_size
-                s, z = group_params(W1[:, i:i + group_size], bits, symmetric)
-                scale[:, g] = s
-                if zero is not None:
-                    zero[:, g] = z
-                s_f = s.float()
-                inv_s = 1.0 / s_f
-                off = z.float() if z is not None else torch.full_like(s_f, qmax / 2)
+            for v, (bits, g) in enumerate(variants):
+                if col % g:
+                    continue
+                r = rows[v]
+                x = X[col:min(col + g, i2), r]
+                if col + g > i2 and i2 < n:   # the group reaches past the block: catch its
+                    end = min(col + g, n)     # later columns up on this block's pending updates
+                    tail = X[i2:end, r] - U[i1:col, i2:end].T @ err[:i, r]
+                    x = torch.cat([x, tail])
+                s, z = group_params(x.T, bits, symmetric)
+                scales[v][:, col // g] = s
+                if z is not None:
+                    zeros[v][:, col // g] = z
+                s_f[r] = s.float()
+                inv_s[r] = 1.0 / s_f[r]
+                off[r] = z.float() if z is not None else qmax[r] / 2
             # the body of quantize_with / dequantize_with, inlined: this loop runs n times
-            w = W1[:, i]
-            q = torch.round(torch.addcmul(off, w, inv_s)).clamp_(0, qmax)
-            codes[:, col] = q
-            e = (w - (q - off) * s_f) / diag[i]
-            W1[:, i:].addr_(e, U1[i, i:], alpha=-1)
-            err[:, i] = e
-        W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1)
-    codes = codes.to(torch.uint8)
-    return codes, QuantMeta((m, n), bits, group_size, symmetric, scale, zero)
+            w = X1[i]
+            q = torch.round(torch.addcmul(off, w, inv_s)).clamp_(min=0)
+            torch.minimum(q, qmax, out=q)
+            codes[col] = q
+            e = (w - (q - off) * s_f) / diag[col]
+            X1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1)
+            err[i] = e
+        if i2 < n:
+            X[i2:].addmm_(U[i1:i2, i2:].T, err, alpha=-1)
+    return [(codes[:, r].T.contiguous(), s, z) for r, s, z in zip(rows, scales, zeros, strict=True)]
 
 
 # ---- randomized Hadamard transform -------------------------------------------------------
