@@ -224,7 +224,7 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
                 probes.block(j, blk, hessians, probe)
             del hessians, hooks
         if j in blocks:
-            report("blocks", 0.05 + 0.9 * (j - blocks.start + 1) / span)
+            report(f"block {j + 1}/{L}", 0.05 + 0.9 * (j - blocks.start + 1) / span)
     with clock.stage("probes"):
         alpha = probes.finish()
     for name, a in alpha.items():

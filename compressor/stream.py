@@ -358,7 +358,7 @@ def kept_state(sm: StreamedModel, compressed: set[str]) -> tuple[dict[str, Tenso
             tied[key] = seen[id(t)]
             continue
         seen[id(t)] = key
-        if t.device.type == "meta":
+        if isinstance(t, nn.Parameter):   # at its stored dtype, not the resident copy's
             kept[key] = sm.ckpt.get(sm.ckpt_name(key)).contiguous()
         else:
             kept[key] = t.detach().cpu().contiguous()

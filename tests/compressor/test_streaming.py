@@ -8,12 +8,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+import solver
 from compressor import stream
+from compressor.execute import ExecuteConfig, execute_plan
 from compressor.loading import load_model
-from compressor.profile import run_profile
-from compressor.profile_store import FileProfileStore
+from compressor.profile import run_profile, stream_inventory
+from compressor.profile_store import FileProfileStore, Profile
 from compressor.stream import StreamedModel
+from service.bench.synthetic import Shape, write_checkpoint
+from solver.bytes import Option, option_bytes
 from tests.helpers.models import write_tiny_model
 from tests.helpers.streaming import CONFIG, FIXTURE, measure
 
@@ -94,3 +99,21 @@ def test_profile_reads_each_block_once(tmp_path, monkeypatch):
     assert loads == [0, 1, 2]   # probes ride along: no block is replayed per probe
     assert all(lp.alpha >= 0 for lp in prof.linears) and max(lp.alpha for lp in prof.linears) > 0
     assert prof.stats["peak_rss_bytes"] > 0 and "sampling" in prof.stats["stage_s"]
+
+
+def test_fp16_checkpoint_keeps_fp16_and_exact_bytes(tmp_path):
+    """Item 6: kept tensors stay at the stored dtype (fp16) in the budget and the artifact."""
+    model = str(write_checkpoint(tmp_path / "m", Shape("qwen2", 2, 64, 96, 4, 2, 4096)))
+    inv = stream_inventory(StreamedModel(model))
+    assert {k.dtype for k in inv.kept} == {"float16"}
+    opt = Option(4, 0)
+    plan = solver.Plan({li.name: opt for li in inv.linears}, 0, 0.0, "uniform", False)
+    plan.total_bytes = inv.kept_bytes + sum(option_bytes(li.out_features, li.in_features, opt)
+                                            for li in inv.linears)
+    prof = Profile("k", model, "", "", CONFIG.to_dict(), inv.kept_bytes, [])
+    done = execute_plan(model, prof, plan, tmp_path / "a", ExecuteConfig(eval_seq_len=32,
+                                                                          eval_seqs=2))
+    kept = load_file(tmp_path / "a" / "kept.safetensors")
+    assert {t.dtype for t in kept.values()} == {torch.float16}
+    assert done.metrics["artifact_tensor_bytes"] == plan.total_bytes
+    assert done.metrics["ppl"] > 1 and done.metrics["kl"] >= 0

@@ -48,10 +48,13 @@ def measure(model_ref: str, work: Path) -> dict:
             "metrics": done.metrics}
 
 
+def measure_tiny(work: Path) -> dict:
+    return measure(str(write_tiny_model(work / "tiny", layers=2)), work / "t")
+
+
 def measure_all() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = write_tiny_model(Path(tmp) / "tiny", layers=2)
-        return {"tiny": measure(str(tiny), Path(tmp) / "t"),
+        return {"tiny": measure_tiny(Path(tmp)),
                 "demo": measure(str(DEMO_MODEL), Path(tmp) / "d")}
 
 
