@@ -159,11 +159,29 @@ def save_artifact(
 ) -> Manifest:
     """Write the artifact of `model` whose linears `decomposed` names are compressed (the model
     may hold them as CompressedLinear already, or still as the original linears)."""
+    kept, tied = _kept_state(model, set(decomposed))
+    return write_artifact(model, getattr(model, "config", None), tokenizer, decomposed,
+                          kept, tied, out_dir, plan=plan, source_ref=source_ref)
+
+
+def write_artifact(
+    skeleton: nn.Module,
+    config,
+    tokenizer,
+    decomposed: Mapping[str, Decomposed],
+    kept: Mapping[str, Tensor],
+    tied: Mapping[str, str],
+    out_dir: str | Path,
+    plan: dict | None = None,
+    source_ref: str | Path | None = None,
+) -> Manifest:
+    """Write an artifact from its parts: `skeleton` only names the modules (it may live on the
+    meta device), `kept` maps every kept tensor's name to its stored value (tied aliases in
+    `tied`). The in-memory save_artifact and the streamed compression both end here."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    names = set(decomposed)
-    modules = dict(model.named_modules())
+    modules = dict(skeleton.named_modules())
     compressed: dict[str, Tensor] = {}
     linears: dict[str, dict] = {}
     accounted = 0
@@ -176,7 +194,7 @@ def save_artifact(
         compressed |= {f"{name}.{k}": v.detach().cpu().contiguous()
                        for k, v in dec.tensors().items()}
         accounted += option_bytes(*dec.shape, dec.option)
-    kept, tied = _kept_state(model, names)
+    kept = dict(kept)
     float_dtypes = [t.dtype for t in kept.values() if t.is_floating_point()]
     dtype = str(float_dtypes[0] if float_dtypes else torch.float32).removeprefix("torch.")
 
@@ -186,7 +204,6 @@ def save_artifact(
     try:
         save_file(compressed, tmp / COMPRESSED, metadata=_ST_METADATA)
         save_file(kept, tmp / KEPT, metadata=_ST_METADATA)
-        config = getattr(model, "config", None)
         if config is not None:
             _save_config(config, tmp, linears, tied, dtype)
             (tmp / INDEX).write_text(json.dumps(
@@ -201,7 +218,8 @@ def save_artifact(
             files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
             compressed_bytes=sum(t.nbytes for t in compressed.values()),
             accounted_bytes=accounted, kept_bytes=sum(t.nbytes for t in kept.values()),
-            dtype=dtype, tied=tied, created=datetime.now(UTC).isoformat(timespec="seconds"))
+            dtype=dtype, tied=dict(tied),
+            created=datetime.now(UTC).isoformat(timespec="seconds"))
         if manifest.compressed_bytes != manifest.accounted_bytes:
             raise ArtifactError(f"compressed tensors hold {manifest.compressed_bytes} bytes, "
                                 f"the options account for {manifest.accounted_bytes}")

@@ -3,20 +3,25 @@ KL(reference ‖ model) and top-1 agreement. Deterministic: fixed sequences in a
 
 Perplexity alone can mislead (the research note's Goodhart caveat), so KL and top-1 agreement
 to the uncompressed model are always reported beside it when a reference is given.
+`stream_evaluate` computes the same figures block by block from the checkpoint (what
+execute_plan uses); `evaluate` runs a model held in memory.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from compressor.checkpoint import block_index
 from compressor.data import Split, token_sequences
+from compressor.decompose import Decomposed
+from compressor.stream import StreamedModel, swapped
 
 
 @dataclass
@@ -79,6 +84,52 @@ def evaluate(
         ppl=math.exp(nll), nll=nll, tokens=count, sequences=len(seqs), seq_len=seqs.shape[1],
         kl=kl_sum / positions if reference is not None else None,
         top1=agree / positions if reference is not None else None,
+    )
+
+
+@torch.no_grad()
+def stream_evaluate(
+    sm: StreamedModel,
+    seqs: torch.Tensor,
+    decomposed: Mapping[str, Decomposed] | None = None,
+    batch_size: int = 8,
+    on_block: Callable[[float], None] | None = None,
+) -> EvalResult:
+    """`evaluate` streamed block by block (compressor.stream): perplexity of the model read
+    from `sm`'s checkpoint with the `decomposed` linears swapped in, and — when there are any —
+    KL(original ‖ compressed) and top-1 agreement against the original, whose stream is carried
+    through the same resident block. Each block is read once; the head runs in vocab chunks."""
+    decomposed = decomposed or {}
+    with_ref = bool(decomposed)
+    h = torch.cat([sm.inputs(seqs[i:i + batch_size])[0]
+                   for i in range(0, len(seqs), batch_size)])
+    ref = h.clone() if with_ref else None
+    for j in range(sm.num_blocks):
+        mine = {n: d for n, d in decomposed.items() if block_index(n) == j}
+        with sm.block(j) as blk:
+            if with_ref:
+                ref = sm.run(blk, ref, batch_size)
+            with swapped(sm, j, blk, mine):
+                h = sm.run(blk, h, batch_size)
+        if on_block:
+            on_block((j + 1) / sm.num_blocks)
+    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    for i in range(0, len(seqs), batch_size):
+        batch = seqs[i:i + batch_size].to(h.device)
+        targets = torch.cat([batch[:, 1:], batch[:, :1]], 1)   # the last column is unused
+        st = sm.head_stats(h[i:i + batch_size], targets,
+                           ref[i:i + batch_size] if with_ref else None)
+        nll_sum += -st.target_logp()[:, :-1].sum().item()
+        count += batch[:, 1:].numel()
+        if with_ref:
+            kl_sum += st.kl.sum().item()
+            agree += (st.ref_argmax == st.argmax).sum().item()
+    positions = seqs.numel()
+    nll = nll_sum / count
+    return EvalResult(
+        ppl=math.exp(nll), nll=nll, tokens=count, sequences=len(seqs), seq_len=seqs.shape[1],
+        kl=kl_sum / positions if with_ref else None,
+        top1=agree / positions if with_ref else None,
     )
 
 

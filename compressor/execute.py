@@ -15,24 +15,27 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from safetensors.torch import load_file, save_file
 
 import solver
-from compressor.artifact import Manifest, load_compressed, save_artifact
-from compressor.compress import compress_model
-from compressor.decompose import Decomposed
-from compressor.evaluate import eval_sequences, evaluate, reference_logprobs
-from compressor.hessian import collect_hessians
-from compressor.loading import load_model, load_tokenizer
-from compressor.modules import replace_linear
+from compressor.artifact import Manifest, write_artifact
+from compressor.checkpoint import block_index
+from compressor.decompose import Decomposed, decompose
+from compressor.evaluate import eval_sequences, stream_evaluate
+from compressor.hessian import HessianHooks, linear_weight
+from compressor.loading import load_tokenizer
+from compressor.memory import StageClock
 from compressor.planning import predicted_kl
 from compressor.profile import ProfileConfig, calibration
 from compressor.profile_store import Profile
+from compressor.stream import BATCH, StreamedModel, kept_state
 
 log = logging.getLogger(__name__)
 
@@ -117,40 +120,74 @@ def execute_plan(model_ref: str, profile: Profile, plan: solver.Plan, out_dir: P
                  config: ExecuteConfig | None = None, store: CompressStore | None = None,
                  progress: Progress | None = None) -> Executed:
     """Compress `model_ref` by `plan` into the artifact directory `out_dir` (written atomically
-    by save_artifact), then measure it against the original on the test split."""
+    by write_artifact), then measure it against the original on the test split.
+
+    Streamed (compressor.stream): block j is read once for compression — the calibration
+    activations of the *original* model flow through it, its Hessians are collected, its
+    assigned linears decomposed — then once more for the evaluation sweep. Kept tensors are
+    copied from the checkpoint at their stored dtype."""
     config = config or ExecuteConfig()
     store = store if store is not None else MemoryCompressStore()
     report = progress or (lambda stage, frac: None)
     cfg = ProfileConfig.from_dict(profile.config)
+    clock = StageClock()
 
     report("load", 0.0)
-    model = load_model(model_ref, config.trust_remote_code, device=config.device)
-    tok = load_tokenizer(model_ref, config.trust_remote_code)
-    seqs = eval_sequences(tok, config.eval_seq_len, config.eval_seqs)
-    ref = reference_logprobs(model, seqs)
+    with clock.stage("load"):
+        sm = StreamedModel(model_ref, config.trust_remote_code, device=config.device)
+        tok = load_tokenizer(model_ref, config.trust_remote_code)
+        seqs = eval_sequences(tok, config.eval_seq_len, config.eval_seqs)
+    modules = dict(sm.model.named_modules())
+    unknown = [n for n in plan.assignments if n not in modules or block_index(n) is None]
+    if unknown:
+        raise KeyError(f"assignments name modules the model does not have: {unknown[:5]}")
     done = store.done()
     todo = [n for n in plan.assignments if n not in done]
-    hessians = collect_hessians(model, calibration(tok, cfg), todo) if todo else {}
-    for name, dec in done.items():
-        replace_linear(model, name, dec)
     if done:
         log.info("resumes: %d linears already done", len(done))
     total = max(len(plan.assignments), 1)
-
-    def on_linear(name: str, dec: Decomposed) -> None:
-        store.put(name, dec)
-        done[name] = dec
-        report("linears", len(done) / total)
-
-    compress_model(model, plan.assignments, calibration(tok, cfg), config=cfg.decomposition,
-                   hessians=hessians, on_linear=on_linear, skip=set(done))
+    if todo:
+        with clock.stage("compress"):
+            _compress(sm, calibration(tok, cfg), plan, todo, cfg, store, done,
+                      lambda: report("linears", len(done) / total))
     report("save", 1.0)
-    out_dir = Path(out_dir)   # an existing artifact there is replaced atomically
-    manifest = save_artifact(model, tok, done, out_dir, plan=plan.to_dict(), source_ref=model_ref)
+    with clock.stage("save"):
+        ordered = {n: done[n] for n in plan.assignments}
+        kept, tied = kept_state(sm, set(ordered))
+        manifest = write_artifact(sm.model, sm.model.config, tok, ordered, kept, tied,
+                                  Path(out_dir), plan=plan.to_dict(), source_ref=model_ref)
+        del kept
     report("evaluate", 1.0)
-    compressed, _ = load_compressed(out_dir, device=config.device)
-    res = evaluate(compressed, seqs, reference=ref)
+    with clock.stage("evaluate"):
+        res = stream_evaluate(sm, seqs, ordered)
     metrics = {"ppl": res.ppl, "kl": res.kl, "top1": res.top1, "eval_tokens": res.tokens,
                "predicted_kl": predicted_kl(profile, plan.assignments),
-               "planned_bytes": plan.total_bytes, "artifact_tensor_bytes": manifest.total_bytes}
-    return Executed(out_dir, manifest, len(plan.assignments) - len(todo), metrics)
+               "planned_bytes": plan.total_bytes, "artifact_tensor_bytes": manifest.total_bytes,
+               **clock.report(config.device)}
+    return Executed(Path(out_dir), manifest, len(plan.assignments) - len(todo), metrics)
+
+
+@torch.no_grad()
+def _compress(sm: StreamedModel, calib: torch.Tensor, plan: solver.Plan, todo: list[str],
+              cfg: ProfileConfig, store: CompressStore, done: dict[str, Decomposed],
+              on_linear: Callable[[], None]) -> None:
+    """Decompose `todo` block by block; the calibration stream is the original model's."""
+    X = torch.cat([sm.inputs(calib[i:i + BATCH])[0] for i in range(0, len(calib), BATCH)])
+    last = max(block_index(n) for n in todo)
+    for j in range(last + 1):
+        mine = [n for n in todo if block_index(n) == j]
+        prefix = sm.block_name(j) + "."
+        with sm.block(j) as blk:
+            hooks = HessianHooks(blk, mine, prefix=prefix) if mine else None
+            X = sm.run(blk, X)
+            hessians = hooks.result(calib.numel()) if hooks else {}
+            for name in mine:
+                t0 = time.perf_counter()
+                W = linear_weight(blk.get_submodule(name[len(prefix):])).detach().float()
+                dec = decompose(W, hessians[name], plan.assignments[name], cfg.decomposition)
+                store.put(name, dec)
+                done[name] = dec
+                log.info("%s %s: rel_h_err %.4f, %d bytes, %.2fs", name,
+                         plan.assignments[name], dec.rel_h_err, dec.nbytes,
+                         time.perf_counter() - t0)
+                on_linear()

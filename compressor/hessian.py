@@ -42,30 +42,28 @@ def linear_weight(module: nn.Module) -> Tensor:
     return module.weight
 
 
-@torch.no_grad()
-def collect_hessians(
-    model: nn.Module,
-    seqs: Tensor,
-    names: Iterable[str] | None = None,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-) -> Hessians:
-    """One streamed pass of `seqs` [N, T] through `model`; H for every named linear (default:
-    every nn.Linear / Conv1D except the head). Inputs shared by several linears (q/k/v, gate/up)
-    are multiplied out once per batch."""
-    modules = dict(model.named_modules())
-    if names is None:
-        names = [n for n, m in modules.items() if is_linear(m) and not n.endswith("lm_head")]
-    names = list(names)
-    missing = [n for n in names if n not in modules or not is_linear(modules[n])]
-    if missing:
-        raise KeyError(f"not linear modules of the model: {missing[:5]}")
-    if device is None:
-        device = next(model.parameters()).device
-    sums: dict[str, Tensor] = {}
-    last: dict[str, object] = {"input": None, "xtx": None}
+class HessianHooks:
+    """Forward pre-hooks that accumulate Σ x xᵀ (float64) at the named linears of `root`;
+    call `batch()` before each forward (inputs shared by several linears — q/k/v, gate/up —
+    are multiplied out once per batch) and `result(tokens)` at the end. Used on a whole model
+    (collect_hessians) and on one resident block (compressor.stream)."""
 
-    def hook(name: str):
+    def __init__(self, root: nn.Module, names: Iterable[str], prefix: str = "") -> None:
+        modules = dict(root.named_modules())
+        self.names = list(names)
+        local = {n: n[len(prefix):] if prefix else n for n in self.names}
+        missing = [n for n in self.names
+                   if local[n] not in modules or not is_linear(modules[local[n]])]
+        if missing:
+            raise KeyError(f"not linear modules of the model: {missing[:5]}")
+        self.sums: dict[str, Tensor] = {}
+        self._last: dict[str, object] = {"input": None, "xtx": None}
+        self._handles = [modules[local[n]].register_forward_pre_hook(self._hook(n))
+                         for n in self.names]
+
+    def _hook(self, name: str):
+        last, sums = self._last, self.sums
+
         def fn(_module: nn.Module, args: tuple) -> None:
             x = args[0]
             if last["input"] is not x:  # q/k/v etc. see the very same input tensor
@@ -78,27 +76,55 @@ def collect_hessians(
                 sums[name] = xtx.clone()
         return fn
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    def batch(self) -> None:
+        self._last["input"] = self._last["xtx"] = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.batch()
+
+    def result(self, tokens: int) -> Hessians:
+        self.remove()
+        out = Hessians()
+        for n in self.names:
+            if n not in self.sums:
+                raise RuntimeError(f"linear {n} saw no input during the calibration pass")
+            out[n] = (self.sums.pop(n) / max(tokens, 1)).float()
+        out.tokens = tokens
+        return out
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    seqs: Tensor,
+    names: Iterable[str] | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> Hessians:
+    """One streamed pass of `seqs` [N, T] through `model`; H for every named linear (default:
+    every nn.Linear / Conv1D except the head)."""
+    modules = dict(model.named_modules())
+    if names is None:
+        names = [n for n, m in modules.items() if is_linear(m) and not n.endswith("lm_head")]
+    if device is None:
+        device = next(model.parameters()).device
+    hooks = HessianHooks(model, names)
     tokens = 0
     was_training = model.training
     model.eval()
     try:
         for i in range(0, len(seqs), batch_size):
             batch = seqs[i:i + batch_size].to(device)
-            last["input"] = last["xtx"] = None
+            hooks.batch()
             model(input_ids=batch, use_cache=False)
             tokens += batch.numel()
     finally:
-        for h in handles:
-            h.remove()
-        last.clear()
+        hooks.remove()
         model.train(was_training)
-    out = Hessians()
-    for n in names:
-        if n not in sums:
-            raise RuntimeError(f"linear {n} saw no input during the calibration pass")
-        out[n] = (sums.pop(n) / max(tokens, 1)).float()
-    out.tokens = tokens
+    out = hooks.result(tokens)
     log.info("collected %d Hessians over %d tokens", len(out), tokens)
     return out
 

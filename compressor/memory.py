@@ -1,9 +1,13 @@
-"""Process memory and the bytes a loaded model's packed linears hold (Linux /proc figures)."""
+"""Memory and time in the open: this process's resident and peak memory (Linux /proc), the GPU's
+peak allocation, seconds per stage, and the bytes a loaded model's packed linears hold."""
 
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from compressor.modules import CompressedLinear
@@ -23,6 +27,32 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise OSError("no VmHWM in /proc/self/status")
+
+
+def peak_gpu_bytes(device: str | torch.device) -> int | None:
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.max_memory_allocated(dev))
+
+
+class StageClock:
+    """Seconds spent per named stage (a stage entered twice adds up)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def report(self, device: str | torch.device = "cpu") -> dict:
+        return {"stage_s": {k: round(v, 3) for k, v in self.seconds.items()},
+                "peak_rss_bytes": peak_rss_bytes(), "peak_gpu_bytes": peak_gpu_bytes(device)}
 
 
 def packed_linear_bytes(model: nn.Module) -> int:

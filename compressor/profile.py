@@ -5,7 +5,10 @@ alone: predicted ΔKL(plan) = Σ α_i · E_i(b_i, r_i) (HIGGS-style linearity, s
 Per linear the profile costs: one stacked LDLQ sweep for the Q-only samples at every sampled
 bit width and group size (compressor.rounding.ldlq_many), one SVD of the H-weighted residual
 (the rank curve for every rank at once), a few full CALDERA decompositions at anchor
-(bits, rank) points, and one noise probe that replays the blocks after it.
+(bits, rank) points, and one noise probe carried through the blocks after it.
+
+Streamed (compressor.stream): each block is read from the checkpoint once, its Hessians exist
+only while it is resident, and the calibration activations flow block to block.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from compressor.blocks import capture
 from compressor.data import Split, token_sequences
 from compressor.decompose import (
     DecompositionConfig,
@@ -28,10 +30,12 @@ from compressor.decompose import (
     lowrank_error_curve,
     q_only_many,
 )
-from compressor.hessian import collect_hessians, linear_weight
-from compressor.loading import discover, load_model, load_tokenizer
+from compressor.hessian import HessianHooks, linear_weight
+from compressor.loading import Inventory, KeptParam, discover, load_tokenizer
+from compressor.memory import StageClock
 from compressor.profile_store import LinearProfile, Profile, ProfileStore, profile_key
-from compressor.sensitivity import measure_alpha, summarize
+from compressor.sensitivity import StreamedProbes, summarize
+from compressor.stream import BATCH, StreamedModel
 from solver.budget import fp16_reference_bytes
 from solver.bytes import Option
 from solver.errormodel import ErrorModel, fit, sample_tail
@@ -104,17 +108,11 @@ def tensor_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def weights_hash(model_ref: str, model=None) -> str:
-    """sha256 of the safetensors files; for weights not on disk, of the loaded tensors."""
+def weights_hash(model_ref: str) -> str:
+    """sha256 of the safetensors files (streaming reads them, so they are always at hand)."""
     from compressor.artifact import source_sha256
 
-    digest = source_sha256(model_ref)
-    if digest is None and model is not None:
-        h = hashlib.sha256()
-        for name, p in sorted(model.state_dict().items()):
-            h.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
-        digest = h.hexdigest()
-    return digest or "unknown"
+    return source_sha256(model_ref) or "unknown"
 
 
 @torch.no_grad()
@@ -151,58 +149,136 @@ def sample_linear(W: torch.Tensor, H: torch.Tensor,
     return samples, tail_ranks, tail, groups
 
 
+PARTIAL = ":samples"   # store key suffix of records whose α is still pending
+
+
+def partial_key(key: str) -> str:
+    """Where a linear's samples wait for its α (known once its probe met the head)."""
+    return key + PARTIAL
+
+
+def stream_inventory(sm: StreamedModel) -> Inventory:
+    """The skeleton's inventory with kept tensors counted at their stored dtype (what the
+    artifact keeps and the budget's fixed bytes count)."""
+    inv = discover(sm.model)
+    kept = []
+    for k in inv.kept:
+        e = sm.ckpt.entry(sm.ckpt_name(k.name))
+        kept.append(KeptParam(k.name, k.shape, str(e.dtype).removeprefix("torch."),
+                              math.prod(k.shape) * e.dtype.itemsize))
+    inv.kept = kept
+    return inv
+
+
+@dataclass
+class Sweep:
+    """What one pass over blocks [first, last) measured besides the stored records."""
+
+    block_influence: list[float]
+    timings: dict[str, float]
+
+
+@torch.no_grad()
+def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key: str,
+                 store: ProfileStore, inv: Inventory, blocks: range | None = None,
+                 report: Progress | None = None, clock: StageClock | None = None) -> Sweep:
+    """Profile the linears of `blocks` (default: all), reading each block once.
+
+    Blocks before the range only carry the calibration and probe streams forward; blocks in it
+    also collect their Hessians (one block at a time), sample their linears (stored under
+    `partial_key(key)` as they finish) and start their probe streams; blocks after it carry the
+    probe streams to the head. A linear's record goes to `key` once its α is known. Resumable:
+    complete records are skipped; partial ones skip their sampling."""
+    L = sm.num_blocks
+    blocks = blocks if blocks is not None else range(L)
+    report = report or (lambda stage, frac: None)
+    clock = clock or StageClock()
+    records = store.linear_records(key)
+    partial = store.linear_records(partial_key(key))
+    by_block: dict[int, list] = {}
+    for li in inv.linears:
+        by_block.setdefault(li.block, []).append(li)
+    with clock.stage("inputs"):
+        parts = [sm.inputs(calib[i:i + BATCH])[0] for i in range(0, len(calib), BATCH)]
+        X = torch.cat(parts)
+        del parts
+        probes = StreamedProbes(sm, calib[: cfg.probe_seqs], cfg.probe_t, cfg.seed)
+    span = max(len(blocks), 1)
+    for j in range(L):
+        if j >= blocks.stop and not probes.pending:
+            probes.block_influence.extend([math.nan] * (L - j))   # not measured by this shard
+            break
+        mine = by_block.get(j, []) if j in blocks else []
+        probe = [li.name for li in mine if li.name not in records]
+        with sm.block(j) as blk:
+            hooks = (HessianHooks(blk, probe, prefix=sm.block_name(j) + ".") if probe else None)
+            if j < blocks.stop:
+                with clock.stage("calibration"):
+                    X = sm.run(blk, X)
+            hessians = hooks.result(calib.numel()) if hooks else {}
+            with clock.stage("sampling"):
+                for k, li in enumerate(mine):
+                    if li.name in records or li.name in partial:
+                        continue
+                    W = linear_weight(blk.get_submodule(
+                        li.name[len(sm.block_name(j)) + 1:])).detach().float()
+                    if not torch.isfinite(W).all():
+                        raise ValueError(f"linear {li.name} has NaN/inf weights; cannot "
+                                         "profile this model")
+                    samples, tail_ranks, tail, groups = sample_linear(W, hessians[li.name], cfg)
+                    model_fit = fit(samples, tail_ranks, tail)
+                    model_fit.group_factors = groups
+                    rec = LinearProfile(li.name, li.block, li.out_features, li.in_features,
+                                        samples=samples,
+                                        fit=json.loads(json.dumps(model_fit.to_dict())))
+                    store.put_linear(partial_key(key), rec)
+                    partial[li.name] = rec
+                    report("linears", 0.05 + 0.9 * (j - blocks.start + (k + 1) / len(mine)) / span)
+            with clock.stage("probes"):
+                probes.block(j, blk, hessians, probe)
+            del hessians, hooks
+        if j in blocks:
+            report(f"block {j + 1}/{L}", 0.05 + 0.9 * (j - blocks.start + 1) / span)
+    with clock.stage("probes"):
+        alpha = probes.finish()
+    for name, a in alpha.items():
+        rec = partial[name]
+        rec.alpha = a
+        store.put_linear(key, rec)
+    return Sweep(probes.block_influence, clock.seconds)
+
+
 def run_profile(model_ref: str, store: ProfileStore, *, device: str = "cpu",
                 trust_remote_code: bool = False, progress: Progress | None = None,
                 config: ProfileConfig | None = None) -> Profile:
-    """Profile `model_ref` (or return the stored profile with the same key). Idempotent and
-    resumable: finished linears are read back from the store, not measured again."""
+    """Profile `model_ref` (or return the stored profile with the same key), streaming it block
+    by block from its shards (compressor.stream). Idempotent and resumable: finished linears are
+    read back from the store, not measured again."""
     cfg = config or ProfileConfig()
     report = progress or (lambda stage, frac: None)
+    clock = StageClock()
     t_start = time.perf_counter()
     report("load", 0.0)
-    tokenizer = load_tokenizer(model_ref, trust_remote_code)
-    model = load_model(model_ref, trust_remote_code, device=device)
-    calib = calibration(tokenizer, cfg)
-    key = profile_key(weights_hash(model_ref, model), tensor_hash(calib), cfg.to_dict())
+    with clock.stage("load"):
+        tokenizer = load_tokenizer(model_ref, trust_remote_code)
+        sm = StreamedModel(model_ref, trust_remote_code, device)
+        calib = calibration(tokenizer, cfg)
+        whash = weights_hash(model_ref)
+        key = profile_key(whash, tensor_hash(calib), cfg.to_dict())
     if (done := store.get(key)) is not None:
         report("done", 1.0)
         return done
-    inv = discover(model)
-    names = [li.name for li in inv.linears]
-    report("hessians", 0.02)
-    hessians = collect_hessians(model, calib, names)
-    cache = capture(model, calib[: cfg.probe_seqs].to(device))
+    inv = stream_inventory(sm)
+    sweep = sweep_blocks(sm, calib, cfg, key, store, inv, report=report, clock=clock)
     records = store.linear_records(key)
-    modules = dict(model.named_modules())
-    timings = {"sampling_s": 0.0, "probe_s": 0.0}
-    for k, li in enumerate(inv.linears):
-        if li.name in records:
-            continue
-        t0 = time.perf_counter()
-        W = linear_weight(modules[li.name]).detach().float()
-        H = hessians[li.name].to(W.device)
-        if not torch.isfinite(W).all():
-            raise ValueError(f"linear {li.name} has NaN/inf weights; cannot profile this model")
-        samples, tail_ranks, tail, groups = sample_linear(W, H, cfg)
-        model_fit = fit(samples, tail_ranks, tail)
-        model_fit.group_factors = groups
-        t1 = time.perf_counter()
-        alpha = measure_alpha(model, cache, hessians, [li.name], t=cfg.probe_t, seed=cfg.seed)
-        timings["sampling_s"] += t1 - t0
-        timings["probe_s"] += time.perf_counter() - t1
-        rec = LinearProfile(li.name, li.block, li.out_features, li.in_features,
-                            alpha=alpha[li.name], samples=samples,
-                            fit=json.loads(json.dumps(model_fit.to_dict())))  # as stored
-        store.put_linear(key, rec)
-        records[li.name] = rec
-        report("linears", 0.05 + 0.93 * (k + 1) / len(inv.linears))
-    linears = [records[n] for n in names]
-    sens = summarize({lp.name: lp.alpha for lp in linears}, cache)
+    linears = [records[li.name] for li in inv.linears]
+    sens = summarize({lp.name: lp.alpha for lp in linears}, sweep.block_influence)
     for lp in linears:
         lp.proxy = sens.block_influence[lp.block] if lp.block is not None else 0.0
     fits = [ErrorModel.from_dict(lp.fit) for lp in linears]
+    mem = clock.report(device)
     profile = Profile(
-        key=key, model_ref=str(model_ref), weights_hash=weights_hash(model_ref, model),
+        key=key, model_ref=str(model_ref), weights_hash=whash,
         calib_hash=tensor_hash(calib), config=cfg.to_dict(), fixed_bytes=inv.kept_bytes,
         linears=linears, block_sensitivity=sens.block_alpha, block_proxy=sens.block_influence,
         stats={"fit_r2_mean": sum(f.r2_fit or 0 for f in fits) / max(len(fits), 1),
@@ -211,7 +287,8 @@ def run_profile(model_ref: str, store: ProfileStore, *, device: str = "cpu",
                "num_blocks": inv.num_blocks, "linear_params": inv.linear_params,
                "fp16_bytes": fp16_reference_bytes(
                    inv.linear_params, sum(math.prod(k.shape) for k in inv.kept)),
-               **{k: round(v, 2) for k, v in timings.items()}},
+               "sampling_s": round(clock.seconds.get("sampling", 0.0), 2),
+               "probe_s": round(clock.seconds.get("probes", 0.0), 2), **mem},
     )
     store.put(profile)
     report("done", 1.0)

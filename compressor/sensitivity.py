@@ -4,24 +4,32 @@ End-to-end measure (HIGGS, Malinovskii et al. 2024, §3 "linearity theorem"): fo
 perturbations the KL to the original model is close to Σ_i α_i · t_i², where t_i is the
 relative error ‖ΔW_i X‖ / ‖W_i X‖ of linear i. We estimate α_i by injecting Gaussian noise of a
 known H-weighted relative size t into linear i alone and measuring KL on calibration sequences:
-α_i = KL / t². Each probe replays only the blocks from the perturbed one onwards
-(compressor.blocks), so the whole profile costs about half a forward pass per linear.
+α_i = KL / t².
 
-Cheap proxy: ShortGPT's Block Influence (1 − cos(block input, block output)), from the same
-cached pass at no extra cost, reported beside α with their rank correlation.
+Streamed (`StreamedProbes`): every block is resident once per profile. While block j is loaded,
+every pending perturbed stream (one per linear probed in blocks < j) is carried through it in
+batches, and block j's own linears start their streams (block j run with linear i perturbed).
+After the last block each stream meets the head once, against the clean stream. So L blocks are
+read once, not O(L²) times; the cost is one probe activation [P, T, D] held per probed linear.
+
+Cheap proxy: ShortGPT's Block Influence (Men et al. 2024, §3.1): 1 − mean cos(block input,
+block output) on the clean probe stream, reported beside α with their rank correlation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compressor.blocks import BlockCache, block_influence, kl_to_ref, run_from
 from compressor.hessian import linear_weight
 from compressor.loading import block_index
+from compressor.stream import StreamedModel
+
+STREAM_BATCH = 64   # perturbed probe sequences carried through a block per forward call
 
 
 @dataclass
@@ -41,42 +49,56 @@ def h_scaled_noise(W: Tensor, H: Tensor, t: float, seed: int) -> Tensor:
     return noise * (t * (w2 / n2.clamp_min(1e-30)).sqrt())
 
 
-@torch.no_grad()
-def measure_alpha(
-    model: nn.Module,
-    cache: BlockCache,
-    hessians: Mapping[str, Tensor],
-    names: list[str],
-    t: float = 0.05,
-    seed: int = 0,
-    done: Mapping[str, float] | None = None,
-    on_linear: Callable[[str, float], None] | None = None,
-) -> dict[str, float]:
-    """α_i for each named linear (noise injection, one linear at a time, restored after)."""
-    modules = dict(model.named_modules())
-    alpha = dict(done or {})
-    for k, name in enumerate(names):
-        if name in alpha:
-            continue
-        mod = modules[name]
-        W = linear_weight(mod)
-        delta = h_scaled_noise(W, hessians[name], t, seed + k)
-        original = mod.weight.data.clone()
-        # Conv1D stores the weight transposed; linear_weight is a view, so add through it.
-        W.add_(delta.to(W.dtype))
-        try:
-            kl = kl_to_ref(run_from(model, cache, block_index(name)), cache.ref_logp)
-        finally:
-            mod.weight.data.copy_(original)
-        alpha[name] = max(kl, 0.0) / t**2
-        if on_linear:
-            on_linear(name, alpha[name])
-    return alpha
+class StreamedProbes:
+    """The clean probe stream and one perturbed stream per probed linear, advanced together
+    block by block; `finish()` gives α per linear."""
+
+    def __init__(self, sm: StreamedModel, probe_ids: Tensor, t: float, seed: int) -> None:
+        self.sm, self.t, self.seed = sm, t, seed
+        self.h, _ = sm.inputs(probe_ids)
+        self.pending: dict[str, Tensor] = {}
+        self.block_influence: list[float] = []
+
+    @torch.no_grad()
+    def block(self, j: int, blk: nn.Module, hessians: Mapping[str, Tensor],
+              names: list[str]) -> None:
+        """Carry every stream through resident block j; start the streams of `names`."""
+        p = len(self.h)
+        if self.pending:
+            keys = list(self.pending)
+            stacked = self.sm.run(blk, torch.cat([self.pending[k] for k in keys]),
+                                  batch=max(p, STREAM_BATCH // p * p))
+            self.pending = dict(zip(keys, stacked.split(p), strict=True))
+        clean = self.sm.run(blk, self.h, batch=p)
+        modules = dict(blk.named_modules())
+        prefix = self.sm.block_name(j) + "."
+        for name in names:
+            mod = modules[name[len(prefix):]]
+            W = linear_weight(mod)
+            delta = h_scaled_noise(W, hessians[name], self.t, self.seed)
+            original = mod.weight.data.clone()
+            W.add_(delta.to(W.dtype))   # Conv1D: linear_weight is a view, add through it
+            try:
+                self.pending[name] = self.sm.run(blk, self.h, batch=p)
+            finally:
+                mod.weight.data.copy_(original)
+        self.block_influence.append(
+            (1 - F.cosine_similarity(self.h.float(), clean.float(), dim=-1)).mean().item())
+        self.h = clean
+
+    @torch.no_grad()
+    def finish(self) -> dict[str, float]:
+        """α = KL(clean ‖ perturbed) / t², mean over the probe positions."""
+        alpha = {}
+        for name, h in self.pending.items():
+            kl = self.sm.head_stats(h, ref=self.h).kl.mean().item()
+            alpha[name] = max(kl, 0.0) / self.t ** 2
+        self.pending.clear()
+        return alpha
 
 
-def summarize(alpha: Mapping[str, float], cache: BlockCache) -> Sensitivity:
-    bi = block_influence(cache)
-    per_block = [0.0] * len(bi)
+def summarize(alpha: Mapping[str, float], block_influence: list[float]) -> Sensitivity:
+    per_block = [0.0] * len(block_influence)
     for name, a in alpha.items():
         per_block[block_index(name)] += a
-    return Sensitivity(dict(alpha), per_block, bi)
+    return Sensitivity(dict(alpha), per_block, list(block_influence))

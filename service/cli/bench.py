@@ -7,7 +7,7 @@ import json
 
 # name -> module under service.bench exposing `run(args)`. Options live here, not in the bench
 # modules: registering them must not import torch for every CLI call.
-BENCHES = ["quant", "solver", "profile", "api", "e2e", "load", "runtime", "sampling"]
+BENCHES = ["quant", "solver", "profile", "api", "e2e", "load", "runtime", "sampling", "scale"]
 
 
 def register(sub) -> None:

@@ -113,8 +113,14 @@ def cmd_profile(args) -> int:
         from compressor.plots import profile_plot_png  # matplotlib
 
         args.plot.write_bytes(profile_plot_png(prof))
+    from compressor.memory import peak_gpu_bytes, peak_rss_bytes
+
+    # stats carry the stage times and peak memory of the run that measured the profile; the
+    # peaks of this process are reported beside them (a stored profile costs only a lookup)
     summary = {"key": prof.key, "linears": len(prof.linears), "stats": prof.stats,
-               "block_sensitivity": prof.block_sensitivity, "block_proxy": prof.block_proxy}
+               "block_sensitivity": prof.block_sensitivity, "block_proxy": prof.block_proxy,
+               "process": {"peak_rss_bytes": peak_rss_bytes(),
+                           "peak_gpu_bytes": peak_gpu_bytes(get_settings().device)}}
     print(json.dumps(summary, indent=None if args.json else 2))
     return 0
 

@@ -56,7 +56,7 @@ def test_compress_job_writes_measured_artifact(tmp_path, sqlite_url, model_root,
 
 def test_killed_compress_job_resumes_per_linear(tmp_path, sqlite_url, model_root, tiny_model,
                                                 monkeypatch):
-    import compressor.compress as cc
+    import compressor.execute as cc  # execute_plan decomposes block by block
 
     settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
                              profile_config=TINY_PROFILE, eval_seqs=4, eval_seq_len=64)

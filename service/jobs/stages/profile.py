@@ -47,7 +47,7 @@ def profile_stage(ctx: StageContext) -> StageResult:
         raise JobFailed("profile job has no model", "invalid_job")
     store = DbProfileStore(ctx.db)
 
-    def progress(stage: str, frac: float) -> None:   # load/hessians/linears → profile/…
+    def progress(stage: str, frac: float) -> None:   # load/linears/blocks → profile/…
         if stage != "done":
             ctx.report(f"profile/{stage}", 0.95 * frac)
 
@@ -64,8 +64,12 @@ def profile_stage(ctx: StageContext) -> StageResult:
         row = s.get(ModelRow, model.id)
         if row is not None and profile.weights_hash:
             row.weights_hash = profile.weights_hash
+    # time per stage and peak memory of the run that measured it (absent from a profile that
+    # was already stored, e.g. the demo's shipped one)
+    measured = {k: profile.stats[k] for k in ("stage_s", "peak_rss_bytes", "peak_gpu_bytes")
+                if k in profile.stats}
     return StageResult(result={"profile_id": profile_id, "profile_key": profile.key}
-                       | fit_summary(profile), links={"profile_id": profile_id})
+                       | fit_summary(profile) | measured, links={"profile_id": profile_id})
 
 
 def fit_stage(ctx: StageContext) -> StageResult:

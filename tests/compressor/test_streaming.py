@@ -1,0 +1,119 @@
+"""Streaming (compressor.stream) reproduces the in-memory code: same profile key and records,
+the same artifact bytes, α within float noise; every block is read once per profile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import solver
+from compressor import stream
+from compressor.execute import ExecuteConfig, execute_plan
+from compressor.loading import load_model
+from compressor.profile import run_profile, stream_inventory
+from compressor.profile_store import FileProfileStore, Profile
+from compressor.stream import StreamedModel
+from service.bench.synthetic import Shape, write_checkpoint
+from solver.bytes import Option, option_bytes
+from tests.helpers.models import write_tiny_model
+from tests.helpers.streaming import CONFIG, FIXTURE, measure
+
+BASELINE = json.loads(FIXTURE.read_text())
+
+
+def _close(x, y) -> bool:
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
+    if isinstance(x, list):
+        return len(x) == len(y) and all(_close(a, b) for a, b in zip(x, y, strict=True))
+    if isinstance(x, float):
+        return x == pytest.approx(y, rel=1e-9, abs=1e-12)
+    return x == y
+
+
+def assert_matches(got: dict, want: dict, alpha_tol: float) -> None:
+    assert got["key"] == want["key"] and got["fixed_bytes"] == want["fixed_bytes"]
+    assert got["sha256"] == want["sha256"]            # identical artifact bytes
+    assert got["block_proxy"] == want["block_proxy"]  # the clean probe stream is bit-exact
+    top = max(x["alpha"] for x in want["linears"])
+    for a, b in zip(got["linears"], want["linears"], strict=True):
+        assert {k: v for k, v in a.items() if k not in ("alpha", "fit")} == \
+            {k: v for k, v in b.items() if k not in ("alpha", "fit")}
+        # the fit is a least-squares solve of identical samples; BLAS threading (other tests
+        # set torch's thread count) moves its last digits
+        assert json.dumps(a["fit"], sort_keys=True) == json.dumps(b["fit"], sort_keys=True) \
+            or _close(a["fit"], b["fit"]), a["name"]
+        assert a["alpha"] == pytest.approx(b["alpha"], abs=alpha_tol * top), a["name"]
+    for k in ("ppl", "kl", "top1"):
+        assert got["metrics"][k] == pytest.approx(want["metrics"][k], rel=1e-4, abs=1e-6), k
+    assert got["metrics"]["artifact_tensor_bytes"] == want["metrics"]["artifact_tensor_bytes"]
+
+
+def test_tiny_streamed_equals_inmemory_baseline(tmp_path):
+    tiny = write_tiny_model(tmp_path / "tiny", layers=2)
+    # a random tiny model's KL is ~1e-7: α agrees to float noise relative to the largest α
+    assert_matches(measure(str(tiny), tmp_path / "w"), BASELINE["tiny"], alpha_tol=0.02)
+
+
+@pytest.mark.slow
+def test_demo_streamed_equals_inmemory_baseline(demo_model_path, tmp_path):
+    assert_matches(measure(str(demo_model_path), tmp_path / "w"), BASELINE["demo"],
+                   alpha_tol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "llama"])
+def test_streamed_forward_equals_model(tmp_path, family):
+    path = write_tiny_model(tmp_path / family, layers=3, family=family)
+    model = load_model(path)
+    ids = torch.randint(0, 200, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+    sm = StreamedModel(str(path), vocab_chunk=50)   # several vocabulary chunks
+    h, _ = sm.inputs(ids)
+    for j in range(sm.num_blocks):
+        with sm.block(j) as blk:
+            h = sm.run(blk, h)
+        assert all(p.device.type == "meta" for p in sm.blocks[j].parameters())
+    st = sm.head_stats(h, targets=ids, ref=h)
+    want = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(st.target_logp(), want, atol=1e-5)
+    assert torch.equal(st.argmax, logp.argmax(-1))
+    assert st.kl.abs().max() < 1e-6
+
+
+def test_profile_reads_each_block_once(tmp_path, monkeypatch):
+    path = write_tiny_model(tmp_path / "m", layers=3)
+    loads: list[int] = []
+    real = stream.StreamedModel.block
+
+    def counting(self, j):
+        loads.append(j)
+        return real(self, j)
+
+    monkeypatch.setattr(stream.StreamedModel, "block", counting)
+    prof = run_profile(str(path), FileProfileStore(tmp_path / "p"), config=CONFIG)
+    assert loads == [0, 1, 2]   # probes ride along: no block is replayed per probe
+    assert all(lp.alpha >= 0 for lp in prof.linears) and max(lp.alpha for lp in prof.linears) > 0
+    assert prof.stats["peak_rss_bytes"] > 0 and "sampling" in prof.stats["stage_s"]
+
+
+def test_fp16_checkpoint_keeps_fp16_and_exact_bytes(tmp_path):
+    """Item 6: kept tensors stay at the stored dtype (fp16) in the budget and the artifact."""
+    model = str(write_checkpoint(tmp_path / "m", Shape("qwen2", 2, 64, 96, 4, 2, 4096)))
+    inv = stream_inventory(StreamedModel(model))
+    assert {k.dtype for k in inv.kept} == {"float16"}
+    opt = Option(4, 0)
+    plan = solver.Plan({li.name: opt for li in inv.linears}, 0, 0.0, "uniform", False)
+    plan.total_bytes = inv.kept_bytes + sum(option_bytes(li.out_features, li.in_features, opt)
+                                            for li in inv.linears)
+    prof = Profile("k", model, "", "", CONFIG.to_dict(), inv.kept_bytes, [])
+    done = execute_plan(model, prof, plan, tmp_path / "a", ExecuteConfig(eval_seq_len=32,
+                                                                          eval_seqs=2))
+    kept = load_file(tmp_path / "a" / "kept.safetensors")
+    assert {t.dtype for t in kept.values()} == {torch.float16}
+    assert done.metrics["artifact_tensor_bytes"] == plan.total_bytes
+    assert done.metrics["ppl"] > 1 and done.metrics["kl"] >= 0
