@@ -13,8 +13,8 @@ groups" off).
 Two ways to do the same arithmetic with less work, both exact (in exact arithmetic; in floats
 they only regroup the sums):
 - lazy batch updates (GPTQ §3 "Lazy Batch-Updates"): the rank-1 updates stay inside a block of
-  B columns and the columns after it get them all at once, W[:, i2:] −= E·U[i1:i2, i2:], a
-  matrix product instead of B memory-bound rank-1 passes. A group whose columns reach past the
+  B columns and the columns after it get them all at once, W[:, i2:] −= E·U[i1:i2, i2:], one
+  matrix product instead of B rank-1 passes over every later column. A group whose columns reach past the
   block gets the pending product for just its own columns when its parameters are chosen, so
   any B is correct for any group size;
 - stacked variants: U depends on H alone and every row is rounded independently, so the
@@ -74,13 +74,24 @@ def ldlq(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: bool = Fal
 def ldlq_many(W: Tensor, H: Tensor, variants: Sequence[tuple[int, int]],
               symmetric: bool = False, block_size: int | None = None,
               ) -> list[tuple[Tensor, QuantMeta]]:
-    """LDLQ roundings of one W [m, n] against one positive-definite H [n, n] at every
-    (bits, group_size) of `variants`, in one stacked sweep (module docstring) → a list of
-    (codes, meta) in `variants`' order, each equal to `ldlq(W, H, bits, group_size)` up to
-    float summation order. float32 math (float64 for a float64 W). Memory: len(variants)·m·n
-    floats. `block_size`: lazy-batch B
-    (default `lazy_block(W.device)`). Variants that round identically (the same bits, group
-    sizes both ≥ n) are computed once."""
+    """LDLQ / GPTQ roundings of one W [m, n] against one positive-definite H [n, n] at every
+    (bits, group_size) of `variants`, in ONE column sweep → [(codes, meta)] in `variants`' order.
+
+    Math (Chee et al. 2023, QuIP §3; Frantar et al. 2022, GPTQ Alg. 1): with H⁻¹ = UᵀU, column j
+    of each row is rounded on that row's grid and its scaled error e_j = (w_j − q̂_j)/U_jj is fed
+    to the later columns, w_k ← w_k − e_j·U_jk. U and the column order depend on H alone and
+    rows never mix, so the k variants are stacked as rows, [W; W; …] ([k·m, n]), and swept
+    once; a row keeps its own qmax = 2^bits − 1 and its own group's scale/zero, chosen when the
+    sweep reaches the group's first column (the MSE-clipped grid of `quant.group_params`).
+    Lazy batches (GPTQ §3 "Lazy Batch-Updates"): rank-1 updates stay inside a block of B
+    columns and the later columns get E_blk·U[blk, i2:] once per block; a group reaching past
+    its block first gets that pending product for its own columns, so any B is exact.
+
+    Each result equals `ldlq(W, H, bits, group_size)` up to float summation order (tested:
+    bit-identical codes in float64 to the unbatched textbook loop for every B). float32 math
+    (float64 for a float64 W); memory k·m·n floats. `block_size`: B, default
+    `lazy_block(W.device)`. Variants that round identically (the same bits, group sizes both
+    ≥ n) are computed once; 16 bits is a plain fp16 cast."""
     m, n = W.shape
     out: list[tuple[Tensor, QuantMeta] | None] = [None] * len(variants)
     todo: dict[tuple[int, int], list[int]] = {}   # (bits, effective group) → variant indices
