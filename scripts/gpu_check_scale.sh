@@ -7,7 +7,7 @@
 # BLOCKS=n profiles only the first n blocks' linears (the rest are still streamed through).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH=$PWD
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LIMIT=${LIMIT:-480}
 timeout "$LIMIT" python3 - <<'PY'
 import json, os, tempfile, time

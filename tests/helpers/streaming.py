@@ -6,13 +6,16 @@ tests.helpers.streaming OUT.json` records them again."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 import solver
-from compressor.artifact import sha256_file
 from compressor.execute import ExecuteConfig, execute_plan
 from compressor.profile import ProfileConfig, run_profile
 from compressor.profile_store import FileProfileStore
@@ -26,6 +29,18 @@ CONFIG = ProfileConfig(calib_seqs=8, probe_seqs=4, seq_len=64, q_bits=(2, 3, 4),
 EXECUTE = ExecuteConfig(eval_seq_len=64, eval_seqs=6)
 # cycled over the linears: Q-only and Q + LR, two group sizes, a rank that is not a multiple
 OPTIONS = (Option(2, 0, 4, 128), Option(3, 5, 4, 128), Option(4, 0, 4, 256), Option(2, 16, 3, 64))
+
+
+def tensors_sha256(path: Path) -> str:
+    """Digest of a safetensors file's tensors (names, dtypes, shapes, bytes), not of its header
+    metadata: the artifact format's metadata may change while the stored numbers must not."""
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def mixed_plan(names: list[str]) -> solver.Plan:
@@ -43,8 +58,8 @@ def measure(model_ref: str, work: Path) -> dict:
     return {"key": prof.key, "fixed_bytes": prof.fixed_bytes,
             "linears": [lp.to_dict() for lp in prof.linears],
             "block_sensitivity": prof.block_sensitivity, "block_proxy": prof.block_proxy,
-            "sha256": {f: sha256_file(work / "artifact" / f)
-                       for f in ("compressed.safetensors", "kept.safetensors")},
+            "tensors_sha256": {f: tensors_sha256(work / "artifact" / f)
+                               for f in ("compressed.safetensors", "kept.safetensors")},
             "metrics": done.metrics}
 
 
