@@ -111,7 +111,7 @@ def profile_over_compress(ref: str, device: str = "cpu") -> dict:
     params = sum(li.out_features * li.in_features for li in linears)
     bits = 8 * sum(option_bytes(li.out_features, li.in_features, option) for li in linears)
     stats = prof.stats
-    return {"model": ref, "profile_s": round(profile_s, 2), "compress_s": round(compress_s, 2),
+    return {"model": ref, "profile_s": round(profile_s, 4), "compress_s": round(compress_s, 4),
             "profile_over_compress": round(profile_s / compress_s, 3),
             "compress_option": option.to_dict(), "compress_bpp": round(bits / params, 3),
             "profile_sampling_s": stats.get("sampling_s"), "profile_probe_s": stats.get("probe_s"),

@@ -8,7 +8,7 @@ widths in bounded memory, streamed block by block (compressor.stream).
   residual SVD, RTN rounding without Hadamard), compresses it with a uniform 2-bit plan and evaluates the artifact, so its peak RSS
   (getrusage) is that work's alone; `baseline_rss_bytes` is its RSS after imports and the
   tokenizer, before any weight is read (the interpreter, torch and transformers);
-- streamed_matches_inmemory: the streamed profile records and artifact sha256 against the ones
+- streamed_matches_inmemory: the streamed profile records and artifact tensors (sha256 of names, dtypes, shapes, bytes) against the ones
   the in-memory code recorded (tests/compressor/fixtures/streaming_baseline.json; the demo model,
   or with --quick the tiny model);
 - profile_over_compress: a full default-config profile over one compression pass (execute_plan's
@@ -94,7 +94,7 @@ def _streamed_matches(quick: bool) -> bool:
     want = json.loads(FIXTURE.read_text())["tiny" if quick else "demo"]
     with tempfile.TemporaryDirectory() as tmp:
         got = measure_tiny(Path(tmp)) if quick else measure(str(DEMO_MODEL), Path(tmp))
-    same = got["key"] == want["key"] and got["sha256"] == want["sha256"]
+    same = got["key"] == want["key"] and got["tensors_sha256"] == want["tensors_sha256"]
     for a, b in zip(got["linears"], want["linears"], strict=True):
         same &= a["samples"] == b["samples"] and a["proxy"] == b["proxy"]
         same &= abs(a["alpha"] - b["alpha"]) <= 0.02 * max(x["alpha"] for x in want["linears"])
