@@ -108,7 +108,7 @@ def tensor_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def weights_hash(model_ref: str) -> str:
+def weights_hash_of(model_ref: str) -> str:
     """sha256 of the safetensors files (streaming reads them, so they are always at hand)."""
     from compressor.artifact import source_sha256
 
@@ -248,49 +248,100 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
     return Sweep(probes.block_influence, clock.seconds)
 
 
+@dataclass
+class ProfileSource:
+    """What every pass over one model's profile shares: the streamed model, its calibration
+    tokens and the profile key (weights × calibration × config)."""
+
+    model_ref: str
+    cfg: ProfileConfig
+    sm: StreamedModel
+    calib: torch.Tensor
+    weights_hash: str
+    key: str
+
+    @property
+    def inventory(self) -> Inventory:
+        return stream_inventory(self.sm)
+
+
+def open_profile(model_ref: str, cfg: ProfileConfig, *, device: str = "cpu",
+                 trust_remote_code: bool = False, weights_hash: str | None = None
+                 ) -> ProfileSource:
+    """Open `model_ref` for profiling (the meta skeleton, no weights read). `weights_hash`: the
+    sha256 a caller already knows (a profile shard), so the shards are not hashed again."""
+    tokenizer = load_tokenizer(model_ref, trust_remote_code)
+    sm = StreamedModel(model_ref, trust_remote_code, device)
+    calib = calibration(tokenizer, cfg)
+    whash = weights_hash or weights_hash_of(model_ref)
+    return ProfileSource(str(model_ref), cfg, sm, calib, whash,
+                         profile_key(whash, tensor_hash(calib), cfg.to_dict()))
+
+
+def shard_ranges(num_blocks: int, shards: int) -> list[range]:
+    """Contiguous block ranges for `shards` workers, sizes differing by at most one."""
+    n = max(1, min(shards, num_blocks))
+    cuts = [round(i * num_blocks / n) for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+def assemble_profile(src: ProfileSource, store: ProfileStore, block_influence: list[float],
+                     stats: dict) -> Profile:
+    """The stored profile from every linear's record (each with its α) and the per-block
+    influence measured by whichever sweep held the block; stored under `src.key`."""
+    inv = src.inventory
+    records = store.linear_records(src.key)
+    missing = [li.name for li in inv.linears if li.name not in records]
+    if missing:
+        raise ValueError(f"profile {src.key[:12]} lacks {len(missing)} linears "
+                         f"(first: {missing[0]}); run the missing blocks again")
+    linears = [records[li.name] for li in inv.linears]
+    sens = summarize({lp.name: lp.alpha for lp in linears}, block_influence)
+    for lp in linears:
+        lp.proxy = sens.block_influence[lp.block] if lp.block is not None else 0.0
+    fits = [ErrorModel.from_dict(lp.fit) for lp in linears]
+    profile = Profile(
+        key=src.key, model_ref=src.model_ref, weights_hash=src.weights_hash,
+        calib_hash=tensor_hash(src.calib), config=src.cfg.to_dict(),
+        fixed_bytes=inv.kept_bytes, linears=linears, block_sensitivity=sens.block_alpha,
+        block_proxy=sens.block_influence,
+        stats={"fit_r2_mean": sum(f.r2_fit or 0 for f in fits) / max(len(fits), 1),
+               "spearman_alpha_vs_proxy": spearman(sens.block_alpha, sens.block_influence),
+               "num_blocks": inv.num_blocks, "linear_params": inv.linear_params,
+               "fp16_bytes": fp16_reference_bytes(
+                   inv.linear_params, sum(math.prod(k.shape) for k in inv.kept)), **stats},
+    )
+    store.put(profile)
+    return profile
+
+
 def run_profile(model_ref: str, store: ProfileStore, *, device: str = "cpu",
                 trust_remote_code: bool = False, progress: Progress | None = None,
-                config: ProfileConfig | None = None) -> Profile:
+                config: ProfileConfig | None = None,
+                source: ProfileSource | None = None) -> Profile:
     """Profile `model_ref` (or return the stored profile with the same key), streaming it block
     by block from its shards (compressor.stream). Idempotent and resumable: finished linears are
-    read back from the store, not measured again."""
+    read back from the store, not measured again. One sweep over every block; the job queue
+    splits the same work into block-range shards (service.jobs.stages.shards). `source`: the
+    model already opened (and its weights hashed) by the caller."""
     cfg = config or ProfileConfig()
     report = progress or (lambda stage, frac: None)
     clock = StageClock()
     t_start = time.perf_counter()
     report("load", 0.0)
     with clock.stage("load"):
-        tokenizer = load_tokenizer(model_ref, trust_remote_code)
-        sm = StreamedModel(model_ref, trust_remote_code, device)
-        calib = calibration(tokenizer, cfg)
-        whash = weights_hash(model_ref)
-        key = profile_key(whash, tensor_hash(calib), cfg.to_dict())
-    if (done := store.get(key)) is not None:
+        src = source or open_profile(model_ref, cfg, device=device,
+                                     trust_remote_code=trust_remote_code)
+    if (done := store.get(src.key)) is not None:
         report("done", 1.0)
         return done
-    inv = stream_inventory(sm)
-    sweep = sweep_blocks(sm, calib, cfg, key, store, inv, report=report, clock=clock)
-    records = store.linear_records(key)
-    linears = [records[li.name] for li in inv.linears]
-    sens = summarize({lp.name: lp.alpha for lp in linears}, sweep.block_influence)
-    for lp in linears:
-        lp.proxy = sens.block_influence[lp.block] if lp.block is not None else 0.0
-    fits = [ErrorModel.from_dict(lp.fit) for lp in linears]
+    sweep = sweep_blocks(src.sm, src.calib, cfg, src.key, store, src.inventory, report=report,
+                         clock=clock)
     mem = clock.report(device)
-    profile = Profile(
-        key=key, model_ref=str(model_ref), weights_hash=whash,
-        calib_hash=tensor_hash(calib), config=cfg.to_dict(), fixed_bytes=inv.kept_bytes,
-        linears=linears, block_sensitivity=sens.block_alpha, block_proxy=sens.block_influence,
-        stats={"fit_r2_mean": sum(f.r2_fit or 0 for f in fits) / max(len(fits), 1),
-               "spearman_alpha_vs_proxy": spearman(sens.block_alpha, sens.block_influence),
-               "wall_s": round(time.perf_counter() - t_start, 2),
-               "num_blocks": inv.num_blocks, "linear_params": inv.linear_params,
-               "fp16_bytes": fp16_reference_bytes(
-                   inv.linear_params, sum(math.prod(k.shape) for k in inv.kept)),
-               "sampling_s": round(clock.seconds.get("sampling", 0.0), 2),
-               "probe_s": round(clock.seconds.get("probes", 0.0), 2), **mem},
-    )
-    store.put(profile)
+    profile = assemble_profile(src, store, sweep.block_influence, {
+        "wall_s": round(time.perf_counter() - t_start, 2),
+        "sampling_s": round(clock.seconds.get("sampling", 0.0), 2),
+        "probe_s": round(clock.seconds.get("probes", 0.0), 2), **mem})
     report("done", 1.0)
     return profile
 

@@ -11,6 +11,8 @@ every pending perturbed stream (one per linear probed in blocks < j) is carried 
 batches, and block j's own linears start their streams (block j run with linear i perturbed).
 After the last block each stream meets the head once, against the clean stream. So L blocks are
 read once, not O(L²) times; the cost is one probe activation [P, T, D] held per probed linear.
+Streams travel in groups by the block that started them, so every forward call sees the same
+rows whichever blocks a profile shard probes: a sharded profile's α equal the unsharded ones.
 
 Cheap proxy: ShortGPT's Block Influence (Men et al. 2024, §3.1): 1 − mean cos(block input,
 block output) on the clean probe stream, reported beside α with their rank correlation.
@@ -56,7 +58,8 @@ class StreamedProbes:
     def __init__(self, sm: StreamedModel, probe_ids: Tensor, t: float, seed: int) -> None:
         self.sm, self.t, self.seed = sm, t, seed
         self.h, _ = sm.inputs(probe_ids)
-        self.pending: dict[str, Tensor] = {}
+        # block that started them → (probed linears, their perturbed streams stacked [k·P, T, D])
+        self.pending: dict[int, tuple[list[str], Tensor]] = {}
         self.block_influence: list[float] = []
 
     @torch.no_grad()
@@ -64,14 +67,13 @@ class StreamedProbes:
               names: list[str]) -> None:
         """Carry every stream through resident block j; start the streams of `names`."""
         p = len(self.h)
-        if self.pending:
-            keys = list(self.pending)
-            stacked = self.sm.run(blk, torch.cat([self.pending[k] for k in keys]),
-                                  batch=max(p, STREAM_BATCH // p * p))
-            self.pending = dict(zip(keys, stacked.split(p), strict=True))
+        batch = max(p, STREAM_BATCH // p * p)
+        for origin, (probed, stacked) in self.pending.items():
+            self.pending[origin] = (probed, self.sm.run(blk, stacked, batch=batch))
         clean = self.sm.run(blk, self.h, batch=p)
         modules = dict(blk.named_modules())
         prefix = self.sm.block_name(j) + "."
+        started = []
         for name in names:
             mod = modules[name[len(prefix):]]
             W = linear_weight(mod)
@@ -79,9 +81,11 @@ class StreamedProbes:
             original = mod.weight.data.clone()
             W.add_(delta.to(W.dtype))   # Conv1D: linear_weight is a view, add through it
             try:
-                self.pending[name] = self.sm.run(blk, self.h, batch=p)
+                started.append(self.sm.run(blk, self.h, batch=p))
             finally:
                 mod.weight.data.copy_(original)
+        if names:
+            self.pending[j] = (list(names), torch.cat(started))
         self.block_influence.append(
             (1 - F.cosine_similarity(self.h.float(), clean.float(), dim=-1)).mean().item())
         self.h = clean
@@ -90,9 +94,11 @@ class StreamedProbes:
     def finish(self) -> dict[str, float]:
         """α = KL(clean ‖ perturbed) / t², mean over the probe positions."""
         alpha = {}
-        for name, h in self.pending.items():
-            kl = self.sm.head_stats(h, ref=self.h).kl.mean().item()
-            alpha[name] = max(kl, 0.0) / self.t ** 2
+        p = len(self.h)
+        for probed, stacked in self.pending.values():
+            for name, h in zip(probed, stacked.split(p), strict=True):
+                kl = self.sm.head_stats(h, ref=self.h).kl.mean().item()
+                alpha[name] = max(kl, 0.0) / self.t ** 2
         self.pending.clear()
         return alpha
 

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(default=10.0, gt=0, description="seconds between beats")
     profile_config: dict = Field(default_factory=dict,
                                  description="overrides of compressor.profile.ProfileConfig")
+    profile_shards: int = Field(default=0, ge=0, description="block-range shards a profile "
+                                "splits into (0 = one per live `gpu` worker, 1 in embedded mode)")
 
     @property
     def resolved_database_url(self) -> str:

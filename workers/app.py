@@ -7,8 +7,7 @@ from __future__ import annotations
 from celery import Celery
 
 from service.db.session import get_database
-from service.jobs.queue import broker_transport_options, kombu_queues
-from service.jobs.registry import TASKS
+from service.jobs.queue import celery_conf
 from service.settings import Settings, get_settings
 from workers.health import add_heartbeat, add_worker_beat
 
@@ -18,27 +17,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
     if not settings.redis_url:
         raise RuntimeError("the Celery worker needs BITPLAN_REDIS_URL (without it, `bitplan "
                            "serve` runs jobs in-process)")
-    exchange, queues = kombu_queues()
-    app = Celery("bitplan", broker=settings.redis_url, include=["workers.tasks"])
-    app.conf.update(
-        broker_transport_options=broker_transport_options(settings),
-        broker_connection_retry_on_startup=True,
-        task_queues=list(queues.values()),
-        task_default_queue="cpu",
-        task_default_exchange=exchange.name,
-        task_default_routing_key="cpu",
-        task_routes={t.value: {"queue": spec.queue.value, "routing_key": spec.queue.value}
-                     for t, spec in TASKS.items()},
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_hijack_root_logger=False,
-        worker_enable_remote_control=False,
-        task_track_started=False,
-    )
+    app = Celery("bitplan", include=["workers.tasks"])
+    app.conf.update(celery_conf(settings))
     if settings.worker_heartbeat_file:   # liveness for the container's health check
         add_heartbeat(app, settings.worker_heartbeat_file, settings.worker_heartbeat_s)
     # seen by GET /v1/status (the database is only touched once the worker starts)

@@ -72,6 +72,7 @@ class Shape:
 
 TINYLLAMA = Shape("llama", 22, 2048, 5632, 32, 4, 32000)
 QWEN2_1_5B = Shape("qwen2", 28, 1536, 8960, 12, 2, 151936)
+QUICK = Shape("llama", 4, 256, 688, 4, 2, 4096)   # the smoke-sized runs' model
 
 
 def _tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

@@ -88,6 +88,7 @@ class JobKind(StrEnum):
     FIT = "fit"
     PLAN = "plan"          # the solve stage of one plan request
     COMPRESS = "compress"
+    PROFILE_SHARD = "profile_shard"   # one block range of a profile job (its parent)
 
 
 class PlanStatus(StrEnum):
@@ -221,6 +222,9 @@ class Job(Base):
     dedup_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     depends_on: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"),
                                                    index=True)
+    # a profile shard's profile job: it assembles the shards' records once all have succeeded
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"),
+                                                  index=True)
     model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
     profile_id: Mapped[str | None] = mapped_column(ForeignKey("profiles.id", ondelete="SET NULL"))
     plan_id: Mapped[str | None] = mapped_column(String(32), index=True)

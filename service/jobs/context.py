@@ -27,3 +27,7 @@ class StageResult:
     result: dict = field(default_factory=dict)
     links: dict = field(default_factory=dict)          # profile_id / plan_id / artifact_id
     follow_ups: list[tuple[str, str]] = field(default_factory=list)   # (task, job id)
+    # not done yet: the job goes back to queued under this stage name while `fan_out`'s header
+    # tasks run; the body (the job's own task again) finishes it once they all have
+    waiting: str | None = None
+    fan_out: tuple[list[tuple[str, str]], tuple[str, str]] | None = None

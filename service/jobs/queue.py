@@ -1,8 +1,11 @@
-"""The queue interface: `enqueue(task_name, job_id)`.
+"""The queue interface: `enqueue(task_name, job_id)`, and `fan_out(header, body)`: run every
+header task, then the body once all have finished (a Celery chord).
 
 Two implementations run the same runner (service.jobs.runner.run_task):
 - `CeleryQueue` publishes Celery protocol-2 messages by task name with kombu, so the API never
   imports celery or workers; a Celery worker (workers/) consumes them from the `gpu`/`cpu` queues.
+  Only workers fan out (a profile splitting into shards): that publishes a real Celery chord,
+  counted in Redis by Celery's result backend (celery is imported there, in the worker).
 - `InProcessQueue` runs them on a small thread pool when no Redis URL is set (embedded mode).
 """
 
@@ -28,8 +31,12 @@ EXCHANGE = "bitplan"
 QUEUES: tuple[str, ...] = tuple(q.value for q in QueueName)
 
 
+Call = tuple[str, str]   # (task name, job id)
+
+
 class Queue(Protocol):
     def enqueue(self, task_name: str, job_id: str) -> None: ...
+    def fan_out(self, header: list[Call], body: Call) -> None: ...
     def ping(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -49,6 +56,36 @@ def kombu_queues():
     return exchange, {q: KQueue(q, exchange, routing_key=q, durable=True) for q in QUEUES}
 
 
+def celery_conf(settings: Settings) -> dict:
+    """The Celery configuration every bitplan Celery app shares (the workers', and the one a
+    worker publishes chords with): queues and routes from the registry, Redis as broker and as
+    the result backend that counts a chord's finished header tasks."""
+    from service.jobs.registry import TASKS
+
+    exchange, queues = kombu_queues()
+    return dict(
+        broker_url=settings.redis_url, result_backend=settings.redis_url,
+        broker_transport_options=broker_transport_options(settings),
+        result_backend_transport_options={"global_keyprefix": settings.redis_prefix},
+        result_expires=7 * 24 * 3600,
+        broker_connection_retry_on_startup=True,
+        task_queues=list(queues.values()),
+        task_default_queue="cpu",
+        task_default_exchange=exchange.name,
+        task_default_routing_key="cpu",
+        task_routes={t.value: {"queue": spec.queue.value, "routing_key": spec.queue.value}
+                     for t, spec in TASKS.items()},
+        task_serializer="json", result_serializer="json", accept_content=["json"],
+        task_ignore_result=True,   # job state lives in the database; chords count in Redis
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_enable_remote_control=False,
+        task_track_started=False,
+    )
+
+
 class CeleryQueue:
     """Publishes to Redis exactly what `celery_app.send_task(name, args=[job_id])` would."""
 
@@ -59,6 +96,27 @@ class CeleryQueue:
         self._exchange, self._queues = kombu_queues()
         self._lock = threading.Lock()
         self._producer = None
+        self._settings = settings
+        self._celery = None
+
+    def fan_out(self, header: list[Call], body: Call) -> None:
+        """A Celery chord: every header task on its queue; the body once all have finished
+        (Redis counts them). Signatures are immutable: tasks take only their job id."""
+        from celery import Celery, chord
+
+        with self._lock:
+            if self._celery is None:
+                self._celery = Celery("bitplan-chords", set_as_current=False)
+                self._celery.conf.update(celery_conf(self._settings))
+            app = self._celery
+
+        def sig(task_name: str, job_id: str):
+            spec_of(task_name)
+            return app.signature(task_name, args=[job_id], immutable=True)
+
+        chord([sig(*c) for c in header], app=app)(sig(*body))
+        log.info("fanned out %d × %s, then %s(%s)", len(header),
+                 header[0][0] if header else "-", *body)
 
     def enqueue(self, task_name: str, job_id: str) -> None:
         queue = self._queues[spec_of(task_name).queue.value]
@@ -110,6 +168,27 @@ class InProcessQueue:
                                         thread_name_prefix="bitplan-job")
         self._pending = 0
         self._cv = threading.Condition()
+
+    def fan_out(self, header: list[Call], body: Call) -> None:
+        """The chord's semantics on the thread pool: the body is enqueued when the last
+        header task returns, whatever its outcome (as Celery counts a finished task)."""
+        left = [len(header)]
+        lock = threading.Lock()
+
+        def then(_future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.enqueue(*body)
+
+        if not header:
+            self.enqueue(*body)
+        for task_name, job_id in header:
+            spec_of(task_name)
+            with self._cv:
+                self._pending += 1
+            self._pool.submit(self._run, task_name, job_id).add_done_callback(then)
 
     def enqueue(self, task_name: str, job_id: str) -> None:
         spec_of(task_name)   # ValueError for a name that is not ours

@@ -17,6 +17,7 @@ from service.db.models import JobKind
 
 class Task(StrEnum):
     PROFILE = "bitplan.profile"
+    PROFILE_SHARD = "bitplan.profile_shard"
     FIT = "bitplan.fit"
     SOLVE = "bitplan.solve"
     COMPRESS = "bitplan.compress"
@@ -39,6 +40,8 @@ class TaskSpec:
 TASKS: dict[Task, TaskSpec] = {spec.task: spec for spec in (
     TaskSpec(Task.PROFILE, QueueName.GPU, JobKind.PROFILE, "profile",
              "service.jobs.stages.profile:profile_stage"),
+    TaskSpec(Task.PROFILE_SHARD, QueueName.GPU, JobKind.PROFILE_SHARD, "profile shard",
+             "service.jobs.stages.profile:shard_stage"),
     TaskSpec(Task.FIT, QueueName.CPU, JobKind.FIT, "fit",
              "service.jobs.stages.profile:fit_stage"),
     TaskSpec(Task.SOLVE, QueueName.CPU, JobKind.PLAN, "solve",

@@ -60,7 +60,8 @@ def release(db: Database, queue: Queue | None, job_id: str) -> None:
 
 def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | None = None) -> str:
     """Returns the job's outcome for this delivery: succeeded, failed, cancelled (its team
-    cancelled it while it ran: the stage stopped at its next report), skipped (finished, or
+    cancelled it while it ran: the stage stopped at its next report), waiting (back to queued
+    while the tasks it fanned out run; their chord runs it again), skipped (finished, or
     waiting on a dependency that will release it), or busy: another worker holds a fresh lease
     on it — alive, or killed moments ago; the caller checks again once the lease could have
     expired (Celery: a delayed retry) so a dead worker's job does not wait for the sweeper."""
@@ -101,6 +102,11 @@ def run_task(task_name: str, job_id: str, settings: Settings, queue: Queue | Non
             log.warning("job %s failed (%s): %s", job_id, code, message)
         state.fail(db, job_id, message, code)
         return "failed"
+    if out.waiting is not None:   # parked first, so a body that runs at once finds it queued
+        state.park(db, job_id, out.waiting)
+        if out.fan_out is not None and queue is not None:
+            queue.fan_out(*out.fan_out)
+        return "waiting"
     state.succeed(db, job_id, out.result, **out.links)
     release(db, queue, job_id)
     for task, follow_id in out.follow_ups:

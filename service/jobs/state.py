@@ -165,6 +165,27 @@ def succeed(db: Database, job_id: str, result: dict | None = None, **links: str 
         job.finished_at = job.updated_at = utcnow()
 
 
+def park(db: Database, job_id: str, stage: str) -> None:
+    """Running → queued under `stage`: the job waits for the shards it fanned out, whose chord
+    (or, failing that, a sweeper) sends it again."""
+    with db.session() as s:
+        job = _lock(s, job_id)
+        if job is None or job.status != JobStatus.RUNNING:
+            return
+        job.status = JobStatus.QUEUED
+        job.stage = stage
+        job.history = _history(job, stage)
+        job.owner = None
+        job.updated_at = utcnow()
+
+
+def children(db: Database, job_id: str) -> list[Job]:
+    """The shard jobs of `job_id`, oldest first (detached rows)."""
+    with db.session() as s:
+        return list(s.scalars(select(Job).where(Job.parent_id == job_id)
+                              .order_by(Job.created_at, Job.id)))
+
+
 def _fail(job: Job, message: str, code: str) -> None:
     job.status = JobStatus.FAILED
     job.error = message[:4000]
@@ -174,22 +195,23 @@ def _fail(job: Job, message: str, code: str) -> None:
 
 
 def fail(db: Database, job_id: str, message: str, code: str = "job_failed") -> list[str]:
-    """Fail the job and every job waiting on it; returns the ids failed."""
+    """Fail the job, every job waiting on it, and — for a profile shard — the profile job it
+    belongs to (and so that one's dependents); returns the ids failed."""
     failed: list[str] = []
     with db.session() as s:
-        pending = [job_id]
+        pending = [(job_id, message, code)]
         while pending:
-            jid = pending.pop()
+            jid, msg, why = pending.pop()
             job = _lock(s, jid)
             if job is None or job.status in TERMINAL:
                 continue
-            if jid == job_id:
-                _fail(job, message, code)
-            else:
-                _fail(job, f"depends on job {job_id}, which failed: {message}",
-                      "dependency_failed")
+            _fail(job, msg, why)
             failed.append(jid)
-            pending += s.scalars(select(Job.id).where(Job.depends_on == jid)).all()
+            pending += [(dep, f"depends on job {job_id}, which failed: {message}",
+                         "dependency_failed")
+                        for dep in s.scalars(select(Job.id).where(Job.depends_on == jid))]
+            if job.parent_id:
+                pending.append((job.parent_id, f"profile shard {jid} failed: {msg}", why))
     return failed
 
 
@@ -210,6 +232,11 @@ def cancel(db: Database, job_id: str) -> str:
         if job.dedup_key and job.dedup_key.startswith("compress:"):
             job.dedup_key = None
         job.finished_at = job.updated_at = utcnow()
+        for shard in s.scalars(select(Job).where(Job.parent_id == job_id,
+                                                 Job.status.not_in(TERMINAL))):
+            shard.status = JobStatus.CANCELLED   # a running shard stops at its next report
+            shard.history = _history(shard, "cancelled")
+            shard.finished_at = shard.updated_at = utcnow()
         return before
 
 

@@ -16,6 +16,9 @@ from service.settings import Settings
 
 def make_settings(tmp: Path, db_url: str, *, redis_url: str | None = None,
                   model_roots: list[Path] | None = None, **extra) -> Settings:
+    # one profile shard unless a test asks for more: the automatic count follows the workers
+    # seen alive, and other tests' workers share the session's Postgres
+    extra.setdefault("profile_shards", 1)
     return Settings(data_dir=tmp, database_url=db_url, redis_url=redis_url,
                     model_roots=model_roots or [], redis_prefix=f"bitplan-test-{uuid.uuid4().hex}:",
                     **extra)
@@ -29,6 +32,9 @@ class RecordingQueue:
 
     def enqueue(self, task_name: str, job_id: str) -> None:
         self.sent.append((task_name, job_id))
+
+    def fan_out(self, header: list[tuple[str, str]], body: tuple[str, str]) -> None:
+        self.sent.extend([*header, body])
 
     def ping(self) -> bool:
         return True

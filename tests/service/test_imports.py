@@ -31,8 +31,8 @@ def test_workers_build_the_celery_app_with_both_queues():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout.splitlines()
     assert out[0] == "['cpu', 'gpu']"
-    assert out[1] == str(sorted(["bitplan.compress", "bitplan.fit",
-                                 "bitplan.profile", "bitplan.solve"]))
+    assert out[1] == str(sorted(["bitplan.compress", "bitplan.fit", "bitplan.profile",
+                                 "bitplan.profile_shard", "bitplan.solve"]))
     assert out[2] == "True True"
 
 

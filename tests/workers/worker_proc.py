@@ -25,6 +25,7 @@ class WorkerProcess:
             "BITPLAN_MODEL_ROOTS": json.dumps([str(p) for p in settings.model_roots]),
             "BITPLAN_PROFILE_CONFIG": json.dumps(settings.profile_config),
             "BITPLAN_DEVICE": settings.device,
+            "BITPLAN_PROFILE_SHARDS": str(settings.profile_shards),
             "PYTHONUNBUFFERED": "1",
             # the worker runs `concurrency` task threads; one torch thread each, or OpenMP's
             # spinning threads oversubscribe a small, busy machine (measured: the demo e2e took

@@ -32,7 +32,9 @@ def job_public(s: Session, job: Job) -> JobPublic:
         dep = s.get(Job, job.depends_on)
         if dep is not None and dep.status != JobStatus.SUCCEEDED:
             waiting_on = dep.id
-            stage = dep.stage if dep.status == JobStatus.RUNNING else f"waiting for {dep.kind}"
+            # a sharded profile is queued while its shards run, with their progress
+            stage = dep.stage if dep.status == JobStatus.RUNNING or dep.progress > 0 \
+                else f"waiting for {dep.kind}"
             progress = WAIT_SHARE * dep.progress
     links = {"self": f"/v1/jobs/{job.id}"}
     if job.plan_id:

@@ -4,11 +4,13 @@ through the database store, and check its fitted error models."""
 from __future__ import annotations
 
 from compressor.decompose import DecompositionConfig
-from compressor.profile import ProfileConfig, run_profile
+from compressor.profile import ProfileConfig, open_profile, run_profile
 from compressor.profile_store import Profile, seed_shipped_profile
-from service.db.models import Job, ModelRow
+from service.db.models import Job, JobStatus, ModelRow
 from service.db.profile_store import DbProfileStore
+from service.jobs import state
 from service.jobs.context import StageContext, StageResult
+from service.jobs.stages import shards
 from service.jobs.state import JobFailed
 from service.settings import Settings
 
@@ -40,12 +42,17 @@ def fit_summary(profile: Profile) -> dict:
 
 
 def profile_stage(ctx: StageContext) -> StageResult:
+    """Profile the job's model: in one sweep, or split into block-range shards on several
+    workers (service.jobs.stages.shards) — this task then runs again as the shards' chord body
+    and assembles their records."""
     with ctx.db.session() as s:
         job = s.get(Job, ctx.job_id)
         model = s.get(ModelRow, job.model_id) if job.model_id else None
     if model is None:
         raise JobFailed("profile job has no model", "invalid_job")
     store = DbProfileStore(ctx.db)
+    settings = ctx.settings
+    cfg = profile_config(settings)
 
     def progress(stage: str, frac: float) -> None:   # load/linears/blocks → profile/…
         if stage != "done":
@@ -53,12 +60,23 @@ def profile_stage(ctx: StageContext) -> StageResult:
 
     ctx.report("profile", 0.0)
     seed_shipped_profile(store, model.path)
-    profile = run_profile(model.path, store, device=ctx.settings.device,
-                          trust_remote_code=ctx.settings.trust_remote_code,
-                          progress=progress, config=profile_config(ctx.settings))
+    shard_jobs = state.children(ctx.db, ctx.job_id)
+    src = open_profile(model.path, cfg, device=settings.device,
+                       trust_remote_code=settings.trust_remote_code,
+                       weights_hash=shard_jobs[0].payload.get("weights_hash") if shard_jobs
+                       else None)
+    profile = store.get(src.key)
+    if profile is None and shard_jobs:
+        if any(j.status != JobStatus.SUCCEEDED for j in shard_jobs):
+            return shards.dispatch(ctx, shard_jobs)
+        ctx.report("profile/assemble", 0.95)
+        profile = shards.assemble(ctx, src, shard_jobs)
+    elif profile is None and (n := shards.shard_count(ctx, src.sm.num_blocks)) > 1:
+        shards.create_shards(ctx, src, model, n)
+        return shards.dispatch(ctx, state.children(ctx.db, ctx.job_id))
+    elif profile is None:
+        profile = run_profile(model.path, store, progress=progress, config=cfg, source=src)
     ctx.report("fit", 0.96)
-    if store.get(profile.key) is None:
-        store.put(profile)
     profile_id = store.link_model(profile.key, model.id)
     with ctx.db.session() as s:
         row = s.get(ModelRow, model.id)
@@ -66,10 +84,15 @@ def profile_stage(ctx: StageContext) -> StageResult:
             row.weights_hash = profile.weights_hash
     # time per stage and peak memory of the run that measured it (absent from a profile that
     # was already stored, e.g. the demo's shipped one)
-    measured = {k: profile.stats[k] for k in ("stage_s", "peak_rss_bytes", "peak_gpu_bytes")
-                if k in profile.stats}
+    measured = {k: profile.stats[k] for k in ("stage_s", "peak_rss_bytes", "peak_gpu_bytes",
+                                              "shards") if k in profile.stats}
     return StageResult(result={"profile_id": profile_id, "profile_key": profile.key}
                        | fit_summary(profile) | measured, links={"profile_id": profile_id})
+
+
+def shard_stage(ctx: StageContext) -> StageResult:
+    """One block range of a sharded profile (service.jobs.stages.shards)."""
+    return shards.run_shard(ctx, profile_config(ctx.settings))
 
 
 def fit_stage(ctx: StageContext) -> StageResult:

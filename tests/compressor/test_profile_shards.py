@@ -1,0 +1,62 @@
+"""Profiling in block-range shards (what the job queue's profile shards run) gives exactly the
+records and profile of one sweep over every block: each shard streams the earlier blocks forward
+itself, samples only its own linears and carries their probes to the head."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from compressor.profile import (
+    assemble_profile,
+    open_profile,
+    run_profile,
+    shard_ranges,
+    sweep_blocks,
+)
+from compressor.profile_store import FileProfileStore
+from tests.helpers.models import write_tiny_model
+from tests.helpers.streaming import CONFIG
+
+
+@pytest.mark.parametrize("blocks,shards,want", [
+    (12, 2, [(0, 6), (6, 12)]), (5, 3, [(0, 2), (2, 3), (3, 5)]), (3, 8, [(0, 1), (1, 2), (2, 3)]),
+    (4, 1, [(0, 4)]), (1, 0, [(0, 1)])])
+def test_shard_ranges_cover_every_block_once(blocks, shards, want):
+    got = shard_ranges(blocks, shards)
+    assert [(r.start, r.stop) for r in got] == want
+    assert [j for r in got for j in r] == list(range(blocks))
+
+
+def test_sharded_profile_equals_one_sweep(tmp_path):
+    tiny = str(write_tiny_model(tmp_path / "tiny", layers=3))
+    whole = run_profile(tiny, FileProfileStore(tmp_path / "one"), config=CONFIG)
+
+    store = FileProfileStore(tmp_path / "shards")
+    influence = [math.nan] * 3
+    for blocks in reversed(shard_ranges(3, 2)):   # any order: shards run on different workers
+        src = open_profile(tiny, CONFIG, weights_hash=whole.weights_hash)
+        before = set(store.linear_records(src.key))
+        sweep = sweep_blocks(src.sm, src.calib, CONFIG, src.key, store, src.inventory, blocks)
+        for j in blocks:
+            influence[j] = sweep.block_influence[j]
+        # a shard measures only its own linears
+        added = store.linear_records(src.key).keys() - before
+        assert {store.linear_records(src.key)[n].block for n in added} == set(blocks)
+    sharded = assemble_profile(open_profile(tiny, CONFIG), store, influence, {"shards": 2})
+
+    assert sharded.key == whole.key
+    assert [lp.to_dict() for lp in sharded.linears] == [lp.to_dict() for lp in whole.linears]
+    assert sharded.block_proxy == whole.block_proxy
+    assert sharded.block_sensitivity == whole.block_sensitivity
+    assert sharded.fixed_bytes == whole.fixed_bytes
+
+
+def test_assembling_with_a_shard_missing_names_it(tmp_path):
+    tiny = str(write_tiny_model(tmp_path / "tiny", layers=2))
+    store = FileProfileStore(tmp_path / "p")
+    src = open_profile(tiny, CONFIG)
+    sweep_blocks(src.sm, src.calib, CONFIG, src.key, store, src.inventory, range(0, 1))
+    with pytest.raises(ValueError, match=r"lacks 7 linears \(first: model\.layers\.1\."):
+        assemble_profile(src, store, [0.0, 0.0], {})
