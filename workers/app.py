@@ -1,6 +1,8 @@
-"""The Celery app: Redis broker, queues `gpu` (profile, compress) and `cpu` (fit, solve) as
-service.jobs.registry routes them, late acks so a task whose worker dies is redelivered. The
-only module that builds a Celery app; the API publishes to the same queues by task name (service.jobs.queue)."""
+"""The Celery worker app: Redis broker (and result backend, which counts a chord's finished
+shards), queues `gpu` (profile, its shards, compress) and `cpu` (fit, solve) as
+service.jobs.registry routes them, late acks so a task whose worker dies is redelivered. Its
+configuration is `service.jobs.queue.celery_conf`, shared with the publisher that sends chords;
+the API publishes to the same queues by task name with kombu alone."""
 
 from __future__ import annotations
 

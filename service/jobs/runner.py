@@ -51,10 +51,13 @@ def _classify(exc: Exception) -> tuple[str, str]:
 
 
 def release(db: Database, queue: Queue | None, job_id: str) -> None:
-    """Enqueue every queued job that waits on `job_id` (safe to repeat: claims are idempotent)."""
+    """Enqueue every queued job that waits on `job_id`, and its parked profile job when it was
+    the last shard to finish (safe to repeat: claims are idempotent). The chord already sends
+    that profile job; this covers a shard the sweeper re-sent outside its chord (its worker
+    died), so the profile does not wait for the sweeper's next look at queued jobs."""
     if queue is None:
         return
-    for kind, dep_id in state.waiting_dependents(db, job_id):
+    for kind, dep_id in [*state.waiting_dependents(db, job_id), *state.ready_parent(db, job_id)]:
         queue.enqueue(TASK_OF_KIND[kind], dep_id)
 
 

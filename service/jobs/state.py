@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import TERMINAL, Job, JobStatus, utcnow
@@ -262,6 +262,20 @@ def waiting_dependents(db: Database, job_id: str) -> list[tuple[str, str]]:
         rows = s.execute(select(Job.kind, Job.id).where(Job.depends_on == job_id,
                                                         Job.status == JobStatus.QUEUED)).all()
     return [(k, i) for k, i in rows]
+
+
+def ready_parent(db: Database, job_id: str) -> list[tuple[str, str]]:
+    """(kind, id) of the queued parent of `job_id` when every one of its shards succeeded."""
+    with db.session() as s:
+        parent_id = s.scalar(select(Job.parent_id).where(Job.id == job_id))
+        if parent_id is None:
+            return []
+        parent = s.get(Job, parent_id)
+        left = s.scalar(select(func.count()).select_from(Job).where(
+            Job.parent_id == parent_id, Job.status != JobStatus.SUCCEEDED))
+        if parent is None or parent.status != JobStatus.QUEUED or left:
+            return []
+        return [(parent.kind, parent.id)]
 
 
 class Reporter:

@@ -17,9 +17,10 @@ from service.db.session import get_database
 from service.jobs import state
 from service.jobs.context import StageContext
 from service.jobs.registry import Task
+from service.jobs.runner import release
 from service.jobs.stages import shards
 from service.jobs.stages.profile import profile_config
-from tests.helpers.api import make_env, make_settings
+from tests.helpers.api import RecordingQueue, make_env, make_settings
 from tests.helpers.flow import poll_job
 from tests.helpers.models import write_tiny_model
 from tests.helpers.profiles import TINY_PROFILE
@@ -136,3 +137,23 @@ def test_dispatch_sends_only_unfinished_shards(tmp_path, sqlite_url):
         assert p.error == f"profile shard {ids[2]} failed: out of memory"
         assert p.error_code == "out_of_memory"
         assert s.get(Job, plan_job).error_code == "dependency_failed"
+
+
+def test_the_last_shard_to_finish_releases_its_profile(tmp_path, sqlite_url):
+    """Outside a chord (a shard the sweeper re-sent after its worker died), the last shard to
+    succeed sends its parked profile job itself; earlier ones do not."""
+    db = get_database(sqlite_url)
+    parent, a, b = new_id(), new_id(), new_id()
+    with db.session() as s:
+        s.add(Job(id=parent, kind=JobKind.PROFILE, status=JobStatus.QUEUED))
+        s.flush()
+        for sid in (a, b):
+            s.add(Job(id=sid, kind=JobKind.PROFILE_SHARD, parent_id=parent,
+                      status=JobStatus.RUNNING))
+    queue = RecordingQueue()
+    state.succeed(db, a)
+    release(db, queue, a)
+    assert queue.sent == []
+    state.succeed(db, b)
+    release(db, queue, b)
+    assert queue.sent == [(Task.PROFILE.value, parent)]
