@@ -105,15 +105,28 @@ def cmd_eval(args) -> int:
     )
 
     settings = get_settings()
-    model, tokenizer = load_any(args.model, dense=args.dense)
-    seqs = eval_sequences(tokenizer, args.seq_len or settings.eval_seq_len,
-                          args.seqs or settings.eval_seqs)
-    ref = None
-    if args.reference:
-        ref_model, _ = load_any(args.reference)
-        ref = reference_logprobs(ref_model, seqs)
-        del ref_model
-    result = evaluate(model, seqs, reference=ref, progress=sys.stderr.isatty())
+    artifact = (Path(args.model) / "bitplan_manifest.json").is_file()
+    if not artifact and not args.reference:
+        # a plain checkpoint: streamed block by block (one block resident), any size
+        from compressor.evaluate import stream_evaluate
+        from compressor.loading import load_tokenizer
+        from compressor.stream import StreamedModel
+
+        tokenizer = load_tokenizer(args.model, trust_remote_code=settings.trust_remote_code)
+        seqs = eval_sequences(tokenizer, args.seq_len or settings.eval_seq_len,
+                              args.seqs or settings.eval_seqs)
+        sm = StreamedModel(args.model, settings.trust_remote_code, settings.device)
+        result = stream_evaluate(sm, seqs)
+    else:   # a packed artifact (small) and, with --reference, the reference's logprobs
+        model, tokenizer = load_any(args.model, dense=args.dense)
+        seqs = eval_sequences(tokenizer, args.seq_len or settings.eval_seq_len,
+                              args.seqs or settings.eval_seqs)
+        ref = None
+        if args.reference:
+            ref_model, _ = load_any(args.reference)
+            ref = reference_logprobs(ref_model, seqs)
+            del ref_model
+        result = evaluate(model, seqs, reference=ref, progress=sys.stderr.isatty())
     out = result.to_dict() | {"unigram_ppl": unigram_ppl(tokenizer, seqs)}
     if args.json:
         print(json.dumps(out))

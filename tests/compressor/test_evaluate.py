@@ -46,3 +46,20 @@ def test_perturbed_model_has_positive_kl(demo):
         w.add_(torch.randn_like(w, generator=torch.Generator().manual_seed(0)) * w.std() * 0.5)
     res = evaluate(noisy, seqs, reference=ref)
     assert res.kl > 1e-6 and res.top1 < 1.0
+
+
+def test_bitplan_eval_streams_a_checkpoint_with_the_in_memory_numbers(tmp_path, capsys):
+    """`bitplan eval MODEL` on a plain checkpoint streams it block by block
+    (compressor.evaluate.stream_evaluate) and reports what evaluating it whole gives."""
+    import json
+
+    from service.cli import main
+    from tests.helpers.models import write_tiny_model
+
+    tiny = write_tiny_model(tmp_path / "tiny", layers=2)
+    assert main(["eval", str(tiny), "--seqs", "3", "--seq-len", "32", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    seqs = eval_sequences(load_tokenizer(str(tiny)), 32, 3)
+    want = evaluate(load_model(str(tiny)), seqs)
+    assert got["tokens"] == want.tokens and got["sequences"] == 3
+    assert got["ppl"] == pytest.approx(want.ppl, rel=1e-5)
