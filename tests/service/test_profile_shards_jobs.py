@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from compressor.profile import run_profile
 from compressor.profile_store import FileProfileStore
-from service.db.models import Job, JobKind, JobStatus, new_id, utcnow
+from service.db.models import Job, JobKind, JobStatus, ProfileRow, new_id, utcnow
 from service.db.profile_store import DbProfileStore
 from service.db.session import get_database
 from service.jobs import state
@@ -61,6 +61,20 @@ def test_sharded_profile_job_equals_one_sweep(tmp_path, sqlite_url):
         assert [lp.to_dict() for lp in got.linears] == [lp.to_dict() for lp in want.linears]
         assert got.block_proxy == want.block_proxy
         assert got.stats["shards"] == 2 and len(got.stats["shard_wall_s"]) == 2
+
+        # the stored profile deleted: a new request re-queues the profile job, whose succeeded
+        # shards no longer have their records: they run again and the same profile comes back
+        with env.db.session() as s:
+            s.execute(sa.delete(ProfileRow).where(ProfileRow.key.like(got.key + "%")))
+        again = env.client.post("/v1/plans", json={"model": "tiny3", "budget": "0.85x"},
+                                headers=env.h("beta")).json()
+        assert again["profile_job_id"] == a["profile_job_id"]
+        body, _ = poll_job(env, again["job_id"], "beta", timeout=300)
+        assert body["status"] == "succeeded", body
+        assert env.queue.wait_idle(60)
+        assert [j.attempts for j in _shards(env.db, a["profile_job_id"])] == [2, 2]
+        back = DbProfileStore(env.db).get(got.key)
+        assert [lp.to_dict() for lp in back.linears] == [lp.to_dict() for lp in want.linears]
     finally:
         env.queue.close()
 

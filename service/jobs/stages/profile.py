@@ -67,8 +67,9 @@ def profile_stage(ctx: StageContext) -> StageResult:
                        else None)
     profile = store.get(src.key)
     if profile is None and shard_jobs:
-        if any(j.status != JobStatus.SUCCEEDED for j in shard_jobs):
-            return shards.dispatch(ctx, shard_jobs)
+        gone = shards.missing(ctx, src, shard_jobs)
+        if gone or any(j.status != JobStatus.SUCCEEDED for j in shard_jobs):
+            return shards.dispatch(ctx, shard_jobs, rerun=gone)
         ctx.report("profile/assemble", 0.95)
         profile = shards.assemble(ctx, src, shard_jobs)
     elif profile is None and (n := shards.shard_count(ctx, src.sm.num_blocks)) > 1:

@@ -66,21 +66,29 @@ def create_shards(ctx: StageContext, src: ProfileSource, model: ModelRow, n: int
     return ids
 
 
-def dispatch(ctx: StageContext, shards: list[Job]) -> StageResult:
+def missing(ctx: StageContext, src: ProfileSource, shards: list[Job]) -> set[str]:
+    """Succeeded shards whose linears' records are not in the store (deleted since)."""
+    have = DbProfileStore(ctx.db).linear_records(src.key)
+    gone = {li.block for li in src.inventory.linears if li.name not in have}
+    return {j.id for j in shards if j.status == JobStatus.SUCCEEDED
+            and gone & set(range(*j.payload["blocks"]))}
+
+
+def dispatch(ctx: StageContext, shards: list[Job], rerun: set[str] = frozenset()) -> StageResult:
     """Park the profile job while its unfinished shards run. Failed or cancelled shards (the
-    profile is being retried) are queued again; running ones are left to their worker (a dead
-    one's lease expires and the sweeper re-sends it); queued ones go out in one chord whose
-    body is this job's task."""
-    retry = [j.id for j in shards if j.status in (JobStatus.FAILED, JobStatus.CANCELLED)]
+    profile is being retried) and those in `rerun` are queued again; running ones are left to
+    their worker (a dead one's lease expires and the sweeper re-sends it); queued ones go out
+    in one chord whose body is this job's task."""
+    retry = [j.id for j in shards
+             if j.status in (JobStatus.FAILED, JobStatus.CANCELLED) or j.id in rerun]
     if retry:
         with ctx.db.session() as s:
             for job in s.scalars(select(Job).where(Job.id.in_(retry))):
                 job.status, job.stage, job.error, job.error_code = \
                     JobStatus.QUEUED, "queued", None, None
                 job.finished_at, job.updated_at = None, utcnow()
-    todo = [j.id for j in shards if j.status != JobStatus.SUCCEEDED and
-            (j.id in retry or j.status == JobStatus.QUEUED)]
-    done = sum(j.status == JobStatus.SUCCEEDED for j in shards)
+    todo = [j.id for j in shards if j.id in retry or j.status == JobStatus.QUEUED]
+    done = sum(j.status == JobStatus.SUCCEEDED and j.id not in retry for j in shards)
     header = [(Task.PROFILE_SHARD.value, sid) for sid in todo]
     return StageResult(waiting=f"profile/shards {done}/{len(shards)} done",
                        fan_out=(header, (Task.PROFILE.value, ctx.job_id)) if header else None)
