@@ -54,3 +54,59 @@ def test_two_workers_profile_one_model_in_shards(tmp_path, fresh_pg_url, redis_u
         for w in workers:
             w.stop()
         clear_redis_prefix(redis_url, settings.redis_prefix)
+
+
+@pytest.mark.slow   # a lease (20 s) has to expire: ~70 s on two cores
+def test_a_shard_whose_worker_dies_is_resumed_and_the_profile_assembled(
+        tmp_path, fresh_pg_url, redis_url):
+    """SIGKILL the worker running one shard: with the shipped lease and sweep settings the API's
+    sweeper re-sends that shard, another worker runs it again (resuming from the linears it
+    stored), and — the re-sent shard being outside the chord — the last shard to finish
+    releases the profile, which is assembled as if nothing had happened."""
+    import os
+    import signal
+
+    from tests.workers.worker_proc import wait_for
+
+    upgrade(fresh_pg_url)
+    root = tmp_path / "models"
+    write_tiny_model(root / "tiny6", layers=6, seed=3)
+    settings = make_settings(tmp_path, fresh_pg_url, redis_url=redis_url, model_roots=[root],
+                             profile_config=TINY_PROFILE, profile_shards=2)
+    env = make_env(settings)
+    env.client.__enter__()                              # the API's lifespan: its sweeper
+    workers = [WorkerProcess(settings, tmp_path / f"w{i}.log", concurrency=1) for i in (0, 1)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        a = env.client.post("/v1/plans", json={"model": "tiny6", "budget": "0.8x"},
+                            headers=env.h("alpha")).json()
+        pid = a["profile_job_id"]
+
+        def running_shard():
+            shards = state.children(env.db, pid)
+            return next((j for j in shards if j.status == "running" and j.progress > 0.1), None)
+
+        victim = wait_for(running_shard, 240, interval=0.05, what="a shard mid-way")
+        doomed = next(w for w in workers if str(w.proc.pid) in victim.worker)
+        os.killpg(doomed.proc.pid, signal.SIGKILL)
+        doomed.proc.wait(10)
+        doomed.stop()
+        workers.append(WorkerProcess(settings, tmp_path / "w2.log", concurrency=1))
+        workers[-1].wait_ready()
+
+        body, _ = poll_job(env, a["job_id"], "alpha", timeout=300)
+        assert body["status"] == "succeeded", (body, [w.log()[-3000:] for w in workers])
+        again = next(j for j in state.children(env.db, pid) if j.id == victim.id)
+        assert again.status == "succeeded" and again.attempts == 2
+        got = DbProfileStore(env.db).get(
+            env.client.get(f"/v1/jobs/{pid}", headers=env.h("alpha")).json()["result"][
+                "profile_key"])
+        want = run_profile(str(root / "tiny6"), FileProfileStore(tmp_path / "one"),
+                           config=profile_config(settings))
+        assert [lp.to_dict() for lp in got.linears] == [lp.to_dict() for lp in want.linears]
+    finally:
+        env.client.__exit__(None, None, None)
+        for w in workers:
+            w.stop()
+        clear_redis_prefix(redis_url, settings.redis_prefix)
