@@ -289,6 +289,23 @@ class BitplanClient:
         return self._get("/v1/status")
 
 
+def wait_ready(server: str, timeout: float = 60.0, alive: Callable[[], bool] | None = None
+               ) -> bool:
+    """Poll `server`'s /readyz until it answers 200 (True), `timeout` passes or `alive()` says
+    the server process is gone (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{server.rstrip('/')}/readyz", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if alive is not None and not alive():
+            return False
+        time.sleep(0.2)
+    return False
+
+
 def _filename(disposition: str, artifact_id: str) -> str:
     """The tar's name from Content-Disposition, reduced to a plain file name."""
     _, _, rest = disposition.partition("filename=")

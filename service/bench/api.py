@@ -35,6 +35,7 @@ import httpx
 
 from compressor.loading import inventory
 from compressor.profile_store import LinearProfile, Profile
+from service.client import wait_ready
 from service.db.auth import create_key, create_team
 from service.db.migrate import upgrade
 from service.db.profile_store import DbProfileStore
@@ -179,16 +180,8 @@ def _post(c, model: str, budget: int) -> tuple[float, int | None, str | None]:
 
 def _measure(httpx, base: str, warm_key: str, keys: list[str], model: str,
              n_req: int) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            return {"error": "server did not start"}
-        time.sleep(0.2)
+    if not wait_ready(base, 60):
+        return {"error": "server did not start"}
     warm = _Count(warm_key)
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {warm_key}"},
                       timeout=30) as c:   # warm-up, then one client alone for scale (same run)

@@ -8,15 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from service.client import wait_ready
 from service.db.auth import create_key, create_team
 from service.db.migrate import upgrade
 from service.db.session import get_database
@@ -65,18 +63,10 @@ def live_server(data_dir: Path, model_root: Path, teams: tuple[str, ...] = ("alp
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        if not wait_ready(base, start_timeout, alive=lambda: proc.poll() is None):
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server did not start: {log.read_text()[-3000:]}")
-            time.sleep(0.2)
+            raise TimeoutError(f"server did not start: {log.read_text()[-3000:]}")
         yield LiveServer(base, keys, names, env, log)
     finally:
         proc.terminate()
