@@ -65,3 +65,21 @@ def make_env(settings: Settings, queue=None, teams=("alpha", "beta")) -> ApiEnv:
     app = create_app(settings, queue=queue)
     client = TestClient(app, raise_server_exceptions=False)
     return ApiEnv(client, settings, db, keys, app.state.queue)
+
+
+def env_with_cached_profile(tmp: Path, db_url: str, model_root: Path, model_ref: str = "tiny-qwen"):
+    """An API env whose model `model_ref` already has a profile built from numbers
+    (tests.helpers.profiles.synthetic_profile): plans solve without profiling. Returns
+    (env, model row); close `env.queue` when done."""
+    from service.db.profile_store import DbProfileStore
+    from service.jobs.submit import resolve_and_register
+    from tests.helpers.profiles import synthetic_profile
+
+    settings = make_settings(tmp, db_url, model_roots=[model_root])
+    env = make_env(settings)
+    model = resolve_and_register(env.db, model_ref, settings)
+    prof = synthetic_profile()
+    store = DbProfileStore(env.db)
+    store.put(prof)
+    store.link_model(prof.key, model.id)
+    return env, model

@@ -7,10 +7,8 @@ import json
 
 import pytest
 
-from service.db.profile_store import DbProfileStore
-from service.jobs.submit import resolve_and_register
 from solver.bytes import fp16_bytes
-from tests.helpers.api import make_env, make_settings
+from tests.helpers.api import env_with_cached_profile
 from tests.helpers.profiles import synthetic_profile
 
 DOWN = "model.layers.0.mlp.down_proj"     # 32 x 72 in the synthetic profile
@@ -18,13 +16,7 @@ DOWN = "model.layers.0.mlp.down_proj"     # 32 x 72 in the synthetic profile
 
 @pytest.fixture
 def cached(tmp_path, sqlite_url, model_root, tiny_model):
-    settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root])
-    env = make_env(settings)
-    model = resolve_and_register(env.db, "tiny-qwen", settings)
-    prof = synthetic_profile()
-    store = DbProfileStore(env.db)
-    store.put(prof)
-    store.link_model(prof.key, model.id)
+    env, model = env_with_cached_profile(tmp_path, sqlite_url, model_root)
     yield env
     env.queue.close()
 

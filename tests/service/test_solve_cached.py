@@ -7,22 +7,13 @@ import pytest
 import sqlalchemy as sa
 
 from service.db.models import PlanRow
-from service.db.profile_store import DbProfileStore
 from service.jobs.runner import run_task
-from service.jobs.submit import resolve_and_register
-from tests.helpers.api import make_env, make_settings
-from tests.helpers.profiles import synthetic_profile
+from tests.helpers.api import env_with_cached_profile
 
 
 @pytest.fixture
 def cached(tmp_path, db_url, model_root, tiny_model):
-    settings = make_settings(tmp_path, db_url, model_roots=[model_root])
-    env = make_env(settings)
-    model = resolve_and_register(env.db, "tiny-qwen", settings)
-    prof = synthetic_profile()
-    store = DbProfileStore(env.db)
-    store.put(prof)
-    store.link_model(prof.key, model.id)
+    env, model = env_with_cached_profile(tmp_path, db_url, model_root)
     yield env, model
     env.queue.close()
 
