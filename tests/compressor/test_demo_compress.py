@@ -14,8 +14,16 @@ from compressor.hessian import collect_hessians, linear_weight
 from compressor.loading import discover, load_model, load_tokenizer
 from solver.bytes import Option, option_bytes
 
-torch.set_num_threads(1)
 LAYER = "model.layers.6.mlp.down_proj"   # [192, 520]: 520 = 4·128 + 8, a partial group
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread while this module runs (set at import, it held for every later test)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
