@@ -13,6 +13,7 @@ from service.db.models import Artifact, Job
 from service.jobs import state
 from service.jobs.registry import Task
 from service.jobs.runner import run_task
+from service.jobs.stages import compress as compress_stage
 from service.jobs.submit import request_compress
 from tests.helpers.api import RecordingQueue, make_env, make_settings
 from tests.helpers.flow import poll_job
@@ -59,8 +60,26 @@ def test_cancel_stops_running_compress_at_next_linear(tmp_path, sqlite_url, mode
                             lambda W, H, o, cfg=None: calls.append(o) or real(W, H, o, cfg))
         art2, job2 = request_compress(env.db, queue, team_id, a["plan_id"], settings)
         assert art2 == art_id and job2 != job_id and queue.sent[-1] == (Task.COMPRESS, job2)
-        assert run_task(Task.COMPRESS, job2, settings, queue) == "succeeded"
-        assert len(calls) == 14
+
+        # cancelled at the last moment (after the stage's last check, before the artifact is
+        # marked ready): the artifact never shows ready and its files go
+        real_check = compress_stage.check_cancelled
+
+        def cancel_right_after(db, jid):
+            real_check(db, jid)
+            state.cancel(db, jid)
+        monkeypatch.setattr(compress_stage, "check_cancelled", cancel_right_after)
+        assert run_task(Task.COMPRESS, job2, settings, queue) == "cancelled"
+        assert len(calls) == 14                       # the other 11 linears, done and kept
+        with env.db.session() as s:
+            assert s.get(Artifact, art_id).status == "pending"
+        assert not (root / art_id).exists()
+        monkeypatch.setattr(compress_stage, "check_cancelled", real_check)
+
+        art3, job3 = request_compress(env.db, queue, team_id, a["plan_id"], settings)
+        assert art3 == art_id and job3 not in (job_id, job2)
+        assert run_task(Task.COMPRESS, job3, settings, queue) == "succeeded"
+        assert len(calls) == 14                       # every linear resumed from the store
         art = env.client.get(f"/v1/artifacts/{art_id}", headers=env.h("alpha")).json()
         assert art["status"] == "ready"
         assert art["metrics"]["artifact_tensor_bytes"] == art["metrics"]["planned_bytes"]

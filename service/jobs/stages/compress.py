@@ -11,11 +11,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from sqlalchemy import select
+
 import solver
 from compressor.archive import archive_sha256
-from compressor.execute import DirCompressStore, ExecuteConfig, execute_plan
-from service.db.models import Artifact, ArtifactStatus, Job, ModelRow, PlanRow, utcnow
+from compressor.execute import DirCompressStore, ExecuteConfig, Executed, execute_plan
+from service.db.models import Artifact, ArtifactStatus, Job, JobStatus, ModelRow, PlanRow, utcnow
 from service.db.profile_store import DbProfileStore
+from service.db.session import serialize_on
 from service.jobs.context import StageContext, StageResult
 from service.jobs.state import JobCancelled, JobFailed, check_cancelled
 
@@ -54,20 +57,28 @@ def compress_stage(ctx: StageContext) -> StageResult:
         # read before the transaction opens, so no session is held while GBs are hashed
         digest, _ = archive_sha256(done.artifact)
         check_cancelled(ctx.db, ctx.job_id)   # cancelled while saving or measuring
+        with ctx.db.session() as s:
+            # under the job's lock (as `state.cancel` takes it): a cancel either lands before
+            # this and the artifact never shows ready, or after it, on a finished artifact
+            serialize_on(s, Job.id, ctx.job_id)
+            if s.scalar(select(Job.status).where(Job.id == ctx.job_id)) == JobStatus.CANCELLED:
+                raise JobCancelled(f"job {ctx.job_id} was cancelled")
+            _mark_ready(s.get(Artifact, art_id), done, digest)
     except JobCancelled:
         # nothing half-written stays: the artifact row stays pending and its files go; the
         # per-linear work stays in the store, so compressing again resumes from it
         shutil.rmtree(root / art_id, ignore_errors=True)
         raise
-    with ctx.db.session() as s:
-        row = s.get(Artifact, art_id)
-        row.status = ArtifactStatus.READY
-        row.path = str(done.artifact)
-        row.bytes = sum(f.stat().st_size for f in done.artifact.iterdir() if f.is_file())
-        row.tensor_bytes = done.manifest.total_bytes
-        row.sha256 = digest
-        row.metrics = done.metrics
-        row.finished_at = utcnow()
     store.clear()
     return StageResult(result=done.metrics | {"artifact_id": art_id},
                        links={"artifact_id": art_id, "plan_id": plan_row.id})
+
+
+def _mark_ready(row: Artifact, done: Executed, digest: str) -> None:
+    row.status = ArtifactStatus.READY
+    row.path = str(done.artifact)
+    row.bytes = sum(f.stat().st_size for f in done.artifact.iterdir() if f.is_file())
+    row.tensor_bytes = done.manifest.total_bytes
+    row.sha256 = digest
+    row.metrics = done.metrics
+    row.finished_at = utcnow()
