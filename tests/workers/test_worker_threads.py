@@ -1,0 +1,30 @@
+"""A worker with several task threads gives each one its share of the cores for torch (checked
+in a child process: building the worker app reads and caches the process's settings)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.helpers.paths import REPO
+
+CODE = """
+import os
+from types import SimpleNamespace
+import torch
+os.environ['BITPLAN_REDIS_URL'] = 'redis://127.0.0.1:6399/0'   # never connected
+os.environ.pop('OMP_NUM_THREADS', None)
+import workers.app as w
+os.cpu_count = lambda: 16
+print(w.share_cores(SimpleNamespace(concurrency=4)), torch.get_num_threads())
+print(w.share_cores(SimpleNamespace(concurrency=32)), torch.get_num_threads())
+os.environ['OMP_NUM_THREADS'] = '3'                             # the operator's setting wins
+print(w.share_cores(SimpleNamespace(concurrency=4)), torch.get_num_threads())
+"""
+
+
+def test_each_task_thread_gets_its_share_of_the_cores(tmp_path):
+    out = subprocess.run([sys.executable, "-c", CODE], cwd=REPO, capture_output=True, text=True,
+                         check=True, env={"PATH": "/usr/bin:/bin",
+                                          "BITPLAN_DATA_DIR": str(tmp_path)}).stdout
+    assert out.split() == ["4", "4", "1", "1", "None", "1"]
