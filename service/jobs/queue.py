@@ -170,24 +170,26 @@ class InProcessQueue:
         self._cv = threading.Condition()
 
     def fan_out(self, header: list[Call], body: Call) -> None:
-        """The chord's semantics on the thread pool: the body is enqueued when the last
-        header task returns, whatever its outcome (as Celery counts a finished task)."""
+        """The chord's semantics on the thread pool: the body runs when the last header task
+        has returned, whatever its outcome (as Celery counts a finished task). The body counts
+        as pending from now, so `wait_idle` never sees a gap between the two."""
+        for task_name, _ in [*header, body]:
+            spec_of(task_name)
         left = [len(header)]
         lock = threading.Lock()
+        with self._cv:
+            self._pending += len(header) + 1
 
         def then(_future) -> None:
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
             if last:
-                self.enqueue(*body)
+                self._pool.submit(self._run, *body)
 
         if not header:
-            self.enqueue(*body)
+            self._pool.submit(self._run, *body)
         for task_name, job_id in header:
-            spec_of(task_name)
-            with self._cv:
-                self._pending += 1
             self._pool.submit(self._run, task_name, job_id).add_done_callback(then)
 
     def enqueue(self, task_name: str, job_id: str) -> None:

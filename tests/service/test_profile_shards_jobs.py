@@ -171,3 +171,33 @@ def test_the_last_shard_to_finish_releases_its_profile(tmp_path, sqlite_url):
     state.succeed(db, b)
     release(db, queue, b)
     assert queue.sent == [(Task.PROFILE.value, parent)]
+
+
+def test_in_process_fan_out_runs_the_body_after_every_header_task(tmp_path):
+    """The embedded queue's chord: header tasks run on the pool, the body once the last has
+    returned (also when one raised), and `wait_idle` covers the body too."""
+    import threading
+    import time
+
+    from service.jobs.queue import InProcessQueue
+
+    log: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def run(task, job_id, settings, queue):
+        time.sleep(0.05 if job_id == "s0" else 0.2)
+        with lock:
+            log.append((task, job_id))
+        if job_id == "s1":
+            raise RuntimeError("a shard that failed still counts as finished")
+        return "succeeded"
+
+    queue = InProcessQueue(make_settings(tmp_path, "sqlite://", inprocess_workers=2), run)
+    try:
+        shard, profile = Task.PROFILE_SHARD.value, Task.PROFILE.value
+        queue.fan_out([(shard, "s0"), (shard, "s1"), (shard, "s2")], (profile, "p"))
+        assert queue.wait_idle(10)
+        assert len(log) == 4 and log[-1] == (profile, "p")
+        assert {j for _, j in log[:3]} == {"s0", "s1", "s2"}
+    finally:
+        queue.close()
