@@ -20,6 +20,7 @@ block output) on the clean probe stream, reported beside α with their rank corr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -93,14 +94,42 @@ class StreamedProbes:
     @torch.no_grad()
     def finish(self) -> dict[str, float]:
         """α = KL(clean ‖ perturbed) / t², mean over the probe positions."""
-        alpha = {}
         p = len(self.h)
-        for probed, stacked in self.pending.values():
-            for name, h in zip(probed, stacked.split(p), strict=True):
-                kl = self.sm.head_stats(h, ref=self.h).kl.mean().item()
-                alpha[name] = max(kl, 0.0) / self.t ** 2
+        names = [n for probed, _ in self.pending.values() for n in probed]
+        streams = [h for _, stacked in self.pending.values() for h in stacked.split(p)]
+        kls = kl_to_reference(self.sm, streams, self.h)
         self.pending.clear()
-        return alpha
+        return {n: max(kl.mean().item(), 0.0) / self.t ** 2
+                for n, kl in zip(names, kls, strict=True)}
+
+
+@torch.no_grad()
+def kl_to_reference(sm: StreamedModel, streams: list[Tensor], ref: Tensor) -> list[Tensor]:
+    """KL(ref ‖ stream_k) per position for every final hidden state stream_k [B, T, D]
+    against one reference [B, T, D]: the arithmetic of `StreamedModel.head_stats` (online
+    log-sum-exp over vocabulary chunks), but the head is read once for all streams and the
+    reference's logits, running max and softmax weights are computed once per chunk (with one
+    stream at a time the head was read, and the reference's logits recomputed, per stream)."""
+    xr = sm.norm(ref).float()
+    shape = ref.shape[:-1]
+    c = torch.full(shape, -math.inf, device=ref.device)      # running max of ref logits
+    z = torch.zeros(shape, device=ref.device)                 # Σ exp(r − c)
+    lse_r = torch.full(shape, -math.inf, device=ref.device)
+    lse = [torch.full(shape, -math.inf, device=ref.device) for _ in streams]
+    s = [torch.zeros(shape, device=ref.device) for _ in streams]   # Σ exp(r − c)(r − m)
+    for _, _, W, bias in sm.head_chunks():
+        r = F.linear(xr, W, bias)
+        lse_r = torch.logaddexp(lse_r, torch.logsumexp(r, -1))
+        c_new = torch.maximum(c, r.max(-1).values)
+        scale = torch.exp(c - c_new)
+        e = torch.exp(r - c_new.unsqueeze(-1))
+        z = z * scale + e.sum(-1)
+        for k, h in enumerate(streams):
+            m = F.linear(sm.norm(h).float(), W, bias)
+            lse[k] = torch.logaddexp(lse[k], torch.logsumexp(m, -1))
+            s[k] = s[k] * scale + (e * (r - m)).sum(-1)
+        c = c_new
+    return [s_k / z + lse_k - lse_r for s_k, lse_k in zip(s, lse, strict=True)]
 
 
 def summarize(alpha: Mapping[str, float], block_influence: list[float]) -> Sensitivity:

@@ -294,12 +294,7 @@ class StreamedModel:
             lse_r = torch.full(shape, -math.inf, device=h.device)
             rbest = torch.full(shape, -math.inf, device=h.device)
             rarg = torch.zeros(shape, dtype=torch.long, device=h.device)
-        vocab = self._rows(self.head_name)
-        bias = self._head_bias()
-        for a in range(0, vocab, self.vocab_chunk):
-            b = min(vocab, a + self.vocab_chunk)
-            W = self.ckpt.get(self.head_name, (a, b)).to(self.device, torch.float32)
-            bb = bias[a:b] if bias is not None else None
+        for a, b, W, bb in self.head_chunks():
             m = F.linear(x, W, bb)
             lse = torch.logaddexp(lse, torch.logsumexp(m, -1))
             cmax, cidx = m.max(-1)
@@ -326,6 +321,16 @@ class StreamedModel:
             out.kl = s / z + lse - lse_r
             out.ref_argmax = rarg
         return out
+
+    def head_chunks(self) -> Iterator[tuple[int, int, Tensor, Tensor | None]]:
+        """The head in vocabulary chunks: (first row, end row, weight [rows, D] and bias in
+        float32 on the device), each read from the checkpoint when reached."""
+        vocab = self._rows(self.head_name)
+        bias = self._head_bias()
+        for a in range(0, vocab, self.vocab_chunk):
+            b = min(vocab, a + self.vocab_chunk)
+            W = self.ckpt.get(self.head_name, (a, b)).to(self.device, torch.float32)
+            yield a, b, W, (bias[a:b] if bias is not None else None)
 
     def _head_bias(self) -> Tensor | None:
         head = self.model.get_output_embeddings()

@@ -60,3 +60,22 @@ def test_assembling_with_a_shard_missing_names_it(tmp_path):
     sweep_blocks(src.sm, src.calib, CONFIG, src.key, store, src.inventory, range(0, 1))
     with pytest.raises(ValueError, match=r"lacks 7 linears \(first: model\.layers\.1\."):
         assemble_profile(src, store, [0.0, 0.0], {})
+
+
+def test_kl_of_many_streams_is_head_stats_kl_exactly(tmp_path):
+    """The probes' KL, all streams against one reference with the head read once
+    (sensitivity.kl_to_reference), is bit-for-bit `head_stats`'s KL of each stream alone."""
+    import torch
+
+    from compressor.sensitivity import kl_to_reference
+    from compressor.stream import StreamedModel
+
+    tiny = str(write_tiny_model(tmp_path / "tiny", layers=1))
+    sm = StreamedModel(tiny, vocab_chunk=37)          # several chunks, the last one partial
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 5, 32, generator=gen)
+    streams = [ref + 0.3 * torch.randn(ref.shape, generator=gen) for _ in range(3)]
+    got = kl_to_reference(sm, streams, ref)
+    for h, kl in zip(streams, got, strict=True):
+        assert torch.equal(kl, sm.head_stats(h, ref=ref).kl)
+    assert all((kl > 0).all() for kl in got)
