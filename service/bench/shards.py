@@ -1,7 +1,8 @@
 """The `shards` figure of `bitplan bench scale`: one model's profile run by 2 Celery workers
 (the profile split into 2 block-range shards, service.jobs.stages.shards) against 1, on the real
 Redis and Postgres of this machine; wall time from enqueue to the profile job's success, and
-whether both runs stored identical records (samples, fits, α, per-block influence).
+whether both runs stored identical records (samples, fits, α, per-block influence). The shard
+count is the default's: one shard for one worker, two per worker for several.
 
 Each run gets its own Postgres database, Redis key prefix and data directory, and starts its
 own `bitplan worker` processes, each one task at a time on one torch thread: a worker stands for
@@ -94,13 +95,13 @@ def profile_with_workers(model_dir: Path, workers: int, profile_config: dict, wo
         upgrade(url)
         settings = Settings(database_url=url, redis_url=REDIS, redis_prefix=prefix,
                             data_dir=work, model_roots=[model_dir.parent],
-                            profile_config=profile_config, profile_shards=workers)
+                            profile_config=profile_config)
         env = os.environ | {
             "BITPLAN_DATABASE_URL": url, "BITPLAN_REDIS_URL": REDIS,
             "BITPLAN_REDIS_PREFIX": prefix, "BITPLAN_DATA_DIR": str(work),
             "BITPLAN_MODEL_ROOTS": json.dumps([str(model_dir.parent)]),
             "BITPLAN_PROFILE_CONFIG": json.dumps(profile_config),
-            "BITPLAN_PROFILE_SHARDS": str(workers), "OMP_NUM_THREADS": "1",
+            "BITPLAN_PROFILE_SHARDS": "0", "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT),
                                            *filter(None, [os.environ.get("PYTHONPATH")])])}
         for i in range(workers):

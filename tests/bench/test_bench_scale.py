@@ -21,9 +21,9 @@ def test_bench_scale_quick(tmp_path):
     assert fig["artifact_matches_plan"] is True
     assert fig["streamed_matches_inmemory"] is True
     assert positive(fig["profile_over_compress"])
-    # the profile over 2 Celery workers (2 block-range shards, a chord) against 1, on the real
+    # the profile over 2 Celery workers (4 block-range shards, a chord) against 1, on the real
     # Redis and Postgres: the same records; the speedup is reported, not asserted
     sh = fig["shards"]
     assert "error" not in sh, sh
-    assert sh["workers"] == 2 and sh["shards"] == 2 and sh["identical"] is True, sh
+    assert sh["workers"] == 2 and sh["shards"] == 4 and sh["identical"] is True, sh
     assert positive(sh["wall_s"], sh["single_wall_s"], sh["speedup"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 
 from compressor.profile import run_profile
@@ -201,3 +202,20 @@ def test_in_process_fan_out_runs_the_body_after_every_header_task(tmp_path):
         assert {j for _, j in log[:3]} == {"s0", "s1", "s2"}
     finally:
         queue.close()
+
+
+@pytest.mark.parametrize("redis,workers,blocks,want", [
+    (None, 3, 12, 1),                     # embedded: the in-process pool, one shard
+    ("redis://x", 0, 12, 1), ("redis://x", 1, 12, 1),   # one worker: sharding only costs
+    ("redis://x", 2, 12, 4), ("redis://x", 3, 5, 5)])   # two per worker, at most the blocks
+def test_automatic_shard_count_follows_live_gpu_workers(tmp_path, sqlite_url, redis, workers,
+                                                        blocks, want):
+    from service.jobs.workers import beat
+
+    settings = make_settings(tmp_path, sqlite_url, redis_url=redis, profile_shards=0)
+    db = get_database(sqlite_url)
+    for i in range(workers):
+        beat(db, f"w{i}", "celery", ["gpu", "cpu"])
+    beat(db, "cpu-only", "celery", ["cpu"])           # not a gpu worker
+    ctx = StageContext(db, settings, "job", None, lambda stage, frac: None)
+    assert shards.shard_count(ctx, blocks) == want
