@@ -80,6 +80,19 @@ def release_free_heap() -> bool:
     return True
 
 
+M_MMAP_THRESHOLD = -3        # mallopt parameter (glibc malloc.h)
+MMAP_THRESHOLD = 1 << 20     # allocations from this size get their own mapping
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve every allocation of `threshold` bytes or more from its own mmap (glibc
+    `mallopt(M_MMAP_THRESHOLD)`; False elsewhere), so a freed tensor's memory goes back to the
+    OS at once instead of staying in the heap under smaller long-lived ones. A fixed threshold
+    also stops glibc raising it to 32 MiB after the first large free (its default)."""
+    fn = getattr(_LIBC, "mallopt", None)
+    return bool(fn is not None and fn(M_MMAP_THRESHOLD, threshold))
+
+
 def peak_gpu_bytes(device: str | torch.device) -> int | None:
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():

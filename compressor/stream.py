@@ -37,7 +37,7 @@ from compressor.blocks import block_list, final_norm
 from compressor.checkpoint import _ST_TO_TORCH, ModelLoadError, read_header, weight_files
 from compressor.decompose import Decomposed
 from compressor.loading import MODEL_CONSTRUCTION_LOCK, load_config, resolve
-from compressor.memory import release_free_heap
+from compressor.memory import map_large_allocations, release_free_heap
 from compressor.modules import replace_linear
 
 VOCAB_CHUNK = 8192      # head rows applied at once (logits [B, T, chunk] in float32)
@@ -139,6 +139,7 @@ class StreamedModel:
         from transformers.integrations.accelerate import init_empty_weights
         from transformers.modeling_utils import no_init_weights
 
+        map_large_allocations()   # freed block tensors return to the OS (memory.py)
         self.config = load_config(ref, trust_remote_code)
         target = resolve(ref, trust_remote_code)
         if not isinstance(target, Path):
