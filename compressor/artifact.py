@@ -13,8 +13,9 @@ Layout of an artifact directory:
     tokenizer files
     bitplan_manifest.json    per-linear option/config/errors, the plan, library versions,
                              sha256 of the source weights and of every file written here
-Writes go to a temporary sibling directory that is renamed into place, so a reader never sees
-a half-written artifact; `load_compressed` verifies every file's sha256, then loads through
+Writes go piece by piece (`ArtifactWriter`: every tensor is on disk once added, so writing holds
+one tensor at a time, never the artifact) to a temporary sibling directory that is renamed
+into place, so a reader never sees a half-written artifact; `load_compressed` verifies every file's sha256, then loads through
 `AutoModelForCausalLM.from_pretrained` like any user would.
 The whole directory downloads as one deterministic tar (compressor/archive.py, torch-free so
 the API can stream it); an artifact's recorded digest is that archive's sha256.
@@ -34,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -42,6 +44,8 @@ from compressor.archive import MANIFEST
 from compressor.decompose import Decomposed
 from compressor.loading import MODEL_CONSTRUCTION_LOCK
 from compressor.modules import Runtime, set_runtime
+from compressor.st_writer import SafetensorsWriter
+from compressor.stream import Checkpoint
 from solver.bytes import option_bytes
 
 log = logging.getLogger(__name__)
@@ -175,40 +179,84 @@ def write_artifact(
     plan: dict | None = None,
     source_ref: str | Path | None = None,
 ) -> Manifest:
-    """Write an artifact from its parts: `skeleton` only names the modules (it may live on the
-    meta device), `kept` maps every kept tensor's name to its stored value (tied aliases in
-    `tied`). The in-memory save_artifact and the streamed compression both end here."""
-    from safetensors.torch import save_file
+    """Write an artifact from parts held in memory: `skeleton` only names the modules (it may
+    live on the meta device), `kept` maps every kept tensor's name to its stored value (tied
+    aliases in `tied`). Goes through ArtifactWriter, like the streamed compression."""
+    with ArtifactWriter(out_dir, skeleton) as writer:
+        for name, dec in decomposed.items():
+            writer.add_linear(name, dec)
+        for name, t in kept.items():
+            writer.add_kept(name, t)
+        for alias, stored in tied.items():
+            writer.tie(alias, stored)
+        return writer.finish(config, tokenizer, plan=plan, source_ref=source_ref)
 
-    out_dir = Path(out_dir)
-    modules = dict(skeleton.named_modules())
-    compressed: dict[str, Tensor] = {}
-    linears: dict[str, dict] = {}
-    accounted = 0
-    for name, dec in decomposed.items():
-        mod = modules.get(name)
+
+class ArtifactWriter:
+    """An artifact written piece by piece: each linear's packed tensors and each kept tensor go
+    to disk when added (compressor.st_writer spools them), so the writer holds no tensor
+    between calls: peak memory is the largest single tensor, not the artifact. `finish` writes
+    config, index, tokenizer and manifest, then renames the temporary sibling directory into
+    place; leaving a `with` block by an exception (or `abort`) removes it."""
+
+    def __init__(self, out_dir: str | Path, skeleton: nn.Module) -> None:
+        self.out_dir = Path(out_dir)
+        self._modules = dict(skeleton.named_modules())
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        self._packed = SafetensorsWriter(self.tmp / COMPRESSED, _ST_METADATA)
+        self._kept = SafetensorsWriter(self.tmp / KEPT, _ST_METADATA)
+        self.linears: dict[str, dict] = {}
+        self.tied: dict[str, str] = {}
+        self.accounted = 0
+        self._dtype: torch.dtype | None = None   # of the first floating kept tensor
+
+    def add_linear(self, name: str, dec: Decomposed) -> None:
+        mod = self._modules.get(name)
         if mod is None:
             raise ArtifactError(f"model has no module {name}")
         kind = "conv1d" if type(mod).__name__ == "Conv1D" else "linear"
-        linears[name] = dec.record() | {"kind": kind, "has_bias": mod.bias is not None}
-        compressed |= {f"{name}.{k}": v.detach().cpu().contiguous()
-                       for k, v in dec.tensors().items()}
-        accounted += option_bytes(*dec.shape, dec.option)
-    kept = dict(kept)
-    float_dtypes = [t.dtype for t in kept.values() if t.is_floating_point()]
-    dtype = str(float_dtypes[0] if float_dtypes else torch.float32).removeprefix("torch.")
+        for key, t in dec.tensors().items():
+            self._packed.add(f"{name}.{key}", t)
+        self.linears[name] = dec.record() | {"kind": kind, "has_bias": mod.bias is not None}
+        self.accounted += option_bytes(*dec.shape, dec.option)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_file(compressed, tmp / COMPRESSED, metadata=_ST_METADATA)
-        save_file(kept, tmp / KEPT, metadata=_ST_METADATA)
+    def _kept_dtype(self, dtype: torch.dtype) -> None:
+        if self._dtype is None and dtype.is_floating_point:
+            self._dtype = dtype
+
+    def add_kept(self, name: str, t: Tensor) -> None:
+        self._kept_dtype(t.dtype)
+        self._kept.add(name, t)
+
+    def add_kept_from_file(self, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                           src: Path, start: int) -> None:
+        """A kept tensor copied raw from a checkpoint shard (at its stored dtype), in chunks."""
+        self._kept_dtype(dtype)
+        self._kept.add_file_range(name, dtype, shape, src, start)
+
+    def tie(self, alias: str, stored: str) -> None:
+        self.tied[alias] = stored
+
+    def finish(self, config, tokenizer, plan: dict | None = None,
+               source_ref: str | Path | None = None,
+               order: list[str] | None = None) -> Manifest:
+        """Complete the artifact; `order` lists the linears in the order the records are
+        written (default: as added)."""
+        tmp = self.tmp
+        linears = self.linears if order is None else {n: self.linears[n] for n in order}
+        if order is not None and len(linears) != len(self.linears):
+            raise ArtifactError("order does not name every linear written")
+        dtype = str(self._dtype or torch.float32).removeprefix("torch.")
+        self._packed.finish()
+        self._kept.finish()
+        kept_names = self._kept.names()
         if config is not None:
-            _save_config(config, tmp, linears, tied, dtype)
+            _save_config(config, tmp, linears, self.tied, dtype)
             (tmp / INDEX).write_text(json.dumps(
-                {"metadata": {"total_size": sum(t.nbytes for t in kept.values())},
-                 "weight_map": dict.fromkeys(sorted(kept), KEPT)}, indent=1))
+                {"metadata": {"total_size": self._kept.nbytes},
+                 "weight_map": dict.fromkeys(sorted(kept_names), KEPT)}, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         manifest = Manifest(
@@ -216,27 +264,35 @@ def write_artifact(
             source_sha256=source_sha256(source_ref), linears=linears, plan=plan,
             versions=_versions(),
             files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
-            compressed_bytes=sum(t.nbytes for t in compressed.values()),
-            accounted_bytes=accounted, kept_bytes=sum(t.nbytes for t in kept.values()),
-            dtype=dtype, tied=dict(tied),
+            compressed_bytes=self._packed.nbytes, accounted_bytes=self.accounted,
+            kept_bytes=self._kept.nbytes, dtype=dtype, tied=dict(self.tied),
             created=datetime.now(UTC).isoformat(timespec="seconds"))
         if manifest.compressed_bytes != manifest.accounted_bytes:
             raise ArtifactError(f"compressed tensors hold {manifest.compressed_bytes} bytes, "
                                 f"the options account for {manifest.accounted_bytes}")
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
         old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
+        if self.out_dir.exists():
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            self.out_dir.rename(old)
+        tmp.rename(self.out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("artifact %s: %d linears, %d compressed + %d kept bytes", out_dir, len(linears),
-             manifest.compressed_bytes, manifest.kept_bytes)
-    return manifest
+        log.info("artifact %s: %d linears, %d compressed + %d kept bytes", self.out_dir,
+                 len(linears), manifest.compressed_bytes, manifest.kept_bytes)
+        return manifest
+
+    def abort(self) -> None:
+        self._packed.abort()
+        self._kept.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def _save_config(config, out: Path, linears: dict, tied: dict, dtype: str) -> None:
@@ -246,6 +302,19 @@ def _save_config(config, out: Path, linears: dict, tied: dict, dtype: str) -> No
     config.quantization_config = hf.BitplanConfig(
         linears=linears, dtype=dtype, packed_file=COMPRESSED, tied=tied).to_dict()
     config.save_pretrained(out)
+
+
+def tensors_sha256(path: str | Path) -> str:
+    """Digest of one safetensors file's tensors — names (sorted), dtypes, shapes and bytes —
+    not of its header metadata or layout: what must not change when the format's metadata or
+    the writer does."""
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -267,6 +336,32 @@ def verify_artifact(path: str | Path) -> Manifest:
             raise ArtifactError(f"artifact file {fname} does not match its sha256 "
                                 "(modified or corrupt)")
     return manifest
+
+
+class ArtifactLinears(Mapping[str, Decomposed]):
+    """An artifact's packed linears by name, each read from compressed.safetensors only when
+    asked for (positioned reads, stream.Checkpoint; no mmap whose pages would stay resident):
+    the lazy `decomposed` mapping stream_evaluate takes, holding nothing between lookups."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self._records = read_manifest(self.path).linears
+        self._ckpt = Checkpoint(self.path, [self.path / COMPRESSED])
+        self._keys: dict[str, list[str]] = {}
+        for key in self._ckpt.names():   # "<linear>.<part>.<tensor>", e.g. "….q_proj.q.packed"
+            self._keys.setdefault(key.rsplit(".", 2)[0], []).append(key)
+
+    def __getitem__(self, name: str) -> Decomposed:
+        rec = self._records[name]
+        tensors = {k[len(name) + 1:]: self._ckpt.get(k) for k in self._keys.get(name, [])}
+        return Decomposed.from_tensors(tensors, rec).to(self.device)
+
+    def __iter__(self):
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
 
 
 def load_compressed(path: str | Path, device: str | torch.device = "cpu",

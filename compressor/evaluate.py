@@ -98,14 +98,16 @@ def stream_evaluate(
     """`evaluate` streamed block by block (compressor.stream): perplexity of the model read
     from `sm`'s checkpoint with the `decomposed` linears swapped in, and — when there are any —
     KL(original ‖ compressed) and top-1 agreement against the original, whose stream is carried
-    through the same resident block. Each block is read once; the head runs in vocab chunks."""
+    through the same resident block. Each block is read once; the head runs in vocab chunks.
+    `decomposed` is read one block's linears at a time (it may load them lazily:
+    artifact.ArtifactLinears)."""
     decomposed = decomposed or {}
     with_ref = bool(decomposed)
     h = torch.cat([sm.inputs(seqs[i:i + batch_size])[0]
                    for i in range(0, len(seqs), batch_size)])
     ref = h.clone() if with_ref else None
     for j in range(sm.num_blocks):
-        mine = {n: d for n, d in decomposed.items() if block_index(n) == j}
+        mine = {n: decomposed[n] for n in decomposed if block_index(n) == j}
         with sm.block(j) as blk:
             if with_ref:
                 ref = sm.run(blk, ref, batch_size)

@@ -4,8 +4,8 @@ planned ones and the profile's predicted KL).
 
 `execute_plan(model_ref, profile, plan, out_dir, config, store)` is what the service's compress
 job, `bitplan compress` and `bitplan demo` call. Resumability is the store's: every finished
-linear is handed to `store.put` before the next one starts, and a rerun decomposes only the
-linears `store.done()` does not return. Hessians of the remaining linears always come from the
+linear is handed to `store.put` (and written to the artifact) before the next one starts, and
+a rerun decomposes only the linears `store.names()` does not list. Hessians of the remaining linears always come from the
 *original* model (CALDERA's setting: every layer is fitted to the uncompressed activations), so
 a resumed run writes the same bytes as one that was never interrupted.
 """
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import solver
-from compressor.artifact import Manifest, write_artifact
+from compressor.artifact import ArtifactLinears, ArtifactWriter, Manifest
 from compressor.checkpoint import block_index
 from compressor.decompose import Decomposed, decompose
 from compressor.evaluate import eval_sequences, stream_evaluate
@@ -35,7 +35,7 @@ from compressor.memory import StageClock
 from compressor.planning import predicted_kl
 from compressor.profile import ProfileConfig, calibration
 from compressor.profile_store import Profile
-from compressor.stream import BATCH, StreamedModel, kept_state
+from compressor.stream import BATCH, StreamedModel, write_kept
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,26 @@ Progress = Callable[[str, float], None]
 
 
 class CompressStore(Protocol):
-    """Where finished linears wait until the artifact is written (the resume point)."""
+    """Where finished linears are kept for a rerun to resume from; read back one at a time."""
 
-    def done(self) -> dict[str, Decomposed]: ...
+    def names(self) -> set[str]: ...
+    def get(self, name: str) -> Decomposed: ...
     def put(self, name: str, dec: Decomposed) -> None: ...
     def clear(self) -> None: ...
 
 
 class MemoryCompressStore:
-    """No resume: finished linears live only in this process."""
+    """Finished linears live only in this process (execute_plan without a store keeps none:
+    each is in the artifact once decomposed)."""
 
     def __init__(self) -> None:
         self._done: dict[str, Decomposed] = {}
+
+    def names(self) -> set[str]:
+        return set(self._done)
+
+    def get(self, name: str) -> Decomposed:
+        return self._done[name]
 
     def done(self) -> dict[str, Decomposed]:
         return dict(self._done)
@@ -78,13 +86,17 @@ class DirCompressStore:
         # names contain dots, so suffixes are appended, never substituted (with_suffix)
         return str(self._linears / name.replace("/", "_"))
 
+    def names(self) -> set[str]:
+        metas = sorted(self._linears.glob("*.json")) if self._linears.is_dir() else []
+        return {json.loads(m.read_text())["name"] for m in metas}
+
+    def get(self, name: str) -> Decomposed:
+        base = self._base(name)
+        rec = json.loads(Path(base + ".json").read_text())
+        return Decomposed.from_tensors(load_file(base + ".safetensors"), rec["record"])
+
     def done(self) -> dict[str, Decomposed]:
-        out: dict[str, Decomposed] = {}
-        for meta in sorted(self._linears.glob("*.json")) if self._linears.is_dir() else []:
-            rec = json.loads(meta.read_text())
-            tensors = load_file(str(meta)[: -len(".json")] + ".safetensors")
-            out[rec["name"]] = Decomposed.from_tensors(tensors, rec["record"])
-        return out
+        return {n: self.get(n) for n in sorted(self.names())}
 
     def put(self, name: str, dec: Decomposed) -> None:
         self._linears.mkdir(parents=True, exist_ok=True)
@@ -120,14 +132,15 @@ def execute_plan(model_ref: str, profile: Profile, plan: solver.Plan, out_dir: P
                  config: ExecuteConfig | None = None, store: CompressStore | None = None,
                  progress: Progress | None = None) -> Executed:
     """Compress `model_ref` by `plan` into the artifact directory `out_dir` (written atomically
-    by write_artifact), then measure it against the original on the test split.
+    by an ArtifactWriter), then measure it against the original on the test split.
 
     Streamed (compressor.stream): block j is read once for compression — the calibration
     activations of the *original* model flow through it, its Hessians are collected, its
-    assigned linears decomposed — then once more for the evaluation sweep. Kept tensors are
-    copied from the checkpoint at their stored dtype."""
+    assigned linears decomposed and written to the artifact at once — then once more for the
+    evaluation sweep, which reads each block's packed linears back from the artifact. Kept
+    tensors are copied from the checkpoint at their stored dtype, in chunks. No step holds more
+    than one block's linears (`store` may keep them all: a MemoryCompressStore does)."""
     config = config or ExecuteConfig()
-    store = store if store is not None else MemoryCompressStore()
     report = progress or (lambda stage, frac: None)
     cfg = ProfileConfig.from_dict(profile.config)
     clock = StageClock()
@@ -141,37 +154,40 @@ def execute_plan(model_ref: str, profile: Profile, plan: solver.Plan, out_dir: P
     unknown = [n for n in plan.assignments if n not in modules or block_index(n) is None]
     if unknown:
         raise KeyError(f"assignments name modules the model does not have: {unknown[:5]}")
-    done = store.done()
-    todo = [n for n in plan.assignments if n not in done]
-    if done:
-        log.info("resumes: %d linears already done", len(done))
+    stored = store.names() & set(plan.assignments) if store is not None else set()
+    todo = [n for n in plan.assignments if n not in stored]
+    if stored:
+        log.info("resumes: %d linears already done", len(stored))
     total = max(len(plan.assignments), 1)
-    if todo:
-        with clock.stage("compress"):
-            _compress(sm, calibration(tok, cfg), plan, todo, cfg, store, done,
-                      lambda: report("linears", len(done) / total))
-    report("save", 1.0)
-    with clock.stage("save"):
-        ordered = {n: done[n] for n in plan.assignments}
-        kept, tied = kept_state(sm, set(ordered))
-        manifest = write_artifact(sm.model, sm.model.config, tok, ordered, kept, tied,
-                                  Path(out_dir), plan=plan.to_dict(), source_ref=model_ref)
-        del kept
+    with ArtifactWriter(Path(out_dir), sm.model) as writer:
+        for name in plan.assignments:   # one at a time from the store
+            if name in stored:
+                writer.add_linear(name, store.get(name))
+        if todo:
+            with clock.stage("compress"):
+                _compress(sm, calibration(tok, cfg), plan, todo, cfg, store, writer,
+                          lambda: report("linears", len(writer.linears) / total))
+        report("save", 1.0)
+        with clock.stage("save"):
+            write_kept(sm, set(plan.assignments), writer)
+            manifest = writer.finish(sm.model.config, tok, plan=plan.to_dict(),
+                                     source_ref=model_ref, order=list(plan.assignments))
     report("evaluate", 1.0)
     with clock.stage("evaluate"):
-        res = stream_evaluate(sm, seqs, ordered)
+        res = stream_evaluate(sm, seqs, ArtifactLinears(Path(out_dir), sm.device))
     metrics = {"ppl": res.ppl, "kl": res.kl, "top1": res.top1, "eval_tokens": res.tokens,
                "predicted_kl": predicted_kl(profile, plan.assignments),
                "planned_bytes": plan.total_bytes, "artifact_tensor_bytes": manifest.total_bytes,
                **clock.report(config.device)}
-    return Executed(Path(out_dir), manifest, len(plan.assignments) - len(todo), metrics)
+    return Executed(Path(out_dir), manifest, len(stored), metrics)
 
 
 @torch.no_grad()
 def _compress(sm: StreamedModel, calib: torch.Tensor, plan: solver.Plan, todo: list[str],
-              cfg: ProfileConfig, store: CompressStore, done: dict[str, Decomposed],
+              cfg: ProfileConfig, store: CompressStore | None, writer: ArtifactWriter,
               on_linear: Callable[[], None]) -> None:
-    """Decompose `todo` block by block; the calibration stream is the original model's."""
+    """Decompose `todo` block by block (the calibration stream is the original model's); each
+    linear goes to the store and the artifact as it is done, and is not kept."""
     X = torch.cat([sm.inputs(calib[i:i + BATCH])[0] for i in range(0, len(calib), BATCH)])
     last = max(block_index(n) for n in todo)
     for j in range(last + 1):
@@ -184,10 +200,14 @@ def _compress(sm: StreamedModel, calib: torch.Tensor, plan: solver.Plan, todo: l
             for name in mine:
                 t0 = time.perf_counter()
                 W = linear_weight(blk.get_submodule(name[len(prefix):])).detach().float()
-                dec = decompose(W, hessians[name], plan.assignments[name], cfg.decomposition)
-                store.put(name, dec)
-                done[name] = dec
+                dec = decompose(W, hessians.pop(name), plan.assignments[name],
+                                cfg.decomposition)
+                del W
+                if store is not None:
+                    store.put(name, dec)
+                writer.add_linear(name, dec)
                 log.info("%s %s: rel_h_err %.4f, %d bytes, %.2fs", name,
                          plan.assignments[name], dec.rel_h_err, dec.nbytes,
                          time.perf_counter() - t0)
+                del dec
                 on_linear()

@@ -44,9 +44,17 @@ def linear_weight(module: nn.Module) -> Tensor:
 
 class HessianHooks:
     """Forward pre-hooks that accumulate Σ x xᵀ (float64) at the named linears of `root`;
-    call `batch()` before each forward (inputs shared by several linears — q/k/v, gate/up —
-    are multiplied out once per batch) and `result(tokens)` at the end. Used on a whole model
-    (collect_hessians) and on one resident block (compressor.stream)."""
+    call `batch()` before each forward and `result(tokens)` at the end. Used on a whole model
+    (collect_hessians) and on one resident block (compressor.stream).
+
+    Linears fed the very same input tensor (q/k/v, gate/up) share one sum: the product x xᵀ is
+    formed once per input (float32, as before) and added once, and `result` hands each of them
+    the same H tensor (the callers never modify H in place). The sums are bit-identical to one
+    float64 sum per linear; the memory is one [in, in] sum per distinct input — for a Llama
+    block 4 instead of 7. A sum of one product (one calibration batch) stays float32 and is
+    divided in place: float32(x / t) equals float32(float64(x) / t) for an integer t < 2²⁴,
+    since float64 carries more than 2·24 + 2 bits (double rounding is innocuous for division,
+    Figueroa 1995); a second product turns it into float64."""
 
     def __init__(self, root: nn.Module, names: Iterable[str], prefix: str = "") -> None:
         modules = dict(root.named_modules())
@@ -56,28 +64,36 @@ class HessianHooks:
                    if local[n] not in modules or not is_linear(modules[local[n]])]
         if missing:
             raise KeyError(f"not linear modules of the model: {missing[:5]}")
-        self.sums: dict[str, Tensor] = {}
-        self._last: dict[str, object] = {"input": None, "xtx": None}
+        self.sums: dict[str, Tensor] = {}        # group leader → Σ x xᵀ
+        self.leader: dict[str, str] = {}         # linear → first linear seen with its input
+        self._last: dict[str, object] = {"input": None, "xtx": None, "leader": None}
         self._handles = [modules[local[n]].register_forward_pre_hook(self._hook(n))
                          for n in self.names]
 
     def _hook(self, name: str):
-        last, sums = self._last, self.sums
+        last, sums, leader = self._last, self.sums, self.leader
 
         def fn(_module: nn.Module, args: tuple) -> None:
             x = args[0]
-            if last["input"] is not x:  # q/k/v etc. see the very same input tensor
+            if last["input"] is not x:
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                last["input"], last["xtx"] = x, (x2.T @ x2).double()
-            xtx = last["xtx"]
-            if name in sums:
-                sums[name] += xtx
+                last["input"], last["xtx"], last["leader"] = x, x2.T @ x2, name
+            lead = leader.setdefault(name, last["leader"])
+            if lead != name:
+                if lead == last["leader"]:
+                    return   # its group's sum already holds this product
+                raise RuntimeError(f"{name} shared the input of {lead} in one forward and not "
+                                   "in another; cannot share its Hessian")
+            if name not in sums:
+                sums[name] = last["xtx"]     # one product: kept as it is (float32)
+            elif sums[name].dtype != torch.float64:
+                sums[name] = sums[name].double().add_(last["xtx"])
             else:
-                sums[name] = xtx.clone()
+                sums[name].add_(last["xtx"])   # float64 += float32, upcast exactly
         return fn
 
     def batch(self) -> None:
-        self._last["input"] = self._last["xtx"] = None
+        self._last["input"] = self._last["xtx"] = self._last["leader"] = None
 
     def remove(self) -> None:
         for h in self._handles:
@@ -86,12 +102,19 @@ class HessianHooks:
         self.batch()
 
     def result(self, tokens: int) -> Hessians:
+        """H = Σ x xᵀ / tokens (float32) per linear; linears of one group share the tensor."""
         self.remove()
         out = Hessians()
+        done: dict[str, Tensor] = {}
         for n in self.names:
-            if n not in self.sums:
+            lead = self.leader.get(n)
+            if lead is None:
                 raise RuntimeError(f"linear {n} saw no input during the calibration pass")
-            out[n] = (self.sums.pop(n) / max(tokens, 1)).float()
+            if lead not in done:
+                total = self.sums.pop(lead)
+                done[lead] = ((total / max(tokens, 1)).float() if total.dtype == torch.float64
+                              else total.div_(max(tokens, 1)))
+            out[n] = done[lead]
         out.tokens = tokens
         return out
 

@@ -37,6 +37,7 @@ from compressor.blocks import block_list, final_norm
 from compressor.checkpoint import _ST_TO_TORCH, ModelLoadError, read_header, weight_files
 from compressor.decompose import Decomposed
 from compressor.loading import MODEL_CONSTRUCTION_LOCK, load_config, resolve
+from compressor.memory import map_large_allocations, release_free_heap
 from compressor.modules import replace_linear
 
 VOCAB_CHUNK = 8192      # head rows applied at once (logits [B, T, chunk] in float32)
@@ -56,12 +57,13 @@ class _Entry:
 
 
 class Checkpoint:
-    """The tensors of a model directory's safetensors shards, by name, read on demand."""
+    """The tensors of a model directory's safetensors shards (or of the given `files`), by
+    name, read on demand."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, files: list[Path] | None = None) -> None:
         self.path = Path(path)
         self._index: dict[str, _Entry] = {}
-        for f in weight_files(self.path, str(path)):
+        for f in files if files is not None else weight_files(self.path, str(path)):
             read_header(f, str(path))   # validates offsets against the file size
             with f.open("rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
@@ -137,6 +139,7 @@ class StreamedModel:
         from transformers.integrations.accelerate import init_empty_weights
         from transformers.modeling_utils import no_init_weights
 
+        map_large_allocations()   # freed block tensors return to the OS (memory.py)
         self.config = load_config(ref, trust_remote_code)
         target = resolve(ref, trust_remote_code)
         if not isinstance(target, Path):
@@ -210,6 +213,7 @@ class StreamedModel:
         finally:
             for n, (shape, dtype) in shapes.items():
                 _set_param(blk, n, torch.empty(shape, dtype=dtype, device="meta"))
+            release_free_heap()   # the block's freed memory back to the OS (memory.py)
 
     def embed(self, ids: Tensor) -> Tensor:
         """Token embeddings [B, T, D] from the rows `ids` uses, read in windows."""
@@ -348,26 +352,25 @@ def _hub_snapshot(ref: str) -> Path:
         raise ModelLoadError(f"model {ref!r}: no local copy to stream from: {exc}") from exc
 
 
-def kept_state(sm: StreamedModel, compressed: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Every tensor of the state dict but the compressed linears' weights, read from the
-    checkpoint at its stored dtype (persistent buffers from the skeleton); tied tensors once
-    (alias → stored name), in state-dict order as artifact._kept_state gives them."""
-    kept: dict[str, Tensor] = {}
-    tied: dict[str, str] = {}
+def write_kept(sm: StreamedModel, compressed: set[str], writer) -> None:
+    """Hand `writer` (an artifact.ArtifactWriter) every tensor of the state dict but the
+    compressed linears' weights, in state-dict order: parameters as raw byte ranges of the
+    checkpoint (their stored dtype, copied in chunks, never resident whole), persistent buffers
+    from the skeleton; tensors tied to an earlier one as aliases (`writer.tie`)."""
     seen: dict[int, str] = {}
     for key, t in sm.model.state_dict(keep_vars=True).items():
         owner, _, leaf = key.rpartition(".")
         if owner in compressed and leaf != "bias":
             continue
         if id(t) in seen and t.numel():
-            tied[key] = seen[id(t)]
+            writer.tie(key, seen[id(t)])
             continue
         seen[id(t)] = key
         if isinstance(t, nn.Parameter):   # at its stored dtype, not the resident copy's
-            kept[key] = sm.ckpt.get(sm.ckpt_name(key)).contiguous()
+            e = sm.ckpt.entry(sm.ckpt_name(key))
+            writer.add_kept_from_file(key, e.dtype, e.shape, e.file, e.start)
         else:
-            kept[key] = t.detach().cpu().contiguous()
-    return kept, tied
+            writer.add_kept(key, t.detach().cpu().contiguous())
 
 
 @contextmanager

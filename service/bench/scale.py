@@ -9,8 +9,10 @@ widths in bounded memory, streamed block by block (compressor.stream).
   (getrusage) is that work's alone; `baseline_rss_bytes` is its RSS after imports and the
   tokenizer, before any weight is read (the interpreter, torch and transformers);
 - streamed_matches_inmemory: the streamed profile records and artifact tensors (sha256 of names, dtypes, shapes, bytes) against the ones
-  the in-memory code recorded (tests/compressor/fixtures/streaming_baseline.json; the demo model,
-  or with --quick the tiny model);
+  the in-memory code recorded (service/bench/streaming_baseline.py; the demo model, or with
+  --quick the tiny model);
+- peak RSS per stage (compressor.memory.StageClock: a VmHWM window per stage) of the profile
+  and of execute_plan, so where the memory goes is in the figures;
 - profile_over_compress: a full default-config profile over one compression pass (execute_plan's
   compress stage, uniform 4-bit rank-16) of the demo model (--quick: the tiny model), both now.
 """
@@ -80,6 +82,8 @@ def child(model: str, out: str) -> None:
     Path(out).write_text(json.dumps({
         "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline,
         "profile_s": round(profile_s, 2), "profile_stage_s": prof.stats["stage_s"],
+        "profile_stage_peak_rss_bytes": prof.stats["stage_peak_rss_bytes"],
+        "execute_stage_peak_rss_bytes": done.metrics["stage_peak_rss_bytes"],
         "compress_s": round(stages["compress"] + stages["save"], 2),
         "eval_s": round(stages["evaluate"], 2),
         "artifact_matches_plan": done.metrics["artifact_tensor_bytes"] == plan.total_bytes,
@@ -87,7 +91,7 @@ def child(model: str, out: str) -> None:
 
 
 def _streamed_matches(quick: bool) -> bool:
-    from tests.helpers.streaming import FIXTURE, measure, measure_tiny
+    from service.bench.streaming_baseline import FIXTURE, measure, measure_tiny
 
     want = json.loads(FIXTURE.read_text())["tiny" if quick else "demo"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +110,7 @@ def _profile_over_compress(quick: bool) -> dict:
     from compressor.execute import ExecuteConfig, execute_plan
     from compressor.profile import run_profile
     from compressor.profile_store import FileProfileStore
-    from tests.helpers.models import write_tiny_model
+    from service.bench.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         ref = str(write_tiny_model(Path(tmp) / "tiny")) if quick else str(DEMO_MODEL)

@@ -17,10 +17,10 @@ from compressor.loading import load_model
 from compressor.profile import run_profile, stream_inventory
 from compressor.profile_store import FileProfileStore, Profile
 from compressor.stream import StreamedModel
+from service.bench.streaming_baseline import CONFIG, FIXTURE, measure
 from service.bench.synthetic import Shape, write_checkpoint
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import write_tiny_model
-from tests.helpers.streaming import CONFIG, FIXTURE, measure
 
 BASELINE = json.loads(FIXTURE.read_text())
 

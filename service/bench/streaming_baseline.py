@@ -1,46 +1,32 @@
 """What the streaming path must reproduce: a profile and an artifact of one model under a cheap
 profile configuration and a fixed mixed plan, through the public entry points only
 (`run_profile`, `execute_plan`). `tests/compressor/fixtures/streaming_baseline.json` holds these
-figures as the in-memory code (before streaming) computed them; `python -m
-tests.helpers.streaming OUT.json` records them again."""
+figures as the in-memory code (before streaming) computed them; the streaming tests and
+`bitplan bench scale` compare against it, and `python -m service.bench.streaming_baseline
+OUT.json` records them again."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
 import solver
+from compressor.artifact import COMPRESSED, KEPT, tensors_sha256
 from compressor.execute import ExecuteConfig, execute_plan
 from compressor.profile import ProfileConfig, run_profile
 from compressor.profile_store import FileProfileStore
+from service.bench.tiny import write_tiny_model
+from service.settings import DEMO_MODEL, REPO_ROOT
 from solver.bytes import Option, option_bytes
-from tests.helpers.models import write_tiny_model
-from tests.helpers.paths import DEMO_MODEL
 
-FIXTURE = Path(__file__).resolve().parents[1] / "compressor" / "fixtures" / "streaming_baseline.json"
+FIXTURE = REPO_ROOT / "tests" / "compressor" / "fixtures" / "streaming_baseline.json"
 CONFIG = ProfileConfig(calib_seqs=8, probe_seqs=4, seq_len=64, q_bits=(2, 3, 4),
                        anchors=((3, 0.5),), extra_groups=(256,), group_bits=(2, 4))
 EXECUTE = ExecuteConfig(eval_seq_len=64, eval_seqs=6)
 # cycled over the linears: Q-only and Q + LR, two group sizes, a rank that is not a multiple
 OPTIONS = (Option(2, 0, 4, 128), Option(3, 5, 4, 128), Option(4, 0, 4, 256), Option(2, 16, 3, 64))
-
-
-def tensors_sha256(path: Path) -> str:
-    """Digest of a safetensors file's tensors (names, dtypes, shapes, bytes), not of its header
-    metadata: the artifact format's metadata may change while the stored numbers must not."""
-    h = hashlib.sha256()
-    with safe_open(str(path), framework="pt") as f:
-        for name in sorted(f.keys()):
-            t = f.get_tensor(name).contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def mixed_plan(names: list[str]) -> solver.Plan:
@@ -59,7 +45,7 @@ def measure(model_ref: str, work: Path) -> dict:
             "linears": [lp.to_dict() for lp in prof.linears],
             "block_sensitivity": prof.block_sensitivity, "block_proxy": prof.block_proxy,
             "tensors_sha256": {f: tensors_sha256(work / "artifact" / f)
-                               for f in ("compressed.safetensors", "kept.safetensors")},
+                               for f in (COMPRESSED, KEPT)},
             "metrics": done.metrics}
 
 
