@@ -1,5 +1,6 @@
 """Streaming (compressor.stream) reproduces the in-memory code: same profile key and records,
-the same artifact bytes, α within float noise; every block is read once per profile."""
+the same artifact bytes (byte for byte on the CPU that recorded the fixture, within float-order
+tolerance on another), α within float noise; every block is read once per profile."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from compressor.loading import load_model
 from compressor.profile import run_profile, stream_inventory
 from compressor.profile_store import FileProfileStore, Profile
 from compressor.stream import StreamedModel
-from service.bench.streaming_baseline import CONFIG, FIXTURE, measure
+from service.bench.streaming_baseline import CONFIG, FIXTURE, compare, measure
 from service.bench.synthetic import Shape, write_checkpoint
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import write_tiny_model
@@ -25,32 +26,15 @@ from tests.helpers.models import write_tiny_model
 BASELINE = json.loads(FIXTURE.read_text())
 
 
-def _close(x, y) -> bool:
-    if isinstance(x, dict):
-        return x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
-    if isinstance(x, list):
-        return len(x) == len(y) and all(_close(a, b) for a, b in zip(x, y, strict=True))
-    if isinstance(x, float):
-        return x == pytest.approx(y, rel=1e-9, abs=1e-12)
-    return x == y
-
-
 def assert_matches(got: dict, want: dict, alpha_tol: float) -> None:
+    """Byte for byte on the CPU that recorded the fixture; elsewhere within the float-order
+    tolerances of `compare` (another CPU's BLAS sums in another order)."""
+    c = compare(got, want, alpha_tol)
+    assert c["within_tolerance"], c
     assert got["key"] == want["key"] and got["fixed_bytes"] == want["fixed_bytes"]
-    assert got["tensors_sha256"] == want["tensors_sha256"]   # identical stored tensors
-    assert got["block_proxy"] == want["block_proxy"]  # the clean probe stream is bit-exact
-    top = max(x["alpha"] for x in want["linears"])
-    for a, b in zip(got["linears"], want["linears"], strict=True):
-        assert {k: v for k, v in a.items() if k not in ("alpha", "fit")} == \
-            {k: v for k, v in b.items() if k not in ("alpha", "fit")}
-        # the fit is a least-squares solve of identical samples; BLAS threading (other tests
-        # set torch's thread count) moves its last digits
-        assert json.dumps(a["fit"], sort_keys=True) == json.dumps(b["fit"], sort_keys=True) \
-            or _close(a["fit"], b["fit"]), a["name"]
-        assert a["alpha"] == pytest.approx(b["alpha"], abs=alpha_tol * top), a["name"]
-    for k in ("ppl", "kl", "top1"):
-        assert got["metrics"][k] == pytest.approx(want["metrics"][k], rel=1e-4, abs=1e-6), k
     assert got["metrics"]["artifact_tensor_bytes"] == want["metrics"]["artifact_tensor_bytes"]
+    if got["linears"][0]["samples"] == want["linears"][0]["samples"]:   # the recording CPU
+        assert c["bit_identical"], c
 
 
 def test_tiny_streamed_equals_inmemory_baseline(tmp_path):
