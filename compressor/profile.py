@@ -5,7 +5,8 @@ alone: predicted ΔKL(plan) = Σ α_i · E_i(b_i, r_i) (HIGGS-style linearity, s
 Per linear the profile costs: one stacked LDLQ sweep for the Q-only samples at every sampled
 bit width and group size (compressor.rounding.ldlq_many), one SVD of the H-weighted residual
 (the rank curve for every rank at once), a few full CALDERA decompositions at anchor
-(bits, rank) points, and one noise probe carried through the blocks after it.
+(bits, rank) points (sharing the sweep's rotation and O(n³) factorizations and starting from
+its Q: compressor.problem), and one noise probe carried through the blocks after it.
 
 Streamed (compressor.stream): each block is read from the checkpoint once, its Hessians exist
 only while it is resident, and the calibration activations flow block to block.
