@@ -12,7 +12,7 @@ the results are bit-identical to making them per rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,9 +25,8 @@ from compressor.rounding import (
     rotate_weight,
 )
 
-if TYPE_CHECKING:
-    from compressor.decompose import DecompositionConfig
-
+# `config` below is a compressor.decompose.DecompositionConfig (not imported: decompose imports
+# this module); only its hadamard, seed and damp fields are read here.
 
 def rotations(m: int, n: int, seed: int, device) -> tuple[BlockHadamard, BlockHadamard]:
     return BlockHadamard(m, seed, device), BlockHadamard(n, seed + 1, device)
@@ -51,7 +50,7 @@ class Problem:
     Cholesky factor of Hd = C·Cᵀ (C is LPLR's square root) and U with Hd⁻¹ = UᵀU (LDLQ's).
     `prepare(W, H, config)` makes one; hand it only to calls on the same W, H and config."""
 
-    config: DecompositionConfig
+    config: Any
     W0: Tensor
     H0: Tensor
     Wt: Tensor
@@ -81,7 +80,7 @@ class Problem:
         return self._u
 
 
-def rotated_problem(W: Tensor, H: Tensor, config: DecompositionConfig
+def rotated_problem(W: Tensor, H: Tensor, config: Any
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """float32 W0, symmetrised H0, their (possibly) rotated Wt, Ht, and the damped Hd."""
     W0 = W.detach().float()
@@ -96,7 +95,7 @@ def rotated_problem(W: Tensor, H: Tensor, config: DecompositionConfig
 
 
 @torch.no_grad()
-def prepare(W: Tensor, H: Tensor, config: DecompositionConfig) -> Problem:
+def prepare(W: Tensor, H: Tensor, config: Any) -> Problem:
     """The shared `Problem` of W [m, n] and H [n, n] under `config` (factorizations lazy)."""
     W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
     return Problem(config, W0, H0, Wt, Ht, Hd, max(h_sq(W0, H0), 1e-300),
