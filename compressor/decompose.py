@@ -15,10 +15,18 @@ The best iterate (by the undamped H-weighted error of what is actually stored) i
 including the rank-0 start Q = round(W) with L = R = 0, so at the same b_Q the decomposition is
 never worse than Q alone. Optional randomized Hadamard incoherence (QuIP#, Tseng et al. 2024)
 rotates W and H first; see compressor.rounding for where it applies.
+
+Work shared per linear (`Problem`, from `prepare`): the rotation, ‖W Xᵀ‖², and the float64
+Cholesky factor of the damped H with the inverse factor U LDLQ feeds errors through — O(n³)
+each, once per linear instead of once per rounding (the profile's Q-only sweep and anchors share
+one Problem, and an anchor starts from the Q-only sample at its bits). Every result is bit-
+identical to computing them afresh. `DecompositionConfig.gram_lplr` (off by default) trades the
+residual's SVD and LPLR's [m, n]-wide error evaluations for r-wide products (see `_lplr`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
@@ -27,15 +35,18 @@ import torch
 from torch import Tensor
 
 from compressor.hessian import damp_hessian
-from compressor.quant import QuantizedTensor, QuantMeta, dequantize, quantize
-from compressor.rounding import (
-    BlockHadamard,
-    ldlq,
-    ldlq_many,
-    rotate_hessian,
-    rotate_weight,
-    unrotate_weight,
+from compressor.problem import (  # noqa: F401  (h_norm, rotated_problem: re-exported)
+    Problem,
+    h_norm,
+    h_sq,
+    lowrank_start,
+    lr_err,
+    prepare,
+    rotated_problem,
+    rotations,
 )
+from compressor.quant import QuantizedTensor, QuantMeta, dequantize, quantize
+from compressor.rounding import ldlq, ldlq_many, unrotate_weight
 from solver.bytes import FP16_BITS, Option, option_bytes
 
 
@@ -59,6 +70,12 @@ class DecompositionConfig:
     hadamard: bool = True
     damp: float = 0.01         # relative ridge: H + damp·mean(diag H)·I for every solve
     seed: int = 0              # Hadamard signs (out: seed, in: seed + 1)
+    # LPLR from r-wide products (`_lplr`): the rank-r start from an eigendecomposition of the
+    # residual's smaller Gram matrix instead of its full SVD, and every iterate's error from
+    # traces instead of a product with H over [m, n]. The same math, other float rounding (a
+    # few codes near ties move), so off by default: profiles and plans made without it keep
+    # their numbers. Measured in `bitplan bench quant` (gram_lplr row).
+    gram_lplr: bool = False
 
     def __post_init__(self) -> None:
         if self.outer_iters < 1 or self.lr_iters < 1:
@@ -69,12 +86,18 @@ class DecompositionConfig:
         object.__setattr__(self, "factor_rounding", Rounding(self.factor_rounding))
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"q_rounding": self.q_rounding.value,
-                               "factor_rounding": self.factor_rounding.value}
+        """Every field, except later additions at their defaults: a config that does not use
+        them keeps the dict (and so the profile key) it had before they existed."""
+        d = asdict(self) | {"q_rounding": self.q_rounding.value,
+                            "factor_rounding": self.factor_rounding.value}
+        return {k: v for k, v in d.items() if not (k in _LATER and v == _LATER[k])}
 
     @classmethod
     def from_dict(cls, d: dict) -> DecompositionConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+_LATER = {"gram_lplr": False}   # fields added after profiles were first keyed → default
 
 
 @dataclass
@@ -111,7 +134,7 @@ class Decomposed:
             w = w + self.left.dequantize(torch.float32) @ self.right.dequantize(torch.float32)
         if self.config.hadamard:
             m, n = self.shape
-            w = unrotate_weight(w, *_rotations(m, n, self.config.seed, w.device))
+            w = unrotate_weight(w, *rotations(m, n, self.config.seed, w.device))
         return w.to(dtype)
 
     def tensors(self) -> dict[str, Tensor]:
@@ -152,23 +175,19 @@ class Decomposed:
                           self.q_only_rel_fro_err, list(self.history))
 
 
-def _rotations(m: int, n: int, seed: int, device) -> tuple[BlockHadamard, BlockHadamard]:
-    return BlockHadamard(m, seed, device), BlockHadamard(n, seed + 1, device)
+def effective_config(option: Option, config: DecompositionConfig | None) -> DecompositionConfig:
+    """The config `decompose` runs `option` with: a dense fp16 Q has no rounding for incoherence
+    to help, so it drops the rotation (unrotated, Q is the fp16 weight itself)."""
+    config = config or DecompositionConfig()
+    if option.bits == FP16_BITS and config.hadamard:
+        return replace(config, hadamard=False)
+    return config
 
 
-def h_sq(delta: Tensor, H: Tensor) -> float:
-    """tr(Δ H Δᵀ) = ‖Δ Xᵀ‖²_F, accumulated in float64."""
-    return ((delta @ H) * delta).sum(dtype=torch.float64).clamp_min(0).item()
-
-
-def h_norm(W: Tensor, H: Tensor) -> float:
-    """‖W Xᵀ‖_F = sqrt(tr(W H Wᵀ))."""
-    return h_sq(W.float(), H.float()) ** 0.5
-
-
-def _round(x: Tensor, H: Tensor, bits: int, option: Option, how: Rounding) -> QuantizedTensor:
+def _round(x: Tensor, H: Tensor, bits: int, option: Option, how: Rounding,
+           inv_chol: Tensor | None = None) -> QuantizedTensor:
     if how is Rounding.LDLQ and x.numel():
-        codes, meta = ldlq(x, H, bits, option.group_size, option.symmetric)
+        codes, meta = ldlq(x, H, bits, option.group_size, option.symmetric, inv_chol=inv_chol)
     else:
         codes, meta = quantize(x, bits, option.group_size, option.symmetric)
     return QuantizedTensor.from_codes(codes, meta)
@@ -180,110 +199,125 @@ def _psd_solve(G: Tensor, B: Tensor, damp: float) -> Tensor:
     return torch.cholesky_solve(B.double(), torch.linalg.cholesky(Gd)).to(B.dtype)
 
 
-def _lplr(A: Tensor, Hd: Tensor, C: Tensor, H: Tensor, rank: int, option: Option,
-          config: DecompositionConfig) -> tuple[QuantizedTensor, QuantizedTensor, float, list]:
+def _lplr(A: Tensor, p: Problem, rank: int, option: Option, config: DecompositionConfig
+          ) -> tuple[QuantizedTensor, QuantizedTensor, float, list]:
     """CALDERA Algorithm 2 on the residual A = W − Q: quantized L̂, R̂ minimising
-    tr((A − L̂R̂) H (A − L̂R̂)ᵀ); returns the best pair, its squared error and the errors tried."""
-    fb, how = option.factor_bits, config.factor_rounding
+    tr((A − L̂R̂) H (A − L̂R̂)ᵀ); returns the best pair, its squared error and the errors tried.
+    A·Hd is formed once for both L solves. gram_lplr: the start from `lowrank_start`'s Gram
+    route and errors from `lr_err` (A·Ht once, A·Hd = A·Ht + λ·A); otherwise the SVD and one
+    tr(Δ H Δᵀ) per iterate, as the textbook loop."""
+    fb, how, Hd, H = option.factor_bits, config.factor_rounding, p.Hd, p.Ht
+    gram = config.gram_lplr
+    u = p.u() if how is Rounding.LDLQ else None
+    if gram:
+        AHt = A @ H
+        a2 = (AHt * A).sum(dtype=torch.float64).item()
+        AHd = torch.add(AHt, A, alpha=(Hd.diagonal() - H.diagonal()).mean().item())
+
+        def err_of(Ld: Tensor, Rd: Tensor) -> float:
+            return lr_err(AHt, a2, Ld, Rd, H)
+    else:
+        AHd = A @ Hd
+
+        def err_of(Ld: Tensor, Rd: Tensor) -> float:
+            return h_sq(A - Ld @ Rd, H)
     # (L0 = U·S½ is not needed: L is re-solved exactly against the quantized R̂ below)
-    _, S, Vh = torch.linalg.svd(A @ C, full_matrices=False)
-    root = S[:rank].sqrt()
-    # R0 = S½·Vhᵣ·C⁻¹  ⇔  Cᵀ·R0ᵀ = (S½·Vhᵣ)ᵀ  (C lower-triangular)
-    R0 = torch.linalg.solve_triangular(C.T, (root[:, None] * Vh[:rank]).T, upper=True).T
-    Rq = _round(R0, Hd, fb, option, how)
+    R0 = lowrank_start(A, AHd, p, rank, gram)
+    Rq = _round(R0, Hd, fb, option, how, u)
     best: tuple[float, QuantizedTensor | None, QuantizedTensor | None] = (float("inf"), None, None)
     tried = []
     small = 1e-6  # ridge of the r×r normal equations, relative to their mean diagonal
     for _ in range(config.lr_iters):
         Rd = Rq.dequantize()
         G = Rd @ Hd @ Rd.T
-        L = _psd_solve(G, (A @ Hd @ Rd.T).T, small).T          # L = A·H·R̂ᵀ·(R̂HR̂ᵀ)⁻¹
+        L = _psd_solve(G, (AHd @ Rd.T).T, small).T          # L = A·H·R̂ᵀ·(R̂HR̂ᵀ)⁻¹
         Lq = _round(L, damp_hessian(G, config.damp), fb, option, how)
         Ld = Lq.dequantize()
-        err = h_sq(A - Ld @ Rd, H)
+        err = err_of(Ld, Rd)
         tried.append(err)
         if err < best[0]:
             best = (err, Lq, Rq)
         R = _psd_solve(Ld.T @ Ld, Ld.T @ A, small)               # R = (L̂ᵀL̂)⁻¹·L̂ᵀ·A
-        Rq = _round(R, Hd, fb, option, how)
-        err = h_sq(A - Ld @ Rq.dequantize(), H)
+        Rq = _round(R, Hd, fb, option, how, u)
+        err = err_of(Ld, Rq.dequantize())
         tried.append(err)
         if err < best[0]:
             best = (err, Lq, Rq)
     return best[1], best[2], best[0], tried
 
 
-def rotated_problem(W: Tensor, H: Tensor, config: DecompositionConfig
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """float32 W0, symmetrised H0, their (possibly) rotated Wt, Ht, and the damped Hd."""
-    W0 = W.detach().float()
-    H0 = H.detach().float().to(W0.device)
-    H0 = (H0 + H0.T) / 2
-    if config.hadamard:
-        rots = _rotations(*W0.shape, config.seed, W0.device)
-        Wt, Ht = rotate_weight(W0, *rots), rotate_hessian(H0, rots[1])
-    else:
-        Wt, Ht = W0, H0
-    return W0, H0, Wt, Ht, damp_hessian(Ht, config.damp)
-
-
 @torch.no_grad()
-def decompose(W: Tensor, H: Tensor, option: Option,
-              config: DecompositionConfig | None = None) -> Decomposed:
+def decompose(W: Tensor, H: Tensor, option: Option, config: DecompositionConfig | None = None,
+              *, problem: Problem | None = None, q_start: QOnly | None = None) -> Decomposed:
     """W [out, in] ≈ Q + L·R stored as `option` says, fitted against H [in, in] (undamped,
-    e.g. from collect_hessians). Runs on W's device; float32 math, float64 factorizations."""
-    config = config or DecompositionConfig()
-    if option.bits == FP16_BITS and config.hadamard:
-        # a dense fp16 Q has no rounding for incoherence to help; unrotated, it is the fp16
-        # weight itself (the record keeps this config, so w_hat does not unrotate it)
-        config = replace(config, hadamard=False)
+    e.g. from collect_hessians). Runs on W's device; float32 math, float64 factorizations.
+
+    Shortcuts with identical results: `problem` — `prepare(W, H, config)` of these W and H,
+    shared by several calls (used when its config is the one this call runs with); `q_start` —
+    the `QOnly` sample of these W, H, config at option's bits, group size and symmetry, whose Q
+    is exactly the first rounding Q = round(W) (LDLQ rounds the rows independently)."""
+    config = effective_config(option, config)
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"W must be [m, n] and H [n, n]; got {tuple(W.shape)}, {tuple(H.shape)}")
     m, n = W.shape
     rank = min(option.rank, m, n)
-    W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
-    w_norm2 = max(h_sq(W0, H0), 1e-300)
-    fro2 = max(W0.pow(2).sum(dtype=torch.float64).item(), 1e-300)
-    C = torch.linalg.cholesky(Hd.double()).float()
+    p = problem if problem is not None and problem.config == config else prepare(W, H, config)
+    if p.Wt.shape != (m, n):
+        raise ValueError(f"problem is for {tuple(p.Wt.shape)}, W is {(m, n)}")
+    if q_start is not None:
+        qo = q_start.option
+        if q_start.config != config or (qo.bits, qo.group_size, qo.symmetric) != (
+                option.bits, option.group_size, option.symmetric):
+            raise ValueError(f"q_start ({qo}, {q_start.config}) is not this Q ({option}, {config})")
+    Wt, Ht, Hd, w_norm2 = p.Wt, p.Ht, p.Hd, p.w_norm2
 
-    zero_l = QuantizedTensor.quantize(W0.new_zeros(m, rank), option.factor_bits,
+    zero_l = QuantizedTensor.quantize(Wt.new_zeros(m, rank), option.factor_bits,
                                       option.group_size, option.symmetric)
-    zero_r = QuantizedTensor.quantize(W0.new_zeros(rank, n), option.factor_bits,
+    zero_r = QuantizedTensor.quantize(Wt.new_zeros(rank, n), option.factor_bits,
                                       option.group_size, option.symmetric)
     LR = torch.zeros_like(Wt)
     best = None
     history: list[float] = []
     q_only = (0.0, 0.0)
     for t in range(config.outer_iters):
-        Qq = _round(Wt - LR, Hd, option.bits, option, config.q_rounding)
+        if t == 0 and q_start is not None:
+            Qq = QuantizedTensor.from_codes(q_start.codes, q_start.meta)
+        else:
+            u = p.u() if config.q_rounding is Rounding.LDLQ and Wt.numel() else None
+            Qq = _round(Wt - LR, Hd, option.bits, option, config.q_rounding, u)
         Qd = Qq.dequantize()
         if t == 0:  # the rank-0 candidate: Q alone with zero factors
-            err0 = h_sq(Wt - Qd, Ht)
+            err0 = (q_start.h_err2 if q_start is not None and math.isfinite(q_start.h_err2)
+                    else h_sq(Wt - Qd, Ht))
             q_only = (err0, (Wt - Qd).pow(2).sum(dtype=torch.float64).item())
             best = (err0, Qq, zero_l, zero_r)
             history.append((err0 / w_norm2) ** 0.5)
         if rank == 0:
             break
-        Lq, Rq, _, tried = _lplr(Wt - Qd, Hd, C, Ht, rank, option, config)
+        Lq, Rq, err, tried = _lplr(Wt - Qd, p, rank, option, config)
         history += [(e / w_norm2) ** 0.5 for e in tried]
         LR = Lq.dequantize() @ Rq.dequantize()
-        err = h_sq(Wt - Qd - LR, Ht)
+        if config.gram_lplr:   # _lplr's errors came from traces: measure the chosen one
+            err = h_sq(Wt - Qd - LR, Ht)
+        # (otherwise err is exactly h_sq(Wt − Qd − LR, Ht): the same float operations)
         if err < best[0]:
             best = (err, Qq, Lq, Rq)
 
     err, Qq, Lq, Rq = best
     what = Qq.dequantize() + (Lq.dequantize() @ Rq.dequantize() if rank else 0)
     delta = Wt - what
-    wh_norm2 = h_sq(what, Ht)
-    cross = ((Wt @ Ht) * what).sum(dtype=torch.float64).item()
+    what_h = what @ Ht
+    wh_norm2 = (what_h * what).sum(dtype=torch.float64).clamp_min(0).item()
+    cross = (what_h * Wt).sum(dtype=torch.float64).item()
     cosine = cross / max((w_norm2 * wh_norm2) ** 0.5, 1e-300)
     out = Decomposed(
-        shape=(m, n), option=option, config=config, q=Qq, left=Lq, right=Rq,
+        shape=(m, n), option=option, config=config, q=Qq.without_codes(),
+        left=Lq.without_codes(), right=Rq.without_codes(),
         rel_h_err=(err / w_norm2) ** 0.5,
-        rel_fro_err=(delta.pow(2).sum(dtype=torch.float64).item() / fro2) ** 0.5,
+        rel_fro_err=(delta.pow(2).sum(dtype=torch.float64).item() / p.fro2) ** 0.5,
         output_cosine=cosine,
         q_only_rel_h_err=(q_only[0] / w_norm2) ** 0.5,
-        q_only_rel_fro_err=(q_only[1] / fro2) ** 0.5,
+        q_only_rel_fro_err=(q_only[1] / p.fro2) ** 0.5,
         history=history,
     )
     expected = option_bytes(m, n, option)
@@ -317,25 +351,28 @@ class QOnly:
     codes: Tensor               # Q's codes and meta, in the (possibly) rotated basis
     meta: QuantMeta
     rel_h_err: float            # ‖(W − Q̂)Xᵀ‖ / ‖W Xᵀ‖ (undamped H), as `Decomposed.rel_h_err`
+    h_err2: float = math.nan    # tr(Δ H Δᵀ) in the rotated basis (decompose's q_start reuses it)
 
     def w_hat(self) -> Tensor:
         """Dense float32 Q̂ in the original basis (equals `Decomposed.w_hat` at rank 0)."""
         w = dequantize(self.codes, self.meta, torch.float32)
         if self.config.hadamard:
-            w = unrotate_weight(w, *_rotations(*self.meta.shape, self.config.seed, w.device))
+            w = unrotate_weight(w, *rotations(*self.meta.shape, self.config.seed, w.device))
         return w
 
 
 @torch.no_grad()
 def q_only_many(W: Tensor, H: Tensor, options: Sequence[Option],
-                config: DecompositionConfig | None = None) -> list[QOnly]:
+                config: DecompositionConfig | None = None,
+                problem: Problem | None = None) -> list[QOnly]:
     """`decompose(W, H, option, config)` at rank 0 for every option (ranks are ignored), with
     the LDLQ roundings of all of them in one stacked sweep (`rounding.ldlq_many`: one rotation,
     one inverse Cholesky, one column loop). rel_h_err equals decompose's up to float summation
-    order (none at all for options whose lazy-batch blocks coincide)."""
+    order (none at all for options whose lazy-batch blocks coincide). `problem`: as decompose's
+    (`prepare(W, H, config)`), so the anchors of a profile share its factorizations."""
     config = config or DecompositionConfig()
-    W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
-    w_norm2 = max(h_sq(W0, H0), 1e-300)
+    p = problem if problem is not None and problem.config == config else prepare(W, H, config)
+    Wt, Ht = p.Wt, p.Ht
     out: dict[int, QOnly] = {}
     ldlq_jobs: dict[bool, list[int]] = {}              # symmetric → indices of options
     for k, opt in enumerate(options):
@@ -349,9 +386,11 @@ def q_only_many(W: Tensor, H: Tensor, options: Sequence[Option],
             out[k] = QOnly(opt, config, codes, meta, 0.0)
     for sym, idx in ldlq_jobs.items():
         variants = [(options[k].bits, options[k].group_size) for k in idx]
-        for k, (codes, meta) in zip(idx, ldlq_many(Wt, Hd, variants, sym), strict=True):
+        rounded = ldlq_many(Wt, p.Hd, variants, sym, inv_chol=p.u())
+        for k, (codes, meta) in zip(idx, rounded, strict=True):
             out[k] = QOnly(options[k], config, codes, meta, 0.0)
     for q in out.values():
         if q.option.bits != FP16_BITS:
-            q.rel_h_err = (h_sq(Wt - dequantize(q.codes, q.meta), Ht) / w_norm2) ** 0.5
+            q.h_err2 = h_sq(Wt - dequantize(q.codes, q.meta), Ht)
+            q.rel_h_err = (q.h_err2 / p.w_norm2) ** 0.5
     return [out[k] for k in range(len(options))]

@@ -5,7 +5,8 @@ alone: predicted ΔKL(plan) = Σ α_i · E_i(b_i, r_i) (HIGGS-style linearity, s
 Per linear the profile costs: one stacked LDLQ sweep for the Q-only samples at every sampled
 bit width and group size (compressor.rounding.ldlq_many), one SVD of the H-weighted residual
 (the rank curve for every rank at once), a few full CALDERA decompositions at anchor
-(bits, rank) points, and one noise probe carried through the blocks after it.
+(bits, rank) points (sharing the sweep's rotation and O(n³) factorizations and starting from
+its Q: compressor.problem), and one noise probe carried through the blocks after it.
 
 Streamed (compressor.stream): each block is read from the checkpoint once, its Hessians exist
 only while it is resident, and the calibration activations flow block to block.
@@ -28,6 +29,7 @@ from compressor.decompose import (
     decompose,
     h_norm,
     lowrank_error_curve,
+    prepare,
     q_only_many,
 )
 from compressor.hessian import HessianHooks, linear_weight
@@ -121,22 +123,27 @@ def sample_linear(W: torch.Tensor, H: torch.Tensor,
     """Error samples [(bits, rank, t²)], the sampled spectral tail S(r) and the group-size
     factors {str(g): [[bits, κ], …]} of one linear. Every Q-only sample (each bit width at
     group_size, each group_bits at each extra group) comes from one stacked LDLQ sweep
-    (`q_only_many`); the anchors are full decompositions."""
+    (`q_only_many`); the anchors are full decompositions that share its `Problem` (rotation,
+    factorizations) and start from the Q-only sample at their bits — the same numbers as
+    decomposing from scratch, without recomputing them."""
     m, n = W.shape
     R = cfg.max_rank(m, n)
     dcfg = cfg.decomposition
     samples: list[list[float]] = []
     norm = max(h_norm(W, H), 1e-30)
     tail_ranks, tail = [0], [1.0]
-    q_only = q_only_many(W, H, cfg.q_only_options(), dcfg)
+    problem = prepare(W, H, dcfg)
+    q_only = q_only_many(W, H, cfg.q_only_options(), dcfg, problem)
     for b, d in zip(cfg.q_bits, q_only[:len(cfg.q_bits)], strict=True):
         samples.append([b, 0, d.rel_h_err ** 2])
         if b == cfg.tail_bits:
             curve = lowrank_error_curve(W - d.w_hat(), H) / norm
             tail_ranks, tail = sample_tail(curve.tolist(), R)
+    starts = {d.option.bits: d for d in q_only[:len(cfg.q_bits)] if d.config == dcfg}
     for b, frac in cfg.anchors:
         r = max(1, round(frac * R))
-        d = decompose(W, H, Option(b, r, cfg.factor_bits, cfg.group_size), dcfg)
+        d = decompose(W, H, Option(b, r, cfg.factor_bits, cfg.group_size), dcfg,
+                      problem=problem, q_start=starts.get(b))
         samples.append([b, r, d.rel_h_err ** 2])
     groups: dict[str, list[list[float]]] = {}
     if cfg.extra_groups:

@@ -21,8 +21,9 @@ Pure primitives in pairs (hqq style): `quantize` → (codes, meta) / `dequantize
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -109,21 +110,35 @@ def _minmax_params(lo: Tensor, hi: Tensor, qmax: int,
     return scale, zero
 
 
+_CLIP_BATCH = 1 << 24   # elements of x times len(CLIP_GRID) up to which the grid is one pass
+
+
 def group_params(x: Tensor, bits: int, symmetric: bool,
                  clip: bool = True) -> tuple[Tensor, Tensor | None]:
     """fp16 scale (and zero) for groups laid out along the last dim of `x` [..., group]: the
-    clipped range with the least squared error (`clip`), or plain min-max."""
+    clipped range with the least squared error (`clip`), or plain min-max.
+
+    The clip grid is searched in one broadcast pass over a leading grid dimension (a dozen
+    kernels instead of a dozen per clip factor: the LDLQ column loop calls this at every
+    group's first column) when that fits `_CLIP_BATCH`, otherwise factor by factor. Both
+    are the same elementwise float operations and pick the first least error, so they agree
+    bit for bit (tested)."""
     qmax = (1 << bits) - 1
     xf = x.float()
     lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)
     if not clip:
         return _minmax_params(lo, hi, qmax, symmetric)
+    if xf.numel() * len(CLIP_GRID) <= _CLIP_BATCH:
+        p = _clip_factors(xf.device, xf.dtype).reshape(-1, *[1] * lo.dim())
+        scale, zero = _minmax_params(lo * p, hi * p, qmax, symmetric)   # [P, ...]
+        err = _clip_err(xf, scale, zero, qmax)
+        pick = err.nan_to_num(nan=torch.inf).argmin(0, keepdim=True)   # first least error
+        return (scale.gather(0, pick).squeeze(0),
+                None if zero is None else zero.gather(0, pick).squeeze(0))
     best: tuple[Tensor, Tensor, Tensor | None] | None = None
     for p in CLIP_GRID:
         scale, zero = _minmax_params(lo * p, hi * p, qmax, symmetric)
-        s = scale.float().unsqueeze(-1)
-        off = zero.float().unsqueeze(-1) if zero is not None else qmax / 2
-        err = ((torch.round(xf / s + off).clamp(0, qmax) - off) * s - xf).square().sum(-1)
+        err = _clip_err(xf, scale, zero, qmax)
         if best is None:
             best = (err, scale, zero)
             continue
@@ -131,6 +146,21 @@ def group_params(x: Tensor, bits: int, symmetric: bool,
         best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
                 None if zero is None else torch.where(better, zero, best[2]))
     return best[1], best[2]
+
+
+@functools.cache
+def _clip_factors(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """CLIP_GRID as a tensor, made once per device (no host→device copy per group)."""
+    return torch.tensor(CLIP_GRID, dtype=dtype, device=device)
+
+
+def _clip_err(xf: Tensor, scale: Tensor, zero: Tensor | None, qmax: int) -> Tensor:
+    """Squared round-to-nearest error of each group of xf on the grid (scale, zero)."""
+    s = scale.float().unsqueeze(-1)
+    off = zero.float().unsqueeze(-1) if zero is not None else qmax / 2
+    # ((round(x/s + off).clamp(0, qmax) − off)·s − x)², in place: one buffer, same operations
+    y = (xf / s).add_(off).round_().clamp_(0, qmax).sub_(off).mul_(s).sub_(xf)
+    return y.square_().sum(-1)
 
 
 def quantize_with(x: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Tensor:
@@ -249,10 +279,17 @@ class QuantizedTensor:
 
     packed: Tensor
     meta: QuantMeta
+    # the codes it was packed from, when known: `codes()` then skips unpacking (decompose
+    # dequantizes every rounding it tries); `without_codes()` drops them for storage
+    _codes: Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_codes(cls, codes: Tensor, meta: QuantMeta) -> QuantizedTensor:
-        return cls(pack(codes, meta.bits), meta)
+        return cls(pack(codes, meta.bits), meta, codes)
+
+    def without_codes(self) -> QuantizedTensor:
+        """The same stored tensor holding only its packed bytes (codes take 8/bits× more)."""
+        return QuantizedTensor(self.packed, self.meta)
 
     @classmethod
     def quantize(cls, x: Tensor, bits: int, group_size: int = 128,
@@ -260,6 +297,8 @@ class QuantizedTensor:
         return cls.from_codes(*quantize(x, bits, group_size, symmetric))
 
     def codes(self) -> Tensor:
+        if self._codes is not None:
+            return self._codes
         return unpack(self.packed, self.meta.bits, self.meta.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -58,22 +58,27 @@ def lazy_block(device: torch.device | str) -> int:
 def inverse_cholesky_upper(H: Tensor) -> Tensor:
     """U upper-triangular with H⁻¹ = UᵀU (float64 internally). H must be positive definite
     (damp it first); raises torch.linalg.LinAlgError otherwise."""
-    Hd = H.double()
-    L = torch.linalg.cholesky(Hd)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True).to(H.dtype)
+    return inverse_cholesky_from(torch.linalg.cholesky(H.double()), H.dtype)
+
+
+def inverse_cholesky_from(L: Tensor, dtype: torch.dtype) -> Tensor:
+    """`inverse_cholesky_upper(H)` from H's lower Cholesky factor L (H = L·Lᵀ, float64), for
+    callers that factor H anyway: U = chol(cholesky_inverse(L), upper), cast to `dtype`."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(dtype)
 
 
 def ldlq(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: bool = False,
-         block_size: int | None = None) -> tuple[Tensor, QuantMeta]:
+         block_size: int | None = None, inv_chol: Tensor | None = None,
+         ) -> tuple[Tensor, QuantMeta]:
     """Error-feedback rounding of W [m, n] against a positive-definite H [n, n] → (codes, meta)
-    in exactly `quantize`'s format. 16 bits is a plain fp16 cast (nothing to feed back)."""
-    return ldlq_many(W, H, [(bits, group_size)], symmetric, block_size)[0]
+    in exactly `quantize`'s format. 16 bits is a plain fp16 cast (nothing to feed back).
+    `inv_chol`: `inverse_cholesky_upper(H)` when the caller already has it (see `ldlq_many`)."""
+    return ldlq_many(W, H, [(bits, group_size)], symmetric, block_size, inv_chol)[0]
 
 
 def ldlq_many(W: Tensor, H: Tensor, variants: Sequence[tuple[int, int]],
               symmetric: bool = False, block_size: int | None = None,
-              ) -> list[tuple[Tensor, QuantMeta]]:
+              inv_chol: Tensor | None = None) -> list[tuple[Tensor, QuantMeta]]:
     """LDLQ / GPTQ roundings of one W [m, n] against one positive-definite H [n, n] at every
     (bits, group_size) of `variants`, in ONE column sweep → [(codes, meta)] in `variants`' order.
 
@@ -91,7 +96,9 @@ def ldlq_many(W: Tensor, H: Tensor, variants: Sequence[tuple[int, int]],
     bit-identical codes in float64 to the unbatched textbook loop for every B). float32 math
     (float64 for a float64 W); memory k·m·n floats. `block_size`: B, default
     `lazy_block(W.device)`. Variants that round identically (the same bits, group sizes both
-    ≥ n) are computed once; 16 bits is a plain fp16 cast."""
+    ≥ n) are computed once; 16 bits is a plain fp16 cast. `inv_chol`: U of H when the caller
+    already has it (`inverse_cholesky_upper(H)`, any float dtype: a linear's Q and R roundings
+    share one H, and its O(n³) float64 factorizations dominate wide linears on a CPU)."""
     m, n = W.shape
     out: list[tuple[Tensor, QuantMeta] | None] = [None] * len(variants)
     todo: dict[tuple[int, int], list[int]] = {}   # (bits, effective group) → variant indices
@@ -106,7 +113,8 @@ def ldlq_many(W: Tensor, H: Tensor, variants: Sequence[tuple[int, int]],
             todo.setdefault((int(bits), min(int(group_size), n)), []).append(k)
     if todo:
         dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-        U = inverse_cholesky_upper(H.to(dtype)).to(W.device)
+        U = (inverse_cholesky_upper(H.to(dtype)) if inv_chol is None else inv_chol.to(dtype)
+             ).to(W.device)
         block = block_size or lazy_block(W.device)
         rounded = _ldlq_stacked(W.detach().to(dtype), U, list(todo), symmetric, block)
         for (codes, scale, zero), idx in zip(rounded, todo.values(), strict=True):
@@ -131,6 +139,8 @@ def _ldlq_stacked(W: Tensor, U: Tensor, variants: list[tuple[int, int]], symmetr
     rows = [slice(v * m, (v + 1) * m) for v in range(k)]
     qmax = torch.cat([W.new_full((m,), float((1 << b) - 1)) for b, _ in variants])
     s_f, inv_s, off = torch.empty_like(qmax), torch.empty_like(qmax), torch.empty_like(qmax)
+    floor = torch.zeros_like(qmax)
+    qblk = X.new_empty(min(block, n), k * m)   # a block's codes, as floats until its end
     codes = torch.empty(n, k * m, dtype=torch.uint8, device=dev)
     scales = [torch.empty(m, -(-n // g), dtype=torch.float16, device=dev) for _, g in variants]
     zeros = [None if symmetric else torch.empty_like(s) for s in scales]
@@ -158,13 +168,14 @@ def _ldlq_stacked(W: Tensor, U: Tensor, variants: list[tuple[int, int]], symmetr
                 inv_s[r] = 1.0 / s_f[r]
                 off[r] = z.float() if z is not None else qmax[r] / 2
             # the body of quantize_with / dequantize_with, inlined: this loop runs n times
-            w = X1[i]
-            q = torch.round(torch.addcmul(off, w, inv_s)).clamp_(min=0)
-            torch.minimum(q, qmax, out=q)
-            codes[col] = q
-            e = (w - (q - off) * s_f) / diag[col]
-            X1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1)
-            err[i] = e
+            # (in place into per-block buffers: the same float operations, fewer kernels)
+            w, e = X1[i], err[i]
+            q = torch.addcmul(off, w, inv_s, out=qblk[i]).round_().clamp_(floor, qmax)
+            torch.sub(q, off, out=e).mul_(s_f)            # e = (w − (q − off)·s) / U_jj
+            torch.sub(w, e, out=e).div_(diag[col])
+            if i + 1 < i2 - i1:
+                X1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1)
+        codes[i1:i2] = qblk[:i2 - i1]                     # integers 0…qmax: exact as uint8
         if i2 < n:
             X[i2:].addmm_(U[i1:i2, i2:].T, err, alpha=-1)
     return [(codes[:, r].T.contiguous(), s, z) for r, s, z in zip(rows, scales, zeros, strict=True)]

@@ -6,6 +6,11 @@ counterparts, and the mean per-linear output cosine; plus the wall time of one d
 a ratio to one full SVD of the same matrix, both timed in this run on this device. The research
 note's Qwen2-1.5B figures (59/9/1.7% Q-only, 38/6.5/1.2% Q + L·R at r = 64) are quoted beside
 them for comparison; they are Frobenius-style reconstruction errors on a much larger model.
+
+`gram_lplr`: the same sweep with `DecompositionConfig(gram_lplr=True)` (LPLR from the Gram
+matrix and trace errors instead of the residual's SVD and [m, n]-wide error products): its mean
+errors, their relative change against the default, and the timed linear's decomposition time as
+a speedup over the default's, both timed in this run.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,6 +92,15 @@ def run(args) -> dict:
         }
         log.info("b=%d: %s", b, per_bits[str(b)])
     sweep_s = time.perf_counter() - t0
+    gram = replace(config, gram_lplr=True)
+    gram_bits = {}
+    for b in BITS:
+        errs = [decompose(weights[li.name], hessians[li.name],
+                          Option(b, rank, factor_bits, group_size), gram).rel_h_err
+                for li in linears]
+        mean = sum(errs) / len(errs)
+        base = per_bits[str(b)]["caldera_rel_err"]
+        gram_bits[str(b)] = {"caldera_rel_err": mean, "rel_change": (mean - base) / base}
 
     # Timing: the largest linear, one decomposition vs one full SVD, medians, same run/device.
     big = max(linears, key=lambda li: li.numel)
@@ -95,12 +110,15 @@ def run(args) -> dict:
     torch.linalg.svd(W, full_matrices=False)
     t_dec = _median_time(lambda: decompose(W, H, opt, config), reps=1 if quick else 3)
     t_svd = _median_time(lambda: torch.linalg.svd(W, full_matrices=False), reps=1 if quick else 5)
+    t_gram = _median_time(lambda: decompose(W, H, opt, gram), reps=1 if quick else 3)
     return {
         "rank": rank,
         "bits": per_bits,
         "decompose_over_svd_time": t_dec / t_svd,
         "timed_linear": {"name": big.name, "shape": [big.out_features, big.in_features],
                          "decompose_s": t_dec, "svd_s": t_svd, "option": opt.to_dict()},
+        "gram_lplr": {"bits": gram_bits, "decompose_s": t_gram, "speedup": t_dec / t_gram,
+                      "config": gram.to_dict()},
         "factor_bits": factor_bits,
         "group_size": group_size,
         "config": config.to_dict(),

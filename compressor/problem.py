@@ -1,0 +1,138 @@
+"""What every rounding and solve of one linear's decomposition shares, and the linear algebra of
+LPLR's start (CALDERA, Saha et al. 2024, Algorithm 2) — see compressor.decompose.
+
+A `Problem` holds W and H as decompose solves them (float32, H symmetrised, both Hadamard-
+rotated when the config says so, H damped) and, computed on first use, the float64 Cholesky
+factor of the damped H: LPLR's square root C (Hd = C·Cᵀ) and LDLQ's inverse factor U
+(Hd⁻¹ = UᵀU, compressor.rounding). These are O(n³) each and the same for every rounding of the
+linear (its Q, every R, every Q-only sample and anchor of the profile), so they are made once;
+the results are bit-identical to making them per rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from compressor.hessian import damp_hessian
+from compressor.rounding import (
+    BlockHadamard,
+    inverse_cholesky_from,
+    rotate_hessian,
+    rotate_weight,
+)
+
+# `config` below is a compressor.decompose.DecompositionConfig (not imported: decompose imports
+# this module); only its hadamard, seed and damp fields are read here.
+
+def rotations(m: int, n: int, seed: int, device) -> tuple[BlockHadamard, BlockHadamard]:
+    return BlockHadamard(m, seed, device), BlockHadamard(n, seed + 1, device)
+
+
+def h_sq(delta: Tensor, H: Tensor) -> float:
+    """tr(Δ H Δᵀ) = ‖Δ Xᵀ‖²_F, accumulated in float64."""
+    return ((delta @ H) * delta).sum(dtype=torch.float64).clamp_min(0).item()
+
+
+def h_norm(W: Tensor, H: Tensor) -> float:
+    """‖W Xᵀ‖_F = sqrt(tr(W H Wᵀ))."""
+    return h_sq(W.float(), H.float()) ** 0.5
+
+
+@dataclass
+class Problem:
+    """One linear's problem as `decompose` solves it, and what all its roundings share: W0, H0
+    (float32, H symmetrised), Wt, Ht (Hadamard-rotated when config.hadamard), the damped Hd,
+    w_norm2 = tr(W0 H0 W0ᵀ) and fro2 = ‖W0‖²_F (both floored), and — on first use — the float64
+    Cholesky factor of Hd = C·Cᵀ (C is LPLR's square root) and U with Hd⁻¹ = UᵀU (LDLQ's).
+    `prepare(W, H, config)` makes one; hand it only to calls on the same W, H and config."""
+
+    config: Any
+    W0: Tensor
+    H0: Tensor
+    Wt: Tensor
+    Ht: Tensor
+    Hd: Tensor
+    w_norm2: float
+    fro2: float
+    _chol: Tensor | None = field(default=None, repr=False)
+    _c: Tensor | None = field(default=None, repr=False)
+    _u: Tensor | None = field(default=None, repr=False)
+
+    def chol64(self) -> Tensor:
+        if self._chol is None:
+            self._chol = torch.linalg.cholesky(self.Hd.double())
+        return self._chol
+
+    def c(self) -> Tensor:
+        """C (float32, lower) with Hd = C·Cᵀ."""
+        if self._c is None:
+            self._c = self.chol64().float()
+        return self._c
+
+    def u(self) -> Tensor:
+        """U (float32, upper) with Hd⁻¹ = UᵀU: exactly `rounding.inverse_cholesky_upper(Hd)`."""
+        if self._u is None:
+            self._u = inverse_cholesky_from(self.chol64(), self.Hd.dtype)
+        return self._u
+
+
+def rotated_problem(W: Tensor, H: Tensor, config: Any
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """float32 W0, symmetrised H0, their (possibly) rotated Wt, Ht, and the damped Hd."""
+    W0 = W.detach().float()
+    H0 = H.detach().float().to(W0.device)
+    H0 = (H0 + H0.T) / 2
+    if config.hadamard:
+        rots = rotations(*W0.shape, config.seed, W0.device)
+        Wt, Ht = rotate_weight(W0, *rots), rotate_hessian(H0, rots[1])
+    else:
+        Wt, Ht = W0, H0
+    return W0, H0, Wt, Ht, damp_hessian(Ht, config.damp)
+
+
+@torch.no_grad()
+def prepare(W: Tensor, H: Tensor, config: Any) -> Problem:
+    """The shared `Problem` of W [m, n] and H [n, n] under `config` (factorizations lazy)."""
+    W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
+    return Problem(config, W0, H0, Wt, Ht, Hd, max(h_sq(W0, H0), 1e-300),
+                   max(W0.pow(2).sum(dtype=torch.float64).item(), 1e-300))
+
+
+def lowrank_start(A: Tensor, AHd: Tensor, p: Problem, rank: int, gram: bool) -> Tensor:
+    """R0 = S½·Vhᵣ·C⁻¹ from the top-`rank` SVD B = A·C = U·S·Vh (Hd = C·Cᵀ = p.c()·p.c()ᵀ;
+    AHd = A·Hd).
+
+    gram: from the eigendecomposition (float64) of the smaller Gram matrix instead of the SVD —
+    m < n: B·Bᵀ = A·Hd·Aᵀ = U·S²·Uᵀ, and Vhᵣ = S⁻¹·Uᵣᵀ·B gives R0 = S^-½·Uᵣᵀ·A (no C at all);
+    m ≥ n: Bᵀ·B = Cᵀ·(AᵀA)·C = V·S²·Vᵀ. Directions with S ≈ 0 get zero rows, as in the SVD."""
+    m, n = A.shape
+    if gram and m < n:
+        ev, V = torch.linalg.eigh(AHd.double() @ A.T.double())
+        s2, Ur = ev.flip(0)[:rank], V.flip(1)[:, :rank]
+        live = s2 > s2[0].clamp_min(1e-300) * 1e-6   # below: float32 noise of the Gram
+        scale = torch.where(live, s2.clamp_min(1e-300).pow(-0.25), 0.0)
+        return (scale[:, None] * (Ur.T @ A.double())).float()
+    C = p.c()
+    if not gram:
+        _, S, Vh = torch.linalg.svd(A @ C, full_matrices=False)
+        top = S[:rank].sqrt()[:, None] * Vh[:rank]
+    else:
+        B = (A @ C).double()
+        ev, V = torch.linalg.eigh(B.T @ B)
+        s2, Vr = ev.flip(0)[:rank].clamp_min(0), V.flip(1)[:, :rank]
+        top = (s2.pow(0.25)[:, None] * Vr.T).float()
+    # R0 = S½·Vhᵣ·C⁻¹  ⇔  Cᵀ·R0ᵀ = (S½·Vhᵣ)ᵀ  (C lower-triangular)
+    return torch.linalg.solve_triangular(C.T, top.T, upper=True).T
+
+
+def lr_err(AH: Tensor, a2: float, Ld: Tensor, Rd: Tensor, H: Tensor) -> float:
+    """tr((A − LR)·H·(A − LR)ᵀ) = tr(A·H·Aᵀ) − 2⟨L, (A·H)·Rᵀ⟩ + ⟨LᵀL, R·H·Rᵀ⟩ from a2 = tr(A·H·Aᵀ)
+    and AH = A·H: r-wide products only (float64 sums; cancellation is mild since the error is
+    a large fraction of a2 at any useful rank)."""
+    cross = (Ld * (AH @ Rd.T)).sum(dtype=torch.float64)
+    quad = ((Ld.T @ Ld).double() * (Rd @ H @ Rd.T).double()).sum()
+    return max((a2 - 2 * cross + quad).item(), 0.0)
