@@ -16,8 +16,8 @@ from compressor.profile import (
     sweep_blocks,
 )
 from compressor.profile_store import FileProfileStore
+from service.bench.streaming_baseline import CONFIG
 from tests.helpers.models import write_tiny_model
-from tests.helpers.streaming import CONFIG
 
 
 @pytest.mark.parametrize("blocks,shards,want", [
