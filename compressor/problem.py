@@ -20,7 +20,6 @@ from torch import Tensor
 from compressor.hessian import damp_hessian
 from compressor.rounding import (
     BlockHadamard,
-    inverse_cholesky_from,
     rotate_hessian,
     rotate_weight,
 )
@@ -46,37 +45,45 @@ def h_norm(W: Tensor, H: Tensor) -> float:
 class Problem:
     """One linear's problem as `decompose` solves it, and what all its roundings share: W0, H0
     (float32, H symmetrised), Wt, Ht (Hadamard-rotated when config.hadamard), the damped Hd,
-    w_norm2 = tr(W0 H0 W0ᵀ) and fro2 = ‖W0‖²_F (both floored), and — on first use — the float64
-    Cholesky factor of Hd = C·Cᵀ (C is LPLR's square root) and U with Hd⁻¹ = UᵀU (LDLQ's).
+    w_norm2 = tr(W0 H0 W0ᵀ) and fro2 = ‖W0‖²_F (both floored), and — on first use, from one
+    float64 Cholesky of Hd — C with Hd = C·Cᵀ (LPLR's square root) and U with Hd⁻¹ = UᵀU (LDLQ's).
     `prepare(W, H, config)` makes one; hand it only to calls on the same W, H and config."""
 
     config: Any
     W0: Tensor
-    H0: Tensor
+    H0: Tensor | None   # dropped once w_norm2 is known when rotated (Ht is what is solved)
     Wt: Tensor
     Ht: Tensor
     Hd: Tensor
     w_norm2: float
     fro2: float
-    _chol: Tensor | None = field(default=None, repr=False)
     _c: Tensor | None = field(default=None, repr=False)
     _u: Tensor | None = field(default=None, repr=False)
 
-    def chol64(self) -> Tensor:
-        if self._chol is None:
-            self._chol = torch.linalg.cholesky(self.Hd.double())
-        return self._chol
+    def _factor(self) -> None:
+        """C and U from one float64 Cholesky of Hd, each temporary freed as soon as the next
+        exists (n = 5632: five n² float32s at most, not eight; two held after, not four). The
+        operations are `inverse_cholesky_upper`'s, so U is bit-identical to it."""
+        hd = self.Hd.double()
+        chol = torch.linalg.cholesky(hd)
+        del hd
+        self._c = chol.float()
+        inv = torch.cholesky_inverse(chol)
+        del chol
+        u = torch.linalg.cholesky(inv, upper=True)
+        del inv
+        self._u = u.to(self.Hd.dtype)
 
     def c(self) -> Tensor:
         """C (float32, lower) with Hd = C·Cᵀ."""
         if self._c is None:
-            self._c = self.chol64().float()
+            self._factor()
         return self._c
 
     def u(self) -> Tensor:
         """U (float32, upper) with Hd⁻¹ = UᵀU: exactly `rounding.inverse_cholesky_upper(Hd)`."""
         if self._u is None:
-            self._u = inverse_cholesky_from(self.chol64(), self.Hd.dtype)
+            self._factor()
         return self._u
 
 
@@ -85,7 +92,8 @@ def rotated_problem(W: Tensor, H: Tensor, config: Any
     """float32 W0, symmetrised H0, their (possibly) rotated Wt, Ht, and the damped Hd."""
     W0 = W.detach().float()
     H0 = H.detach().float().to(W0.device)
-    H0 = (H0 + H0.T) / 2
+    H0 = H0 + H0.T
+    H0.div_(2)        # = (H0 + H0ᵀ) / 2 bit for bit, one n × n temporary fewer
     if config.hadamard:
         rots = rotations(*W0.shape, config.seed, W0.device)
         Wt, Ht = rotate_weight(W0, *rots), rotate_hessian(H0, rots[1])
@@ -98,7 +106,8 @@ def rotated_problem(W: Tensor, H: Tensor, config: Any
 def prepare(W: Tensor, H: Tensor, config: Any) -> Problem:
     """The shared `Problem` of W [m, n] and H [n, n] under `config` (factorizations lazy)."""
     W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
-    return Problem(config, W0, H0, Wt, Ht, Hd, max(h_sq(W0, H0), 1e-300),
+    w_norm2 = max(h_sq(W0, H0), 1e-300)
+    return Problem(config, W0, H0 if H0 is Ht else None, Wt, Ht, Hd, w_norm2,
                    max(W0.pow(2).sum(dtype=torch.float64).item(), 1e-300))
 
 
