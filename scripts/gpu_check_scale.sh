@@ -20,7 +20,7 @@ from compressor.execute import ExecuteConfig, execute_plan
 from compressor.loading import load_tokenizer
 from compressor.memory import peak_gpu_bytes, peak_rss_bytes
 from compressor.profile import ProfileConfig, calibration, stream_inventory, sweep_blocks
-from compressor.profile import tensor_hash, weights_hash
+from compressor.profile import tensor_hash, weights_hash_of
 from compressor.profile_store import FileProfileStore, profile_key
 from compressor.stream import StreamedModel
 from service.bench.synthetic import QWEN2_1_5B, write_checkpoint
@@ -41,7 +41,7 @@ with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
     sm = StreamedModel(model, device=dev)
     calib = calibration(load_tokenizer(model), cfg)
-    key = profile_key(weights_hash(model), tensor_hash(calib), cfg.to_dict())
+    key = profile_key(weights_hash_of(model), tensor_hash(calib), cfg.to_dict())
     inv = stream_inventory(sm)
     store = FileProfileStore(Path(tmp) / "profiles")
     blocks = range(int(os.environ.get("BLOCKS", sm.num_blocks)))
@@ -58,8 +58,13 @@ with tempfile.TemporaryDirectory() as tmp:
     plan = solver.Plan({li.name: Option(4, 64) for li in inv.linears}, 0, 0.0, "uniform", False)
     t0 = time.perf_counter()
     torch.cuda.reset_peak_memory_stats()
+    tl = [time.perf_counter(), 0.0]
+    def compressing(stage, frac):   # one line per ~5 % of the linears: seconds per linear
+        if stage == "linears" and frac - tl[1] >= 0.05:
+            line(f"linears {frac:.0%}", tl[0]); tl[0], tl[1] = time.perf_counter(), frac
     done = execute_plan(model, prof, plan, Path(tmp) / "artifact",
-                        ExecuteConfig(device=dev, eval_seq_len=256, eval_seqs=16))
+                        ExecuteConfig(device=dev, eval_seq_len=256, eval_seqs=16),
+                        progress=compressing)
     m = done.metrics
     line("compress+save+evaluate", t0, stage_s=m["stage_s"], ppl=m["ppl"], kl=m["kl"],
          artifact_tensor_bytes=m["artifact_tensor_bytes"])
