@@ -269,7 +269,7 @@ def decompose(W: Tensor, H: Tensor, option: Option, config: DecompositionConfig 
         if q_start.config != config or (qo.bits, qo.group_size, qo.symmetric) != (
                 option.bits, option.group_size, option.symmetric):
             raise ValueError(f"q_start ({qo}, {q_start.config}) is not this Q ({option}, {config})")
-    Wt, Ht, Hd, w_norm2 = p.Wt, p.Ht, p.Hd, p.w_norm2
+    Wt, Ht, w_norm2 = p.Wt, p.Ht, p.w_norm2
 
     zero_l = QuantizedTensor.quantize(Wt.new_zeros(m, rank), option.factor_bits,
                                       option.group_size, option.symmetric)
@@ -283,8 +283,10 @@ def decompose(W: Tensor, H: Tensor, option: Option, config: DecompositionConfig 
         if t == 0 and q_start is not None:
             Qq = QuantizedTensor.from_codes(q_start.codes, q_start.meta)
         else:
-            u = p.u() if config.q_rounding is Rounding.LDLQ and Wt.numel() else None
-            Qq = _round(Wt - LR, Hd, option.bits, option, config.q_rounding, u)
+            ldlq_q = config.q_rounding is Rounding.LDLQ and Wt.numel()
+            u = p.u() if ldlq_q else None
+            Qq = _round(Wt - LR, p.Hd if ldlq_q else Ht, option.bits, option, config.q_rounding,
+                        u)   # RTN never reads H: no damped copy made for it
         Qd = Qq.dequantize()
         if t == 0:  # the rank-0 candidate: Q alone with zero factors
             err0 = (q_start.h_err2 if q_start is not None and math.isfinite(q_start.h_err2)

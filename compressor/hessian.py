@@ -112,11 +112,25 @@ class HessianHooks:
                 raise RuntimeError(f"linear {n} saw no input during the calibration pass")
             if lead not in done:
                 total = self.sums.pop(lead)
-                done[lead] = ((total / max(tokens, 1)).float() if total.dtype == torch.float64
-                              else total.div_(max(tokens, 1)))
+                done[lead] = symmetrize_((total / max(tokens, 1)).float()
+                                         if total.dtype == torch.float64
+                                         else total.div_(max(tokens, 1)))
             out[n] = done[lead]
         out.tokens = tokens
         return out
+
+
+def symmetrize_(H: Tensor, block: int = 1024) -> Tensor:
+    """H ← (H + Hᵀ)/2 in place, a block pair at a time: no n × n temporary (a 5632-wide H is
+    127 MB). Every entry is fl(fl(h_ij + h_ji) / 2), what (H + Hᵀ)/2 gives, so the solvers'
+    own symmetrising of an already symmetric H changes nothing and they need no copy."""
+    n = H.shape[0]
+    for a in range(0, n, block):
+        for b in range(a, n, block):
+            s = (H[a:a + block, b:b + block] + H[b:b + block, a:a + block].T) / 2
+            H[a:a + block, b:b + block] = s
+            H[b:b + block, a:a + block] = s.T
+    return H
 
 
 @torch.no_grad()

@@ -54,11 +54,18 @@ class Problem:
     H0: Tensor | None   # dropped once w_norm2 is known when rotated (Ht is what is solved)
     Wt: Tensor
     Ht: Tensor
-    Hd: Tensor
     w_norm2: float
     fro2: float
+    _hd: Tensor | None = field(default=None, repr=False)
     _c: Tensor | None = field(default=None, repr=False)
     _u: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def Hd(self) -> Tensor:
+        """The damped Ht, made on first use (RTN rounding at rank 0 never needs it)."""
+        if self._hd is None:
+            self._hd = damp_hessian(self.Ht, self.config.damp)
+        return self._hd
 
     def _factor(self) -> None:
         """C and U from one float64 Cholesky of Hd, each temporary freed as soon as the next
@@ -87,27 +94,42 @@ class Problem:
         return self._u
 
 
+def symmetric(H: Tensor, block: int = 1024) -> bool:
+    """H == Hᵀ exactly, compared a block pair at a time (no n × n temporary)."""
+    n = H.shape[0]
+    for a in range(0, n, block):
+        for b in range(a, n, block):
+            if not torch.equal(H[a:a + block, b:b + block], H[b:b + block, a:a + block].T):
+                return False
+    return True
+
+
+def _rotated(W: Tensor, H: Tensor, config: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    W0 = W.detach().float()
+    H0 = H.detach().float().to(W0.device)
+    if not symmetric(H0):   # calibration Hessians are symmetrised at the source (hessian.py)
+        H0 = H0 + H0.T
+        H0.div_(2)          # = (H0 + H0ᵀ) / 2 bit for bit, one n × n temporary fewer
+    if config.hadamard:
+        rots = rotations(*W0.shape, config.seed, W0.device)
+        return W0, H0, rotate_weight(W0, *rots), rotate_hessian(H0, rots[1])
+    return W0, H0, W0, H0
+
+
 def rotated_problem(W: Tensor, H: Tensor, config: Any
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """float32 W0, symmetrised H0, their (possibly) rotated Wt, Ht, and the damped Hd."""
-    W0 = W.detach().float()
-    H0 = H.detach().float().to(W0.device)
-    H0 = H0 + H0.T
-    H0.div_(2)        # = (H0 + H0ᵀ) / 2 bit for bit, one n × n temporary fewer
-    if config.hadamard:
-        rots = rotations(*W0.shape, config.seed, W0.device)
-        Wt, Ht = rotate_weight(W0, *rots), rotate_hessian(H0, rots[1])
-    else:
-        Wt, Ht = W0, H0
+    W0, H0, Wt, Ht = _rotated(W, H, config)
     return W0, H0, Wt, Ht, damp_hessian(Ht, config.damp)
 
 
 @torch.no_grad()
 def prepare(W: Tensor, H: Tensor, config: Any) -> Problem:
-    """The shared `Problem` of W [m, n] and H [n, n] under `config` (factorizations lazy)."""
-    W0, H0, Wt, Ht, Hd = rotated_problem(W, H, config)
+    """The shared `Problem` of W [m, n] and H [n, n] under `config` (Hd and factorizations
+    lazy). A symmetric H (every calibration Hessian) is used as it is, not copied."""
+    W0, H0, Wt, Ht = _rotated(W, H, config)
     w_norm2 = max(h_sq(W0, H0), 1e-300)
-    return Problem(config, W0, H0 if H0 is Ht else None, Wt, Ht, Hd, w_norm2,
+    return Problem(config, W0, H0 if H0 is Ht else None, Wt, Ht, w_norm2,
                    max(W0.pow(2).sum(dtype=torch.float64).item(), 1e-300))
 
 
