@@ -79,12 +79,17 @@ class StreamedProbes:
             mod = modules[name[len(prefix):]]
             W = linear_weight(mod)
             delta = h_scaled_noise(W, hessians[name], self.t, self.seed)
-            original = mod.weight.data.clone()
-            W.add_(delta.to(W.dtype))   # Conv1D: linear_weight is a view, add through it
+            # perturbed in float32 whatever the resident weight's dtype, in its own layout
+            # (Conv1D stores Wᵀ): the same values and memory order as adding in place
+            perturbed = W.float() + delta
+            stored = mod._parameters["weight"]
+            mod._parameters["weight"] = nn.Parameter(
+                perturbed.t().contiguous() if W is not mod.weight else perturbed,
+                requires_grad=False)
             try:
                 started.append(self.sm.run(blk, self.h, batch=p))
             finally:
-                mod.weight.data.copy_(original)
+                mod._parameters["weight"] = stored
         if names:
             self.pending[j] = (list(names), torch.cat(started))
         self.block_influence.append(

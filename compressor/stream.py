@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from compressor.blocks import block_list, final_norm
 from compressor.checkpoint import _ST_TO_TORCH, ModelLoadError, read_header, weight_files
 from compressor.decompose import Decomposed
+from compressor.hessian import is_linear
 from compressor.loading import MODEL_CONSTRUCTION_LOCK, load_config, resolve
 from compressor.memory import map_large_allocations, release_free_heap
 from compressor.modules import replace_linear
@@ -111,6 +112,13 @@ def _set_param(root: nn.Module, name: str, t: Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
     mod = root.get_submodule(owner) if owner else root
     mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+
+def _restore_weight(module: nn.Module, _args: tuple, _out: object) -> None:
+    """Undo `StreamedModel._upcast` after the forward: the stored-dtype weight is back."""
+    stored = module.__dict__.pop("_bitplan_stored", None)
+    if stored is not None:
+        module._parameters["weight"] = stored
 
 
 @dataclass
@@ -189,9 +197,9 @@ class StreamedModel:
             return self.ckpt_name(fallback)
         raise ModelLoadError(f"model {self.ref!r}: no tensor {name} in its checkpoint")
 
-    def _read(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
+    def _read(self, name: str, rows: tuple[int, int] | None = None, cast: bool = True) -> Tensor:
         t = self.ckpt.get(self.ckpt_name(name), rows)
-        return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+        return t.to(self.device, self.dtype if t.is_floating_point() and cast else t.dtype)
 
     @property
     def num_blocks(self) -> int:
@@ -203,17 +211,36 @@ class StreamedModel:
     # -- blocks --------------------------------------------------------------------------------
     @contextmanager
     def block(self, j: int) -> Iterator[nn.Module]:
-        """Block j with its weights read in (compute dtype, device); back on meta after."""
+        """Block j with its weights read in, on the device; back on meta after. The linears'
+        weights stay at the checkpoint's dtype (fp16/bf16: half the memory of float32) and are
+        upcast to the compute dtype only for the length of each linear's forward — exactly
+        (an upcast is exact), so every result equals running the block upcast as a whole.
+        Readers of a weight upcast it themselves (`linear_weight(m).float()`)."""
         blk, prefix = self.blocks[j], self.block_name(j)
         shapes = {n: (p.shape, p.dtype) for n, p in blk.named_parameters()}
+        linears = {n: m for n, m in blk.named_modules() if is_linear(m)}
         for n in shapes:
-            _set_param(blk, n, self._read(f"{prefix}.{n}"))
+            owner, _, leaf = n.rpartition(".")
+            _set_param(blk, n, self._read(f"{prefix}.{n}", cast=not (owner in linears
+                                                                    and leaf == "weight")))
+        hooks = [h for m in linears.values()
+                 for h in (m.register_forward_pre_hook(self._upcast),
+                           m.register_forward_hook(_restore_weight))]
         try:
             yield blk
         finally:
+            for h in hooks:
+                h.remove()
             for n, (shape, dtype) in shapes.items():
                 _set_param(blk, n, torch.empty(shape, dtype=dtype, device="meta"))
             release_free_heap()   # the block's freed memory back to the OS (memory.py)
+
+    def _upcast(self, module: nn.Module, _args: tuple) -> None:
+        stored = module._parameters["weight"]
+        if stored.dtype != self.dtype:
+            module.__dict__["_bitplan_stored"] = stored   # not registered as a parameter
+            module._parameters["weight"] = nn.Parameter(stored.to(self.dtype),
+                                                        requires_grad=False)
 
     def embed(self, ids: Tensor) -> Tensor:
         """Token embeddings [B, T, D] from the rows `ids` uses, read in windows."""

@@ -108,3 +108,24 @@ def test_fp16_checkpoint_keeps_fp16_and_exact_bytes(tmp_path):
     assert {t.dtype for t in kept.values()} == {torch.float16}
     assert done.metrics["artifact_tensor_bytes"] == plan.total_bytes
     assert done.metrics["ppl"] > 1 and done.metrics["kl"] >= 0
+
+
+def test_resident_block_keeps_fp16_linears_and_computes_in_float32(tmp_path):
+    """A resident block holds its linears' weights at the checkpoint's fp16 and upcasts each
+    only for its own forward: the output equals the block run with every weight upcast."""
+    model = str(write_checkpoint(tmp_path / "m", Shape("llama", 1, 64, 96, 4, 2, 512)))
+    sm = StreamedModel(model)
+    h = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
+    with sm.block(0) as blk:
+        dtypes = {n: p.dtype for n, p in blk.named_parameters()}
+        assert {d for n, d in dtypes.items() if n.endswith("proj.weight")} == {torch.float16}
+        assert {d for n, d in dtypes.items() if "norm" in n} == {torch.float32}
+        streamed = sm.run(blk, h)
+        assert {p.dtype for n, p in blk.named_parameters() if n.endswith("proj.weight")} == \
+            {torch.float16}                           # restored after each forward
+        for m in blk.modules():
+            if isinstance(m, torch.nn.Linear):
+                m._parameters["weight"] = torch.nn.Parameter(m.weight.float(),
+                                                             requires_grad=False)
+        whole = sm.run(blk, h)
+    assert torch.equal(streamed, whole)
