@@ -45,7 +45,7 @@ from compressor.decompose import Decomposed
 from compressor.loading import MODEL_CONSTRUCTION_LOCK
 from compressor.modules import Runtime, set_runtime
 from compressor.st_writer import SafetensorsWriter
-from compressor.stream import Checkpoint
+from compressor.tensor_reader import Checkpoint
 from solver.bytes import option_bytes
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ def verify_artifact(path: str | Path) -> Manifest:
 
 class ArtifactLinears(Mapping[str, Decomposed]):
     """An artifact's packed linears by name, each read from compressed.safetensors only when
-    asked for (positioned reads, stream.Checkpoint; no mmap whose pages would stay resident):
+    asked for (positioned reads, tensor_reader.Checkpoint; no mmap whose pages would stay resident):
     the lazy `decomposed` mapping stream_evaluate takes, holding nothing between lookups."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:

@@ -21,9 +21,7 @@ dtype, one vocabulary chunk of logits [B, T, chunk].
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,12 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compressor.blocks import block_list, final_norm
-from compressor.checkpoint import _ST_TO_TORCH, ModelLoadError, read_header, weight_files
+from compressor.checkpoint import ModelLoadError
 from compressor.decompose import Decomposed
 from compressor.hessian import is_linear
 from compressor.loading import MODEL_CONSTRUCTION_LOCK, load_config, resolve
 from compressor.memory import map_large_allocations, release_free_heap
 from compressor.modules import replace_linear
+from compressor.tensor_reader import Checkpoint
 
 VOCAB_CHUNK = 8192      # head rows applied at once (logits [B, T, chunk] in float32)
 BATCH = 8               # sequences per block forward (the in-memory code's batch size)
@@ -47,65 +46,6 @@ BATCH = 8               # sequences per block forward (the in-memory code's batc
 
 class _Stop(Exception):
     """Raised by the block-0 pre-hook: the base model's forward is not needed past there."""
-
-
-@dataclass(frozen=True)
-class _Entry:
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int           # absolute byte offset of the tensor in the file
-
-
-class Checkpoint:
-    """The tensors of a model directory's safetensors shards (or of the given `files`), by
-    name, read on demand."""
-
-    def __init__(self, path: Path, files: list[Path] | None = None) -> None:
-        self.path = Path(path)
-        self._index: dict[str, _Entry] = {}
-        for f in files if files is not None else weight_files(self.path, str(path)):
-            read_header(f, str(path))   # validates offsets against the file size
-            with f.open("rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = getattr(torch, _ST_TO_TORCH[meta["dtype"]])
-                self._index[name] = _Entry(f, dtype, tuple(meta["shape"]),
-                                           8 + n + int(meta["data_offsets"][0]))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._index
-
-    def names(self) -> list[str]:
-        return list(self._index)
-
-    def entry(self, name: str) -> _Entry:
-        return self._index[name]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(math.prod(e.shape) * e.dtype.itemsize for e in self._index.values())
-
-    def get(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
-        """The tensor `name` at its stored dtype (rows [a, b) of its first dimension only)."""
-        e = self._index[name]
-        shape, start = e.shape, e.start
-        if rows is not None:
-            a, b = rows
-            row_bytes = math.prod(shape[1:]) * e.dtype.itemsize
-            shape, start = (b - a, *shape[1:]), start + a * row_bytes
-        nbytes = math.prod(shape) * e.dtype.itemsize
-        if nbytes == 0:
-            return torch.empty(shape, dtype=e.dtype)
-        buf = bytearray(nbytes)
-        with e.file.open("rb") as fh:
-            fh.seek(start)
-            if fh.readinto(buf) != nbytes:
-                raise ModelLoadError(f"{e.file}: short read of tensor {name}")
-        return torch.frombuffer(buf, dtype=e.dtype).reshape(shape)
 
 
 def _set_param(root: nn.Module, name: str, t: Tensor) -> None:

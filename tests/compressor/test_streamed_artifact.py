@@ -22,7 +22,7 @@ from compressor.hessian import HessianHooks
 from compressor.memory import StageClock
 from compressor.profile_store import Profile
 from compressor.st_writer import SafetensorsWriter
-from compressor.stream import Checkpoint
+from compressor.tensor_reader import Checkpoint
 from service.bench.streaming_baseline import CONFIG
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import tiny_qwen2, tokens, write_tiny_model
