@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from service.bench.api import _free_port, _pct, _prepare, team_keys
+from service.client import wait_ready
 from service.settings import DEMO_MODEL, REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -96,18 +97,6 @@ def _client(httpx, base: str, key: str, model: str, lo: int, hi: int, idx: int,
                 time.sleep(poll_s)
 
 
-def _wait_ready(httpx, base: str, timeout: float = 90.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return False
-
-
 def measure(httpx, base: str, keys: list[str], model: str, seconds: float, cap: int,
             poll_s: float) -> dict:
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys[0]}"},
@@ -163,7 +152,7 @@ def run(args=None) -> dict:
                                       stdout=out, stderr=subprocess.STDOUT)
             try:
                 base = f"http://127.0.0.1:{port}"
-                if not _wait_ready(httpx, base):
+                if not wait_ready(base, 90.0):
                     return {"error": "server did not start",
                             "log": server_log.read_text(errors="replace")[-2000:]}
                 return measure(httpx, base, keys, model_dir.name, seconds, cap, poll_s)

@@ -26,15 +26,13 @@ import time
 import uuid
 from pathlib import Path
 
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-
 from service.db.auth import create_team
 from service.db.migrate import upgrade
 from service.db.models import Job, JobStatus
 from service.db.profile_store import DbProfileStore
-from service.db.session import dispose_all, get_database
-from service.jobs.queue import CeleryQueue
+from service.db.scratch import create_pg_database, drop_pg_database
+from service.db.session import get_database
+from service.jobs.queue import CeleryQueue, clear_prefix
 from service.jobs.registry import Task
 from service.jobs.submit import ensure_profile_job, resolve_and_register
 from service.jobs.workers import recent_workers
@@ -48,35 +46,6 @@ QUICK_PROFILE = {"calib_seqs": 4, "probe_seqs": 2, "seq_len": 64, "q_bits": [2, 
                  "decomposition": {"outer_iters": 1, "lr_iters": 1, "hadamard": False}}
 
 
-def _database(base: str) -> str:
-    name = f"bitplan_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(make_url(base).set(database="postgres"),
-                             isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(base).set(database=name).render_as_string(hide_password=False)
-
-
-def _drop(url: str) -> None:
-    dispose_all()
-    u = make_url(url)
-    admin = sa.create_engine(u.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{u.database}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def _clear_redis(url: str, prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
 def records_digest(db, key: str) -> str:
     """sha256 over every stored record of profile `key` and its per-block influence."""
     prof = DbProfileStore(db).get(key)
@@ -88,7 +57,7 @@ def records_digest(db, key: str) -> str:
 def profile_with_workers(model_dir: Path, workers: int, profile_config: dict, work: Path,
                          timeout: float = 1800.0) -> dict:
     """Profile `model_dir` with `workers` Celery workers; seconds from enqueue to success."""
-    url = _database(POSTGRES)
+    url = create_pg_database(POSTGRES, "bitplan_bench")
     prefix = f"bitplan-bench-{uuid.uuid4().hex[:8]}:"
     procs: list[subprocess.Popen] = []
     try:
@@ -149,8 +118,8 @@ def profile_with_workers(model_dir: Path, workers: int, profile_config: dict, wo
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        _clear_redis(REDIS, prefix)
-        _drop(url)
+        clear_prefix(REDIS, prefix)
+        drop_pg_database(url)
 
 
 def measure(quick: bool) -> dict:

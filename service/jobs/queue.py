@@ -51,6 +51,17 @@ def broker_transport_options(settings: Settings) -> dict:
             "unacked_restore_throttle": 1}
 
 
+def clear_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under `prefix` (a test's or a benchmark's private broker namespace)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
 def kombu_queues():
     exchange = Exchange(EXCHANGE, type="direct", durable=True)
     return exchange, {q: KQueue(q, exchange, routing_key=q, durable=True) for q in QUEUES}

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
-from service.db.session import dispose_all
+from service.db.scratch import create_pg_database, drop_pg_database  # noqa: F401 (re-exported)
 
 POSTGRES_URL = os.environ.get("BITPLAN_TEST_POSTGRES_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -34,22 +31,3 @@ def require(name: str, host: str, port: int) -> None:
     if os.environ.get("BITPLAN_REQUIRE_SERVICES") == "1":
         pytest.fail(msg + " (BITPLAN_REQUIRE_SERVICES=1)")
     pytest.skip(msg + "; set BITPLAN_REQUIRE_SERVICES=1 to make this a failure")
-
-
-def create_pg_database(base_url: str, prefix: str = "bitplan_test") -> str:
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(make_url(base_url).set(database="postgres"),
-                             isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(base_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_pg_database(url: str) -> None:
-    dispose_all()
-    u = make_url(url)
-    admin = sa.create_engine(u.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{u.database}" WITH (FORCE)'))
-    admin.dispose()

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from service.jobs.queue import clear_prefix as clear_redis_prefix  # noqa: F401 (tests use it)
 from tests.helpers.paths import REPO
 
 
@@ -62,16 +63,6 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
-
-
-def clear_redis_prefix(redis_url: str, prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def wait_for(predicate, timeout: float = 120.0, interval: float = 0.2, what: str = "condition"):
