@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -267,8 +268,8 @@ class ProfileSource:
     weights_hash: str
     key: str
 
-    @property
-    def inventory(self) -> Inventory:
+    @cached_property
+    def inventory(self) -> Inventory:   # read by the sweep, the assembly and the shard checks
         return stream_inventory(self.sm)
 
 
