@@ -27,9 +27,10 @@ residual's SVD and LPLR's [m, n]-wide error evaluations for r-wide products (see
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -42,10 +43,17 @@ from compressor.problem import (  # noqa: F401  (h_norm, rotated_problem: re-exp
     lowrank_start,
     lr_err,
     prepare,
+    residual,
     rotated_problem,
     rotations,
 )
-from compressor.quant import QuantizedTensor, QuantMeta, dequantize, quantize
+from compressor.quant import (
+    QuantizedTensor,
+    QuantMeta,
+    dequantize,
+    dequantize_rows,
+    quantize,
+)
 from compressor.rounding import ldlq, ldlq_many, unrotate_weight
 from solver.bytes import FP16_BITS, Option, option_bytes
 
@@ -246,6 +254,16 @@ def _lplr(A: Tensor, p: Problem, rank: int, option: Option, config: Decompositio
     return best[1], best[2], best[0], tried
 
 
+def _rows_of(Qq: QuantizedTensor, Lq: QuantizedTensor | None = None,
+             Rq: QuantizedTensor | None = None) -> Callable[[int, int], Tensor]:
+    """Rows a … b − 1 of Ŵ = Q̂ (+ L̂·R̂) as fresh float32 tensors (for `problem.residual`)."""
+    codes = Qq.codes()
+    if Lq is None:
+        return partial(dequantize_rows, codes, Qq.meta)
+    Ld, Rd = Lq.dequantize(), Rq.dequantize()
+    return lambda a, b: dequantize_rows(codes, Qq.meta, a, b).add_(Ld[a:b] @ Rd)
+
+
 @torch.no_grad()
 def decompose(W: Tensor, H: Tensor, option: Option, config: DecompositionConfig | None = None,
               *, problem: Problem | None = None, q_start: QOnly | None = None) -> Decomposed:
@@ -275,7 +293,7 @@ def decompose(W: Tensor, H: Tensor, option: Option, config: DecompositionConfig 
                                       option.group_size, option.symmetric)
     zero_r = QuantizedTensor.quantize(Wt.new_zeros(rank, n), option.factor_bits,
                                       option.group_size, option.symmetric)
-    LR = torch.zeros_like(Wt)
+    LR = None   # the current L·R (none before the first LPLR: no W-sized zeros)
     best = None
     history: list[float] = []
     q_only = (0.0, 0.0)
@@ -285,17 +303,20 @@ def decompose(W: Tensor, H: Tensor, option: Option, config: DecompositionConfig 
         else:
             ldlq_q = config.q_rounding is Rounding.LDLQ and Wt.numel()
             u = p.u() if ldlq_q else None
-            Qq = _round(Wt - LR, p.Hd if ldlq_q else Ht, option.bits, option, config.q_rounding,
+            target = Wt if LR is None else Wt - LR
+            Qq = _round(target, p.Hd if ldlq_q else Ht, option.bits, option, config.q_rounding,
                         u)   # RTN never reads H: no damped copy made for it
-        Qd = Qq.dequantize()
+            del target
         if t == 0:  # the rank-0 candidate: Q alone with zero factors
+            res = residual(Wt, Ht, _rows_of(Qq))   # Q̂ a row chunk at a time
             err0 = (q_start.h_err2 if q_start is not None and math.isfinite(q_start.h_err2)
-                    else h_sq(Wt - Qd, Ht))
-            q_only = (err0, (Wt - Qd).pow(2).sum(dtype=torch.float64).item())
+                    else res.err2)
+            q_only = (err0, res.fro2)
             best = (err0, Qq, zero_l, zero_r)
             history.append((err0 / w_norm2) ** 0.5)
         if rank == 0:
             break
+        Qd = Qq.dequantize()
         Lq, Rq, err, tried = _lplr(Wt - Qd, p, rank, option, config)
         history += [(e / w_norm2) ** 0.5 for e in tried]
         LR = Lq.dequantize() @ Rq.dequantize()
@@ -306,17 +327,14 @@ def decompose(W: Tensor, H: Tensor, option: Option, config: DecompositionConfig 
             best = (err, Qq, Lq, Rq)
 
     err, Qq, Lq, Rq = best
-    what = Qq.dequantize() + (Lq.dequantize() @ Rq.dequantize() if rank else 0)
-    delta = Wt - what
-    what_h = what @ Ht
-    wh_norm2 = (what_h * what).sum(dtype=torch.float64).clamp_min(0).item()
-    cross = (what_h * Wt).sum(dtype=torch.float64).item()
-    cosine = cross / max((w_norm2 * wh_norm2) ** 0.5, 1e-300)
+    fin = residual(Wt, Ht, _rows_of(Qq, Lq, Rq) if rank else _rows_of(Qq), outputs=True)
+    wh_norm2, fro_err2 = fin.what2, fin.fro2
+    cosine = fin.cross / max((w_norm2 * wh_norm2) ** 0.5, 1e-300)
     out = Decomposed(
         shape=(m, n), option=option, config=config, q=Qq.without_codes(),
         left=Lq.without_codes(), right=Rq.without_codes(),
         rel_h_err=(err / w_norm2) ** 0.5,
-        rel_fro_err=(delta.pow(2).sum(dtype=torch.float64).item() / p.fro2) ** 0.5,
+        rel_fro_err=(fro_err2 / p.fro2) ** 0.5,
         output_cosine=cosine,
         q_only_rel_h_err=(q_only[0] / w_norm2) ** 0.5,
         q_only_rel_fro_err=(q_only[1] / p.fro2) ** 0.5,
@@ -393,6 +411,6 @@ def q_only_many(W: Tensor, H: Tensor, options: Sequence[Option],
             out[k] = QOnly(options[k], config, codes, meta, 0.0)
     for q in out.values():
         if q.option.bits != FP16_BITS:
-            q.h_err2 = h_sq(Wt - dequantize(q.codes, q.meta), Ht)
+            q.h_err2 = residual(Wt, Ht, partial(dequantize_rows, q.codes, q.meta)).err2
             q.rel_h_err = (q.h_err2 / p.w_norm2) ** 0.5
     return [out[k] for k in range(len(options))]

@@ -11,6 +11,8 @@ the results are bit-identical to making them per rounding.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from compressor.hessian import damp_hessian
+from compressor.quant import chunk_rows
 from compressor.rounding import (
     BlockHadamard,
     rotate_hessian,
@@ -31,14 +34,71 @@ def rotations(m: int, n: int, seed: int, device) -> tuple[BlockHadamard, BlockHa
     return BlockHadamard(m, seed, device), BlockHadamard(n, seed + 1, device)
 
 
+def h_inner(A: Tensor, B: Tensor, H: Tensor) -> float:
+    """tr(A H Bᵀ) = ⟨A Xᵀ, B Xᵀ⟩_F (H float32), accumulated in float64 over row chunks, each
+    upcast to float32: A·H is never formed whole (for a 5632-wide linear that saves two
+    W-sized float32 temporaries) and a half-precision A or B is never copied whole."""
+    step = chunk_rows(A.shape[1])
+    total = torch.zeros((), dtype=torch.float64, device=A.device)
+    for a in range(0, A.shape[0], step):
+        total += ((A[a:a + step].float() @ H) * B[a:a + step].float()).sum(dtype=torch.float64)
+    return total.item()
+
+
 def h_sq(delta: Tensor, H: Tensor) -> float:
-    """tr(Δ H Δᵀ) = ‖Δ Xᵀ‖²_F, accumulated in float64."""
-    return ((delta @ H) * delta).sum(dtype=torch.float64).clamp_min(0).item()
+    """tr(Δ H Δᵀ) = ‖Δ Xᵀ‖²_F, accumulated in float64 (row-chunked: `h_inner`)."""
+    return max(h_inner(delta, delta, H), 0.0)
+
+
+@dataclass
+class Residual:
+    """Of Δ = W − Ŵ: err2 = tr(Δ H Δᵀ), fro2 = ‖Δ‖²_F; with `outputs`, also
+    what2 = tr(Ŵ H Ŵᵀ) and cross = tr(Ŵ H Wᵀ) (else NaN)."""
+
+    err2: float
+    fro2: float
+    what2: float = math.nan
+    cross: float = math.nan
+
+
+def residual(W: Tensor, H: Tensor, what_rows: Callable[[int, int], Tensor],
+             outputs: bool = False) -> Residual:
+    """`Residual` of W [m, n] against Ŵ given a row chunk at a time (what_rows(a, b): a fresh
+    float32 [b − a, n] tensor, rows a … b − 1 of Ŵ), so neither Ŵ nor W − Ŵ is ever whole.
+    The chunks are h_inner's and fro_sq's, so err2 and fro2 are bit-identical to
+    h_sq(W − Ŵ, H) and fro_sq(W − Ŵ)."""
+    m, n = W.shape
+    step = chunk_rows(n)
+    acc = torch.zeros(4, dtype=torch.float64, device=W.device)
+    for a in range(0, m, step):
+        w_hat = what_rows(a, a + step)
+        if outputs:
+            wh = w_hat @ H
+            acc[2] += (wh * w_hat).sum(dtype=torch.float64)
+            acc[3] += (wh * W[a:a + step]).sum(dtype=torch.float64)
+            del wh
+        d = torch.sub(W[a:a + step], w_hat, out=w_hat)
+        acc[0] += ((d @ H) * d).sum(dtype=torch.float64)
+        acc[1] += d.pow(2).sum(dtype=torch.float64)
+    err2, fro2, what2, cross = acc.tolist()
+    if not outputs:
+        return Residual(max(err2, 0.0), fro2)
+    return Residual(max(err2, 0.0), fro2, max(what2, 0.0), cross)
+
+
+def fro_sq(delta: Tensor) -> float:
+    """‖Δ‖²_F in float64, over row chunks (no squared copy of Δ)."""
+    step = chunk_rows(delta.shape[-1])
+    d2 = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
+    total = torch.zeros((), dtype=torch.float64, device=delta.device)
+    for a in range(0, d2.shape[0], step):
+        total += d2[a:a + step].pow(2).sum(dtype=torch.float64)
+    return total.item()
 
 
 def h_norm(W: Tensor, H: Tensor) -> float:
     """‖W Xᵀ‖_F = sqrt(tr(W H Wᵀ))."""
-    return h_sq(W.float(), H.float()) ** 0.5
+    return h_sq(W, H.float()) ** 0.5
 
 
 @dataclass
@@ -130,7 +190,7 @@ def prepare(W: Tensor, H: Tensor, config: Any) -> Problem:
     W0, H0, Wt, Ht = _rotated(W, H, config)
     w_norm2 = max(h_sq(W0, H0), 1e-300)
     return Problem(config, W0, H0 if H0 is Ht else None, Wt, Ht, w_norm2,
-                   max(W0.pow(2).sum(dtype=torch.float64).item(), 1e-300))
+                   max(fro_sq(W0), 1e-300))
 
 
 def lowrank_start(A: Tensor, AHd: Tensor, p: Problem, rank: int, gram: bool) -> Tensor:

@@ -157,6 +157,19 @@ def sample_linear(W: torch.Tensor, H: torch.Tensor,
     return samples, tail_ranks, tail, groups
 
 
+def _sample_record(li, mod: torch.nn.Module, H: torch.Tensor,
+                   cfg: ProfileConfig) -> LinearProfile:
+    """Linear `li`'s samples and fitted error model (its α still to come)."""
+    W = linear_weight(mod).detach().float()
+    if not torch.isfinite(W).all():
+        raise ValueError(f"linear {li.name} has NaN/inf weights; cannot profile this model")
+    samples, tail_ranks, tail, groups = sample_linear(W, H, cfg)
+    model_fit = fit(samples, tail_ranks, tail)
+    model_fit.group_factors = groups
+    return LinearProfile(li.name, li.block, li.out_features, li.in_features, samples=samples,
+                         fit=json.loads(json.dumps(model_fit.to_dict())))
+
+
 PARTIAL = ":samples"   # store key suffix of records whose α is still pending
 
 
@@ -204,6 +217,7 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
     records = store.linear_records(key)
     partial = store.linear_records(partial_key(key))
     by_block: dict[int, list] = {}
+    by_name = {li.name: li for li in inv.linears}
     for li in inv.linears:
         by_block.setdefault(li.block, []).append(li)
     with clock.stage("inputs"):
@@ -225,25 +239,20 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
                     X = sm.run(blk, X)
             hessians = hooks.result(calib.numel()) if hooks else {}
             with clock.stage("sampling"):
-                for k, li in enumerate(mine):
-                    if li.name in records or li.name in partial:
-                        continue
-                    W = linear_weight(blk.get_submodule(
-                        li.name[len(sm.block_name(j)) + 1:])).detach().float()
-                    if not torch.isfinite(W).all():
-                        raise ValueError(f"linear {li.name} has NaN/inf weights; cannot "
-                                         "profile this model")
-                    samples, tail_ranks, tail, groups = sample_linear(W, hessians[li.name], cfg)
-                    model_fit = fit(samples, tail_ranks, tail)
-                    model_fit.group_factors = groups
-                    rec = LinearProfile(li.name, li.block, li.out_features, li.in_features,
-                                        samples=samples,
-                                        fit=json.loads(json.dumps(model_fit.to_dict())))
-                    store.put_linear(partial_key(key), rec)
-                    partial[li.name] = rec
-                    report("linears", 0.05 + 0.9 * (j - blocks.start + (k + 1) / len(mine)) / span)
+                for k, name in enumerate(probe):
+                    # popped: a Hessian (shared by q/k/v, by gate/up) is freed after its last
+                    # linear, so sampling the next one and the probes below hold fewer
+                    H = hessians.pop(name)
+                    mod = blk.get_submodule(name[len(sm.block_name(j)) + 1:])
+                    if name not in partial:
+                        partial[name] = _sample_record(by_name[name], mod, H, cfg)
+                        store.put_linear(partial_key(key), partial[name])
+                        report("linears", 0.05 + 0.9 * (j - blocks.start + (k + 1) / len(probe))
+                               / span)
+                    probes.scale(name, linear_weight(mod), H)
+                    del H
             with clock.stage("probes"):
-                probes.block(j, blk, hessians, probe)
+                probes.block(j, blk, probe)
             del hessians, hooks
         if j in blocks:
             report(f"block {j + 1}/{L}", 0.05 + 0.9 * (j - blocks.start + 1) / span)

@@ -32,7 +32,8 @@ from solver.bytes import FP16_BITS, MAX_BITS, MIN_BITS, quantized_bytes
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): a scale never rounds to zero
-_PACK_CHUNK = 1 << 20   # elements per packing chunk; a multiple of 8 so chunks end on bytes
+_PACK_CHUNK = 1 << 18   # elements per packing chunk (its int32 bit stream: 8 MiB at 8 bits);
+                        # a multiple of 8 so chunks end on bytes
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,11 @@ def _minmax_params(lo: Tensor, hi: Tensor, qmax: int,
     return scale, zero
 
 
-_CLIP_BATCH = 1 << 24   # elements of x times len(CLIP_GRID) up to which the grid is one pass
+# elements of x times len(CLIP_GRID) up to which the grid is one pass: on the host 16 MiB of
+# float32 per temporary (whole matrices go factor by factor, in bounded memory), on a GPU
+# 64 MiB (every LDLQ column group of a real width in one pass: fewer kernel launches)
+_CLIP_BATCH = 1 << 22
+_CLIP_BATCH_CUDA = 1 << 24
 
 
 def group_params(x: Tensor, bits: int, symmetric: bool,
@@ -128,7 +133,7 @@ def group_params(x: Tensor, bits: int, symmetric: bool,
     lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)
     if not clip:
         return _minmax_params(lo, hi, qmax, symmetric)
-    if xf.numel() * len(CLIP_GRID) <= _CLIP_BATCH:
+    if xf.numel() * len(CLIP_GRID) <= (_CLIP_BATCH_CUDA if xf.is_cuda else _CLIP_BATCH):
         p = _clip_factors(xf.device, xf.dtype).reshape(-1, *[1] * lo.dim())
         scale, zero = _minmax_params(lo * p, hi * p, qmax, symmetric)   # [P, ...]
         err = _clip_err(xf, scale, zero, qmax)
@@ -168,20 +173,33 @@ def quantize_with(x: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> T
     this one column at a time with a group's parameters)."""
     qmax = (1 << bits) - 1
     offset = zero.float() if zero is not None else qmax / 2
-    return torch.round(x.float() / scale.float() + offset).clamp_(0, qmax).to(torch.uint8)
+    # in place after the division: the same operations as round(x / s + o), one temporary
+    return (x.float() / scale.float()).add_(offset).round_().clamp_(0, qmax).to(torch.uint8)
 
 
 def dequantize_with(codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Tensor:
     qmax = (1 << bits) - 1
     offset = zero.float() if zero is not None else qmax / 2
-    return (codes.float() - offset) * scale.float()
+    return codes.float().sub_(offset).mul_(scale.float())   # (c − o)·s, one temporary
+
+
+# rows at a time for whole-matrix passes: 4 MiB float32 temporaries (a float64 sum of one
+# makes an 8 MiB copy)
+ROW_CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_rows(cols: int) -> int:
+    """Rows per chunk of a [rows, cols] matrix whose float32 temporaries stay ~4 MiB."""
+    return max(1, ROW_CHUNK_ELEMENTS // max(cols, 1))
 
 
 def quantize(x: Tensor, bits: int, group_size: int = 128,
              symmetric: bool = False) -> tuple[Tensor, QuantMeta]:
     """Round-to-nearest groupwise quantization → (uint8 codes of x's shape, meta).
 
-    16 bits returns the fp16 values as the codes."""
+    Rows are independent (groups run along a row), so a large x is quantized a row chunk at a
+    time: the same codes and parameters, with temporaries of `chunk_rows` rows instead of
+    several copies of x. 16 bits returns the fp16 values as the codes."""
     _check_bits(bits)
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -196,12 +214,19 @@ def quantize(x: Tensor, bits: int, group_size: int = 128,
         codes = torch.empty(shape, dtype=torch.uint8, device=x.device)
         return codes, QuantMeta(shape, bits, group_size, symmetric, empty,
                                 None if symmetric else empty.clone())
-    g = _grouped(x2, group_size)
-    scale, zero = group_params(g, bits, symmetric)
-    codes = quantize_with(g, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1),
-                          bits)
-    codes = codes.reshape(rows, n_groups * group_size)[:, :cols].reshape(shape)
-    return codes.contiguous(), QuantMeta(shape, bits, group_size, symmetric, scale, zero)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(rows, n_groups, dtype=torch.float16, device=x.device)
+    zero = None if symmetric else torch.empty_like(scale)
+    step = chunk_rows(n_groups * group_size)
+    for a in range(0, rows, step):
+        g = _grouped(x2[a:a + step], group_size)
+        s, z = group_params(g, bits, symmetric)
+        c = quantize_with(g, s.unsqueeze(-1), None if z is None else z.unsqueeze(-1), bits)
+        codes[a:a + step] = c.reshape(len(g), n_groups * group_size)[:, :cols]
+        scale[a:a + step] = s
+        if zero is not None:
+            zero[a:a + step] = z
+    return codes.reshape(shape), QuantMeta(shape, bits, group_size, symmetric, scale, zero)
 
 
 def dequantize(codes: Tensor, meta: QuantMeta, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -220,6 +245,18 @@ def dequantize(codes: Tensor, meta: QuantMeta, dtype: torch.dtype = torch.float3
     zero = None if meta.zero is None else meta.zero.unsqueeze(-1)
     x = dequantize_with(c2.reshape(rows, n_groups, gs), meta.scale.unsqueeze(-1), zero, meta.bits)
     return x.reshape(rows, n_groups * gs)[:, :cols].reshape(meta.shape).to(dtype)
+
+
+def dequantize_rows(codes: Tensor, meta: QuantMeta, start: int, stop: int,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """Rows [start, stop) of `dequantize(codes, meta)` of a 2-D tensor (the same values)."""
+    if len(meta.shape) != 2:
+        raise ValueError(f"dequantize_rows needs a 2-D tensor, got shape {meta.shape}")
+    stop = min(stop, meta.rows)
+    part = QuantMeta((stop - start, meta.cols), meta.bits, meta.group_size, meta.symmetric,
+                     None if meta.scale is None else meta.scale[start:stop],
+                     None if meta.zero is None else meta.zero[start:stop])
+    return dequantize(codes.reshape(meta.rows, meta.cols)[start:stop], part, dtype)
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:

@@ -10,7 +10,9 @@ Streamed (`StreamedProbes`): every block is resident once per profile. While blo
 every pending perturbed stream (one per linear probed in blocks < j) is carried through it in
 batches, and block j's own linears start their streams (block j run with linear i perturbed).
 After the last block each stream meets the head once, against the clean stream. So L blocks are
-read once, not O(L²) times; the cost is one probe activation [P, T, D] held per probed linear.
+read once, not O(L²) times; the cost is one probe activation [P, T, D] held per probed linear
+(in the checkpoint's dtype for a half-precision one: `_pack`). A linear's noise scale is taken
+while its Hessian is at hand (`scale`), so the probes themselves hold no Hessian.
 Streams travel in groups by the block that started them, so every forward call sees the same
 rows whichever blocks a profile shard probes: a sharded profile's α equal the unsharded ones.
 
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from compressor.hessian import linear_weight
 from compressor.loading import block_index
+from compressor.problem import h_inner
 from compressor.stream import StreamedModel
 
 STREAM_BATCH = 64   # perturbed probe sequences carried through a block per forward call
@@ -42,14 +45,20 @@ class Sensitivity:
     block_influence: list[float]       # ShortGPT BI per block (the cheap proxy)
 
 
-def h_scaled_noise(W: Tensor, H: Tensor, t: float, seed: int) -> Tensor:
-    """Gaussian ΔW scaled so that ‖ΔW X‖ / ‖W X‖ = t exactly (H = XᵀX/tokens)."""
+def noise(shape: tuple[int, ...], seed: int, device) -> Tensor:
+    """The probe's standard Gaussian draw for a linear of `shape` (CPU generator: the same
+    draw on every device)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(W.shape, generator=gen).to(W.device, torch.float32)
+    return torch.randn(shape, generator=gen).to(device, torch.float32)
+
+
+def noise_scale(W: Tensor, H: Tensor, t: float, seed: int) -> float:
+    """s with ‖s·N Xᵀ‖ / ‖W Xᵀ‖ = t exactly for the probe's draw N (H = XᵀX/tokens). Both
+    traces row-chunked in float64 (problem.h_inner): no W-sized products, W upcast per chunk."""
+    N = noise(tuple(W.shape), seed, W.device)
     Hf = H.float().to(W.device)
-    w2 = ((W.float() @ Hf) * W.float()).sum()
-    n2 = ((noise @ Hf) * noise).sum()
-    return noise * (t * (w2 / n2.clamp_min(1e-30)).sqrt())
+    w2, n2 = h_inner(W, W, Hf), h_inner(N, N, Hf)
+    return t * math.sqrt(w2 / max(n2, 1e-30))
 
 
 class StreamedProbes:
@@ -62,46 +71,77 @@ class StreamedProbes:
         # block that started them → (probed linears, their perturbed streams stacked [k·P, T, D])
         self.pending: dict[int, tuple[list[str], Tensor]] = {}
         self.block_influence: list[float] = []
+        # a half-precision checkpoint's pending streams are held as their difference from the
+        # clean stream in its dtype (half the memory; see `_pack`); float32 ones as they are
+        half = sm.stored_dtype in (torch.float16, torch.bfloat16)
+        self.delta_dtype = sm.stored_dtype if half and sm.dtype == torch.float32 else None
+        self.scales: dict[str, float] = {}   # linear → its noise scale (`scale`)
+
+    def scale(self, name: str, W: Tensor, H: Tensor) -> None:
+        """Note linear `name`'s noise scale while its Hessian is at hand (the caller can then
+        free H before `block` runs: the probes hold no Hessian)."""
+        self.scales[name] = noise_scale(W, H, self.t, self.seed)
 
     @torch.no_grad()
-    def block(self, j: int, blk: nn.Module, hessians: Mapping[str, Tensor],
-              names: list[str]) -> None:
-        """Carry every stream through resident block j; start the streams of `names`."""
+    def block(self, j: int, blk: nn.Module, names: list[str]) -> None:
+        """Carry every stream through resident block j; start the streams of `names` (each
+        `scale`d before)."""
         p = len(self.h)
         batch = max(p, STREAM_BATCH // p * p)
-        for origin, (probed, stacked) in self.pending.items():
-            self.pending[origin] = (probed, self.sm.run(blk, stacked, batch=batch))
         clean = self.sm.run(blk, self.h, batch=p)
+        for origin, (probed, packed) in self.pending.items():
+            out = self.sm.run(blk, self._unpack(packed, self.h), batch=batch)
+            self.pending[origin] = (probed, self._pack(out, clean))
         modules = dict(blk.named_modules())
         prefix = self.sm.block_name(j) + "."
         started = []
         for name in names:
             mod = modules[name[len(prefix):]]
             W = linear_weight(mod)
-            delta = h_scaled_noise(W, hessians[name], self.t, self.seed)
             # perturbed in float32 whatever the resident weight's dtype, in its own layout
             # (Conv1D stores Wᵀ): the same values and memory order as adding in place
-            perturbed = W.float() + delta
+            delta = noise(tuple(W.shape), self.seed, W.device).mul_(self.scales.pop(name))
+            perturbed = W.to(torch.float32, copy=True).add_(delta)
+            del delta
             stored = mod._parameters["weight"]
             mod._parameters["weight"] = nn.Parameter(
                 perturbed.t().contiguous() if W is not mod.weight else perturbed,
                 requires_grad=False)
+            del perturbed
             try:
                 started.append(self.sm.run(blk, self.h, batch=p))
             finally:
                 mod._parameters["weight"] = stored
         if names:
-            self.pending[j] = (list(names), torch.cat(started))
+            self.pending[j] = (list(names), self._pack(torch.cat(started), clean))
         self.block_influence.append(
             (1 - F.cosine_similarity(self.h.float(), clean.float(), dim=-1)).mean().item())
         self.h = clean
+
+    def _pack(self, streams: Tensor, clean: Tensor) -> Tensor:
+        """Perturbed streams [k·P, T, D] as held between blocks: themselves (float32
+        checkpoints: exact), or for a half-precision checkpoint their difference from the
+        clean stream [P, T, D] in its dtype. The difference is the perturbation's own size
+        (t = 0.1 of one linear's output), so its rounding is ~1e-3 of the perturbation —
+        far below the model's own half-precision rounding of the hidden state it rides on."""
+        if self.delta_dtype is None:
+            return streams
+        k = len(streams) // len(clean)
+        return (streams.view(k, *clean.shape) - clean).to(self.delta_dtype).view(streams.shape)
+
+    def _unpack(self, packed: Tensor, clean: Tensor) -> Tensor:
+        if self.delta_dtype is None:
+            return packed
+        k = len(packed) // len(clean)
+        return (packed.view(k, *clean.shape).float() + clean).view(packed.shape)
 
     @torch.no_grad()
     def finish(self) -> dict[str, float]:
         """α = KL(clean ‖ perturbed) / t², mean over the probe positions."""
         p = len(self.h)
         names = [n for probed, _ in self.pending.values() for n in probed]
-        streams = [h for _, stacked in self.pending.values() for h in stacked.split(p)]
+        streams = [h for _, packed in self.pending.values()
+                   for h in self._unpack(packed, self.h).split(p)]
         kls = kl_to_reference(self.sm, streams, self.h)
         self.pending.clear()
         return {n: max(kl.mean().item(), 0.0) / self.t ** 2

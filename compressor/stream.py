@@ -142,6 +142,11 @@ class StreamedModel:
         return t.to(self.device, self.dtype if t.is_floating_point() and cast else t.dtype)
 
     @property
+    def stored_dtype(self) -> torch.dtype:
+        """The checkpoint's floating dtype (its input embedding's)."""
+        return self.ckpt.entry(self.embed_name).dtype
+
+    @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
