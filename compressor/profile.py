@@ -53,7 +53,7 @@ FAST_DECOMPOSITION = DecompositionConfig(outer_iters=1, lr_iters=2)
 @dataclass(frozen=True)
 class ProfileConfig:
     calib_seqs: int = 32                 # Hessians: 32 × 256 tokens
-    probe_seqs: int = 8                  # sensitivity probes replay the first 8 of them
+    probe_seqs: int = 2                  # sensitivity probes replay the first 2 of them
     seq_len: int = 256
     seed: int = 0
     probe_t: float = 0.1                 # relative error of the sensitivity noise probe
