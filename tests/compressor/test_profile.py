@@ -90,3 +90,19 @@ def test_resumed_profile_equals_uninterrupted(tiny_model, tmp_path):
         for k in ("sampling_s", "probe_s", "stage_s", "peak_rss_bytes", "stage_peak_rss_bytes"):
             d["stats"].pop(k)
     assert a == b
+
+
+def test_spearman_equals_scipy_with_ties():
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from compressor.profile import spearman
+
+    rng = np.random.default_rng(0)
+    for t in range(100):
+        n = int(rng.integers(3, 30))
+        a = rng.integers(0, 4, n).astype(float) if t % 2 else rng.normal(size=n)
+        b = rng.normal(size=n)
+        assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None   # constant: undefined
+    assert spearman([1.0, 2.0], [2.0, 1.0]) is None             # too few
