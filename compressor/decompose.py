@@ -346,22 +346,6 @@ def decompose(W: Tensor, H: Tensor, option: Option, config: DecompositionConfig 
     return out
 
 
-@torch.no_grad()
-def lowrank_error_curve(residual: Tensor, H: Tensor) -> Tensor:
-    """‖(A − A_r)Xᵀ‖_F of the best unquantized rank-r approximation A_r of `residual` A [m, n],
-    for every r = 0 … min(m, n), from one SVD of A·H½ (float64; H½ from eigh with negative
-    eigenvalues clipped, so a singular H is fine). Divide by h_norm(W, H) for relative errors.
-    Non-increasing in r and exactly 0 at full rank."""
-    A = residual.detach().double()
-    Hs = (H.detach().double().to(A.device) + H.detach().double().to(A.device).T) / 2
-    ev, V = torch.linalg.eigh(Hs)
-    root = (V * ev.clamp_min(0).sqrt()) @ V.T
-    s2 = torch.linalg.svdvals(A @ root).pow(2)
-    # tail[r] = Σ_{i ≥ r} σ_i²  (reverse cumulative sum), with tail[min(m, n)] = 0
-    tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
-    return tail.clamp_min(0).sqrt()
-
-
 @dataclass
 class QOnly:
     """A rank-0 decomposition without its packed tensors: what the profile samples."""

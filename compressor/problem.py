@@ -7,6 +7,11 @@ factor of the damped H: LPLR's square root C (Hd = C·Cᵀ) and LDLQ's inverse f
 (Hd⁻¹ = UᵀU, compressor.rounding). These are O(n³) each and the same for every rounding of the
 linear (its Q, every R, every Q-only sample and anchor of the profile), so they are made once;
 the results are bit-identical to making them per rounding.
+
+Also here: the H-weighted traces every error is measured with (`h_inner`, `h_sq`, `residual`,
+run a row chunk at a time so no W-sized product is ever formed: a real-width linear's
+decomposition needs W, H and less than one more W), and the residual's unquantized low-rank
+error curve the profile samples (`lowrank_error_curve`).
 """
 
 from __future__ import annotations
@@ -227,3 +232,19 @@ def lr_err(AH: Tensor, a2: float, Ld: Tensor, Rd: Tensor, H: Tensor) -> float:
     cross = (Ld * (AH @ Rd.T)).sum(dtype=torch.float64)
     quad = ((Ld.T @ Ld).double() * (Rd @ H @ Rd.T).double()).sum()
     return max((a2 - 2 * cross + quad).item(), 0.0)
+
+
+@torch.no_grad()
+def lowrank_error_curve(residual: Tensor, H: Tensor) -> Tensor:
+    """‖(A − A_r)Xᵀ‖_F of the best unquantized rank-r approximation A_r of `residual` A [m, n],
+    for every r = 0 … min(m, n), from one SVD of A·H½ (float64; H½ from eigh with negative
+    eigenvalues clipped, so a singular H is fine). Divide by h_norm(W, H) for relative errors.
+    Non-increasing in r and exactly 0 at full rank."""
+    A = residual.detach().double()
+    Hs = (H.detach().double().to(A.device) + H.detach().double().to(A.device).T) / 2
+    ev, V = torch.linalg.eigh(Hs)
+    root = (V * ev.clamp_min(0).sqrt()) @ V.T
+    s2 = torch.linalg.svdvals(A @ root).pow(2)
+    # tail[r] = Σ_{i ≥ r} σ_i²  (reverse cumulative sum), with tail[min(m, n)] = 0
+    tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
+    return tail.clamp_min(0).sqrt()

@@ -29,13 +29,13 @@ from compressor.data import Split, token_sequences
 from compressor.decompose import (
     DecompositionConfig,
     decompose,
-    lowrank_error_curve,
     prepare,
     q_only_many,
 )
 from compressor.hessian import HessianHooks, linear_weight
 from compressor.loading import Inventory, KeptParam, discover, load_tokenizer
 from compressor.memory import StageClock
+from compressor.problem import lowrank_error_curve
 from compressor.profile_store import LinearProfile, Profile, ProfileStore, profile_key
 from compressor.sensitivity import StreamedProbes, summarize
 from compressor.stream import BATCH, StreamedModel

@@ -90,7 +90,8 @@ def test_real_width_decomposition_temporaries_stay_under_one_w():
                               lr_iters=1, hadamard=False)
     decompose(W, H, Option(2, 0, 4, 128), cfg)   # first call: code pages, library buffers
     before = rss_bytes()
-    reset_peak_rss()
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its VmHWM")
     d = decompose(W, H, Option(2, 0, 4, 128), cfg)
     extra = _vmhwm() - before
     assert d.rel_h_err > 0

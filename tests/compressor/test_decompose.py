@@ -13,8 +13,8 @@ from compressor.decompose import (
     Rounding,
     decompose,
     h_norm,
-    lowrank_error_curve,
 )
+from compressor.problem import lowrank_error_curve
 from compressor.rounding import (
     BlockHadamard,
     fwht,
