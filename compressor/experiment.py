@@ -17,6 +17,7 @@ import solver
 from compressor.data import Split, token_sequences
 from compressor.hessian import collect_hessians
 from compressor.loading import load_model, load_tokenizer
+from compressor.memory import available_bytes
 from compressor.plan_eval import PlanEvaluator
 from compressor.planning import block_of, build_problem, predicted_kl
 from compressor.profile import ProfileConfig, calibration
@@ -102,6 +103,28 @@ def refine(ev: PlanEvaluator, prof: Profile, problem, plan: solver.Plan,
             "block_scale": {str(b): round(v, 4) for b, v in scale.items()}}
 
 
+def whole_model_bytes(prof: Profile) -> int:
+    """A lower bound on what the experiment holds at once: every linear's float32 weight and one
+    float32 Hessian per distinct input width of each block (linears fed the same input share
+    one; counting widths undercounts, never overcounts)."""
+    weights = sum(4 * lp.out_features * lp.in_features for lp in prof.linears)
+    widths = {(lp.block, lp.in_features) for lp in prof.linears}
+    return weights + sum(4 * n * n for _, n in widths)
+
+
+def check_fits(prof: Profile, device: str) -> None:
+    """Refuse, with the figures, a model the experiment cannot hold (it loads the model whole
+    with every Hessian, unlike profile, plan and compress, which stream) instead of being
+    killed for memory part-way."""
+    need, free = whole_model_bytes(prof), available_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(
+            f"the experiment holds the whole model and every Hessian: at least "
+            f"{need / 2**30:.1f} GiB, and {device} has {free / 2**30:.1f} GiB available. "
+            "`bitplan plan` and `bitplan compress` stream block by block and fit; run the "
+            "experiment on a machine with more memory")
+
+
 def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAULT_BUDGETS,
                    out_dir: Path | None = None, eval_seqs: int = 32, refine_rounds: int = 2,
                    progress: Callable[[str, float], None] | None = None, device: str = "cpu",
@@ -110,6 +133,7 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
     on-disk cache)."""
     report = progress or (lambda s, f: None)
     cfg = ProfileConfig.from_dict(prof.config)
+    check_fits(prof, device)
     model = load_model(model_ref, device=device)
     tok = load_tokenizer(model_ref)
     names = [lp.name for lp in prof.linears]

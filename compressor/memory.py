@@ -93,6 +93,22 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     return bool(fn is not None and fn(M_MMAP_THRESHOLD, threshold))
 
 
+def available_bytes(device: str | torch.device = "cpu") -> int | None:
+    """Memory a new allocation can still get: the GPU's free memory on CUDA, else the host's
+    MemAvailable (Linux /proc/meminfo); None where neither can be read."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0]) if torch.cuda.is_available() else None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def peak_gpu_bytes(device: str | torch.device) -> int | None:
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():

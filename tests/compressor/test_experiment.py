@@ -96,3 +96,31 @@ def test_headline_arithmetic():
     assert h["kl_gain_vs_uniform_pct_solver_plan"] == pytest.approx(50.0)
     assert h["optimal_never_worse_than_uniform_kl"] is True
     assert h["optimal_never_worse_than_uniform_kl_solver_plan"] is False  # 0.02 > 0.01 at b
+
+
+def test_experiment_refuses_a_model_it_cannot_hold(monkeypatch):
+    """A 7B-shaped profile (32 blocks of 4096 / 11008): the whole model at float32 with its
+    Hessians needs ≥ 40 GiB; with less available the experiment stops before loading, with
+    the figures and the streamed commands to use instead."""
+    from compressor import experiment
+    from compressor.memory import available_bytes
+    from compressor.profile_store import LinearProfile, Profile
+
+    shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+              "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
+              "down_proj": (4096, 11008)}
+    linears = [LinearProfile(f"model.layers.{j}.{k}", j, m, n)
+               for j in range(32) for k, (m, n) in shapes.items()]
+    prof = Profile("k", "m", "", "", {}, 0, linears)
+    per_block = 4 * sum(m * n for m, n in shapes.values()) + 4 * (4096 ** 2 + 11008 ** 2)
+    assert experiment.whole_model_bytes(prof) == 32 * per_block
+    assert 40 * 2**30 < experiment.whole_model_bytes(prof) < 41 * 2**30
+    assert (available_bytes("cpu") or 1) > 0      # this host's MemAvailable
+    monkeypatch.setattr(experiment, "available_bytes", lambda device: 24 * 2**30)
+    with pytest.raises(ValueError, match=r"at least 40\.6 GiB.*24\.0 GiB.*bitplan plan"):
+        experiment.check_fits(prof, "cpu")
+    with pytest.raises(ValueError, match="holds the whole model"):
+        experiment.run_experiment("no/such/model", prof)   # refused before any load
+    experiment.check_fits(Profile("k", "m", "", "", {}, 0, linears[:7]), "cpu")  # 1.3 GiB
+    monkeypatch.setattr(experiment, "available_bytes", lambda device: None)   # unknown
+    experiment.check_fits(prof, "cpu")
