@@ -9,8 +9,8 @@ linear (its Q, every R, every Q-only sample and anchor of the profile), so they 
 the results are bit-identical to making them per rounding.
 
 Also here: the H-weighted traces every error is measured with (`h_inner`, `h_sq`, `residual`,
-run a row chunk at a time so no W-sized product is ever formed: a real-width linear's
-decomposition needs W, H and less than one more W), and the residual's unquantized low-rank
+run a row chunk at a time so no W-sized product is ever formed: a rank-0 decomposition of a
+real-width linear needs W, H and less than one more W), and the residual's unquantized low-rank
 error curve the profile samples (`lowrank_error_curve`).
 """
 
