@@ -28,3 +28,26 @@ def test_each_task_thread_gets_its_share_of_the_cores(tmp_path):
                          check=True, env={"PATH": "/usr/bin:/bin",
                                           "BITPLAN_DATA_DIR": str(tmp_path)}).stdout
     assert out.split() == ["4", "4", "1", "1", "None", "1"]
+
+
+WARM = """
+import os, sys
+from types import SimpleNamespace
+os.environ['BITPLAN_REDIS_URL'] = 'redis://127.0.0.1:6399/0'   # never connected
+import workers.app as w
+def worker(*queues):
+    return SimpleNamespace(app=SimpleNamespace(amqp=SimpleNamespace(
+        queues=SimpleNamespace(consume_from={q: None for q in queues}))))
+print(w.warm_imports(worker('cpu')), 'compressor.profile' in sys.modules, 'torch' in sys.modules)
+print(w.warm_imports(worker('gpu', 'cpu')), 'compressor.profile' in sys.modules,
+      'compressor.execute' in sys.modules)
+"""
+
+
+def test_gpu_worker_imports_the_model_side_at_start(tmp_path):
+    """A `gpu` worker pays the torch/transformers imports when it starts (its first profile
+    shard then starts with the others); a `cpu`-only worker never imports torch."""
+    out = subprocess.run([sys.executable, "-c", WARM], cwd=REPO, capture_output=True, text=True,
+                         check=True, env={"PATH": "/usr/bin:/bin",
+                                          "BITPLAN_DATA_DIR": str(tmp_path)}).stdout
+    assert out.split() == ["False", "False", "False", "True", "True", "True"]
