@@ -89,6 +89,7 @@ class Inventory:
 class TensorInfo:
     dtype: str                 # safetensors dtype, e.g. "F32"
     shape: tuple[int, ...]
+    start: int = field(default=0, compare=False)   # absolute byte offset of its data in the file
 
 
 def block_index(name: str) -> int | None:
@@ -164,7 +165,7 @@ def read_header(f: Path, ref: str = "") -> dict[str, TensorInfo]:
                                  f"{begin}..{stop}) lies past the end of the file ({size} "
                                  "bytes; incomplete download?)")
         end = max(end, stop)
-        tensors[name] = TensorInfo(dtype, shape)
+        tensors[name] = TensorInfo(dtype, shape, 8 + n + begin)
     if size != 8 + n + end:   # past the end was refused above: these are trailing bytes
         raise ModelLoadError(f"{who} is corrupt: {size} bytes, but its tensors end at byte "
                              f"{8 + n + end} (trailing data)")

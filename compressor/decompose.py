@@ -308,10 +308,12 @@ def decompose(W: Tensor, H: Tensor, option: Option, config: DecompositionConfig 
                         u)   # RTN never reads H: no damped copy made for it
             del target
         if t == 0:  # the rank-0 candidate: Q alone with zero factors
-            res = residual(Wt, Ht, _rows_of(Qq))   # Q̂ a row chunk at a time
-            err0 = (q_start.h_err2 if q_start is not None and math.isfinite(q_start.h_err2)
-                    else res.err2)
-            q_only = (err0, res.fro2)
+            if q_start is not None and math.isfinite(q_start.h_err2):
+                q_only = (q_start.h_err2, q_start.fro2)   # its residual, measured already
+            else:
+                res = residual(Wt, Ht, _rows_of(Qq))   # Q̂ a row chunk at a time
+                q_only = (res.err2, res.fro2)
+            err0 = q_only[0]
             best = (err0, Qq, zero_l, zero_r)
             history.append((err0 / w_norm2) ** 0.5)
         if rank == 0:
@@ -355,7 +357,9 @@ class QOnly:
     codes: Tensor               # Q's codes and meta, in the (possibly) rotated basis
     meta: QuantMeta
     rel_h_err: float            # ‖(W − Q̂)Xᵀ‖ / ‖W Xᵀ‖ (undamped H), as `Decomposed.rel_h_err`
-    h_err2: float = math.nan    # tr(Δ H Δᵀ) in the rotated basis (decompose's q_start reuses it)
+    # tr(Δ H Δᵀ) and ‖Δ‖²_F in the rotated basis (decompose's q_start reuses both)
+    h_err2: float = math.nan
+    fro2: float = math.nan
 
     def w_hat(self) -> Tensor:
         """Dense float32 Q̂ in the original basis (equals `Decomposed.w_hat` at rank 0)."""
@@ -395,6 +399,7 @@ def q_only_many(W: Tensor, H: Tensor, options: Sequence[Option],
             out[k] = QOnly(options[k], config, codes, meta, 0.0)
     for q in out.values():
         if q.option.bits != FP16_BITS:
-            q.h_err2 = residual(Wt, Ht, partial(dequantize_rows, q.codes, q.meta)).err2
+            res = residual(Wt, Ht, partial(dequantize_rows, q.codes, q.meta))
+            q.h_err2, q.fro2 = res.err2, res.fro2
             q.rel_h_err = (q.h_err2 / p.w_norm2) ** 0.5
     return [out[k] for k in range(len(options))]

@@ -94,7 +94,7 @@ def residual(W: Tensor, H: Tensor, what_rows: Callable[[int, int], Tensor],
 def fro_sq(delta: Tensor) -> float:
     """‖Δ‖²_F in float64, over row chunks (no squared copy of Δ)."""
     step = chunk_rows(delta.shape[-1])
-    d2 = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
+    d2 = delta.reshape(-1, delta.shape[-1])
     total = torch.zeros((), dtype=torch.float64, device=delta.device)
     for a in range(0, d2.shape[0], step):
         total += d2[a:a + step].pow(2).sum(dtype=torch.float64)

@@ -58,13 +58,10 @@ def lazy_block(device: torch.device | str) -> int:
 def inverse_cholesky_upper(H: Tensor) -> Tensor:
     """U upper-triangular with H⁻¹ = UᵀU (float64 internally). H must be positive definite
     (damp it first); raises torch.linalg.LinAlgError otherwise."""
-    return inverse_cholesky_from(torch.linalg.cholesky(H.double()), H.dtype)
-
-
-def inverse_cholesky_from(L: Tensor, dtype: torch.dtype) -> Tensor:
-    """`inverse_cholesky_upper(H)` from H's lower Cholesky factor L (H = L·Lᵀ, float64), for
-    callers that factor H anyway: U = chol(cholesky_inverse(L), upper), cast to `dtype`."""
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(dtype)
+    Hd = H.double()
+    L = torch.linalg.cholesky(Hd)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True).to(H.dtype)
 
 
 def ldlq(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: bool = False,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from compressor.hessian import linear_weight
 from compressor.loading import block_index
 from compressor.problem import h_inner
-from compressor.stream import StreamedModel
+from compressor.stream import OnlineKL, StreamedModel
 
 STREAM_BATCH = 64   # perturbed probe sequences carried through a block per forward call
 
@@ -100,6 +100,8 @@ class StreamedProbes:
             W = linear_weight(mod)
             # perturbed in float32 whatever the resident weight's dtype, in its own layout
             # (Conv1D stores Wᵀ): the same values and memory order as adding in place
+            # the draw `scale` measured, made again rather than kept from sampling (a W-sized
+            # tensor per linear of the block held meanwhile)
             delta = noise(tuple(W.shape), self.seed, W.device).mul_(self.scales.pop(name))
             perturbed = W.to(torch.float32, copy=True).add_(delta)
             del delta
@@ -151,30 +153,21 @@ class StreamedProbes:
 @torch.no_grad()
 def kl_to_reference(sm: StreamedModel, streams: list[Tensor], ref: Tensor) -> list[Tensor]:
     """KL(ref ‖ stream_k) per position for every final hidden state stream_k [B, T, D]
-    against one reference [B, T, D]: the arithmetic of `StreamedModel.head_stats` (online
-    log-sum-exp over vocabulary chunks), but the head is read once for all streams and the
-    reference's logits, running max and softmax weights are computed once per chunk (with one
-    stream at a time the head was read, and the reference's logits recomputed, per stream)."""
+    against one reference [B, T, D]: `StreamedModel.head_stats`'s arithmetic (stream.OnlineKL),
+    but the head is read once for all streams and the reference's side of each chunk is folded
+    once (with one stream at a time the head was read, and the reference's logits recomputed,
+    per stream)."""
     xr = sm.norm(ref).float()
     shape = ref.shape[:-1]
-    c = torch.full(shape, -math.inf, device=ref.device)      # running max of ref logits
-    z = torch.zeros(shape, device=ref.device)                 # Σ exp(r − c)
-    lse_r = torch.full(shape, -math.inf, device=ref.device)
+    acc = OnlineKL(shape, ref.device, len(streams))
     lse = [torch.full(shape, -math.inf, device=ref.device) for _ in streams]
-    s = [torch.zeros(shape, device=ref.device) for _ in streams]   # Σ exp(r − c)(r − m)
     for _, _, W, bias in sm.head_chunks():
-        r = F.linear(xr, W, bias)
-        lse_r = torch.logaddexp(lse_r, torch.logsumexp(r, -1))
-        c_new = torch.maximum(c, r.max(-1).values)
-        scale = torch.exp(c - c_new)
-        e = torch.exp(r - c_new.unsqueeze(-1))
-        z = z * scale + e.sum(-1)
+        acc.chunk(F.linear(xr, W, bias))
         for k, h in enumerate(streams):
             m = F.linear(sm.norm(h).float(), W, bias)
             lse[k] = torch.logaddexp(lse[k], torch.logsumexp(m, -1))
-            s[k] = s[k] * scale + (e * (r - m)).sum(-1)
-        c = c_new
-    return [s_k / z + lse_k - lse_r for s_k, lse_k in zip(s, lse, strict=True)]
+            acc.fold(k, m)
+    return [acc.kl(k, lse_k) for k, lse_k in enumerate(lse)]
 
 
 def summarize(alpha: Mapping[str, float], block_influence: list[float]) -> Sensitivity:

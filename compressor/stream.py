@@ -77,6 +77,38 @@ class HeadStats:
         return self.target_logit - self.lse
 
 
+class OnlineKL:
+    """KL(ref ‖ model_k) = Σ_v p_ref(v)·(r_v − m_v) + lse_m − lse_r for one reference and k
+    models, accumulated over vocabulary chunks (online log-sum-exp): per chunk, `chunk(r)` folds
+    the reference's logits once (running max c, Σ exp(r − c), lse_r) and `fold(k, m)` each
+    model's Σ exp(r − c)(r − m); `kl(k, lse_m)` at the end, given model k's log-sum-exp. One
+    model's chunk of logits is needed at a time, never all k."""
+
+    def __init__(self, shape: torch.Size, device: torch.device, models: int = 1) -> None:
+        self.c = torch.full(shape, -math.inf, device=device)     # running max of ref logits
+        self.z = torch.zeros(shape, device=device)                 # Σ exp(r − c)
+        self.lse_r = torch.full(shape, -math.inf, device=device)
+        self.s = [torch.zeros(shape, device=device) for _ in range(models)]
+        self._r = self._e = self._scale = None
+
+    def chunk(self, r: Tensor, rmax: Tensor | None = None) -> None:
+        """The reference's logits r [..., chunk] of the next chunk (`rmax`: r.max(-1) if known)."""
+        self.lse_r = torch.logaddexp(self.lse_r, torch.logsumexp(r, -1))
+        c_new = torch.maximum(self.c, r.max(-1).values if rmax is None else rmax)
+        self._scale = torch.exp(self.c - c_new)
+        self._e = torch.exp(r - c_new.unsqueeze(-1))
+        self._r = r
+        self.z = self.z * self._scale + self._e.sum(-1)
+        self.c = c_new
+
+    def fold(self, k: int, m: Tensor) -> None:
+        """Model k's logits m over the chunk last given to `chunk`."""
+        self.s[k] = self.s[k] * self._scale + (self._e * (self._r - m)).sum(-1)
+
+    def kl(self, k: int, lse_m: Tensor) -> Tensor:
+        return self.s[k] / self.z + lse_m - self.lse_r
+
+
 class StreamedModel:
     """A causal LM skeleton whose weights stay in the checkpoint until a block needs them."""
 
@@ -264,10 +296,7 @@ class StreamedModel:
         arg = torch.zeros(shape, dtype=torch.long, device=h.device)
         tgt = torch.zeros(shape, device=h.device) if targets is not None else None
         if xr is not None:
-            c = torch.full(shape, -math.inf, device=h.device)   # running max of ref logits
-            z = torch.zeros(shape, device=h.device)               # Σ exp(r − c)
-            s = torch.zeros(shape, device=h.device)               # Σ exp(r − c)(r − m)
-            lse_r = torch.full(shape, -math.inf, device=h.device)
+            kl = OnlineKL(shape, h.device)
             rbest = torch.full(shape, -math.inf, device=h.device)
             rarg = torch.zeros(shape, dtype=torch.long, device=h.device)
         for a, b, W, bb in self.head_chunks():
@@ -282,19 +311,14 @@ class StreamedModel:
                 tgt = torch.where(inside, m.gather(-1, idx).squeeze(-1), tgt)
             if xr is not None:
                 r = F.linear(xr, W, bb)
-                lse_r = torch.logaddexp(lse_r, torch.logsumexp(r, -1))
                 rmax, ridx = r.max(-1)
                 upd = rmax > rbest
                 rbest, rarg = torch.where(upd, rmax, rbest), torch.where(upd, ridx + a, rarg)
-                c_new = torch.maximum(c, rmax)
-                scale = torch.exp(c - c_new)
-                e = torch.exp(r - c_new.unsqueeze(-1))
-                z = z * scale + e.sum(-1)
-                s = s * scale + (e * (r - m)).sum(-1)
-                c = c_new
+                kl.chunk(r, rmax)
+                kl.fold(0, m)
         out = HeadStats(lse, arg, tgt)
         if xr is not None:
-            out.kl = s / z + lse - lse_r
+            out.kl = kl.kl(0, lse)
             out.ref_argmax = rarg
         return out
 

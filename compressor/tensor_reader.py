@@ -4,9 +4,7 @@ asked for, with no memory map whose pages would stay resident. The streamed mode
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,16 +30,10 @@ class Checkpoint:
         self.path = Path(path)
         self._index: dict[str, _Entry] = {}
         for f in files if files is not None else weight_files(self.path, str(path)):
-            read_header(f, str(path))   # validates offsets against the file size
-            with f.open("rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = getattr(torch, _ST_TO_TORCH[meta["dtype"]])
-                self._index[name] = _Entry(f, dtype, tuple(meta["shape"]),
-                                           8 + n + int(meta["data_offsets"][0]))
+            # read_header validates every offset against the file size
+            for name, info in read_header(f, str(path)).items():
+                self._index[name] = _Entry(f, getattr(torch, _ST_TO_TORCH[info.dtype]),
+                                           info.shape, info.start)
 
     def __contains__(self, name: str) -> bool:
         return name in self._index

@@ -49,8 +49,8 @@ def share_cores(sender=None, **_) -> int | None:
 def warm_imports(sender=None, **_) -> bool:
     """A worker that consumes the `gpu` queue imports the model side (compressor: torch and
     transformers' model code, 3.3 s on 2 CPU cores) when it starts, not inside its first task:
-    otherwise every worker's first shard of a profile starts that much late, and a fit/solve-only
-    (`cpu`) worker stays torch-free. True when it imported."""
+    otherwise every worker's first shard of a profile starts that much late. A fit/solve-only
+    (`cpu`) worker is left to import what its tasks need. True when it imported."""
     if sender is None or QueueName.GPU.value not in sender.app.amqp.queues.consume_from:
         return False
     import compressor.execute

@@ -46,7 +46,7 @@ print(w.warm_imports(worker('gpu', 'cpu')), 'compressor.profile' in sys.modules,
 
 def test_gpu_worker_imports_the_model_side_at_start(tmp_path):
     """A `gpu` worker pays the torch/transformers imports when it starts (its first profile
-    shard then starts with the others); a `cpu`-only worker never imports torch."""
+    shard then starts with the others); a `cpu`-only worker does not import them at start."""
     out = subprocess.run([sys.executable, "-c", WARM], cwd=REPO, capture_output=True, text=True,
                          check=True, env={"PATH": "/usr/bin:/bin",
                                           "BITPLAN_DATA_DIR": str(tmp_path)}).stdout
