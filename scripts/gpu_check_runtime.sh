@@ -31,9 +31,9 @@ def stage(name):
 assert torch.cuda.is_available(), "no CUDA device"
 dev = torch.device("cuda")
 import triton
-from compressor.packed import PackedSpec, torch_packed_matmul
-from compressor.quant import QuantizedTensor
-from compressor import triton_kernels
+from compressor.runtime.packed import PackedSpec, torch_packed_matmul
+from compressor.quant.grids import QuantizedTensor
+from compressor.runtime import triton_kernels
 emit(stage="env", torch=torch.__version__, triton=triton.__version__,
      device=torch.cuda.get_device_name(0))
 
@@ -83,8 +83,9 @@ def _():
 @stage("module_correctness")
 def _():
     # a whole CompressedLinear on CUDA (Hadamard-rotated Q + rank-64 L·R through the kernel)
-    from compressor.decompose import DecompositionConfig, Rounding, decompose
-    from compressor.modules import CompressedLinear, Runtime
+    from compressor.quant.decompose import decompose
+    from compressor.quant.decomposed import DecompositionConfig, Rounding
+    from compressor.runtime.modules import CompressedLinear, Runtime
     from solver.bytes import Option, option_bytes
     for (m, n) in SHAPES:
         W = torch.randn(m, n, device=dev) / n ** 0.5

@@ -25,9 +25,10 @@ import statistics
 
 import torch
 
-from compressor.decompose import decompose, q_only_many, rotated_problem
-from compressor.profile import ProfileConfig
-from compressor.rounding import lazy_block, ldlq, ldlq_many
+from compressor.quant.decompose import decompose, q_only_many
+from compressor.quant.problem import rotated_problem
+from compressor.pipeline.profile import ProfileConfig
+from compressor.quant.rounding import lazy_block, ldlq, ldlq_many
 from service.bench.sampling import synthetic_linear, timed
 
 

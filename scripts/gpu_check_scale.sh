@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 import solver
-from compressor.execute import ExecuteConfig, execute_plan
-from compressor.loading import load_tokenizer
-from compressor.memory import peak_gpu_bytes, peak_rss_bytes
-from compressor.profile import ProfileConfig, calibration, stream_inventory, sweep_blocks
-from compressor.profile import tensor_hash, weights_hash_of
-from compressor.profile_store import FileProfileStore, profile_key
-from compressor.stream import StreamedModel
+from compressor.pipeline.execute import ExecuteConfig, execute_plan
+from compressor.checkpoint.loading import load_tokenizer
+from compressor.checkpoint.memory import peak_gpu_bytes, peak_rss_bytes
+from compressor.pipeline.profile import ProfileConfig, calibration, stream_inventory, sweep_blocks
+from compressor.pipeline.profile import tensor_hash, weights_hash_of
+from compressor.pipeline.profile_store import FileProfileStore, profile_key
+from compressor.checkpoint.stream import StreamedModel
 from service.bench.synthetic import QWEN2_1_5B, write_checkpoint
 from solver.bytes import Option
 
@@ -52,7 +52,7 @@ with tempfile.TemporaryDirectory() as tmp:
     sweep = sweep_blocks(sm, calib, cfg, key, store, inv, blocks=blocks, report=progress)
     line("profile", t0, blocks=len(blocks), stage_s=sweep.timings)
     # compress every linear (uniform 4-bit, rank 64); predicted KL over the profiled linears
-    from compressor.profile_store import Profile
+    from compressor.pipeline.profile_store import Profile
     prof = Profile(key, model, "", "", cfg.to_dict(), inv.kept_bytes,
                    list(store.linear_records(key).values()))
     plan = solver.Plan({li.name: Option(4, 64) for li in inv.linears}, 0, 0.0, "uniform", False)

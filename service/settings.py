@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         "runs; `bitplan worker-health` checks its age (unset = no heartbeat)")
     worker_heartbeat_s: float = Field(default=10.0, gt=0, description="seconds between beats")
     profile_config: dict = Field(default_factory=dict,
-                                 description="overrides of compressor.profile.ProfileConfig")
+                                 description="overrides of compressor.pipeline.profile.ProfileConfig")
     profile_shards: int = Field(default=0, ge=0, description="block-range shards a profile "
                                 "splits into (0 = one per live `gpu` worker, 1 in embedded mode)")
 

@@ -1,6 +1,8 @@
-"""The layering holds in the source: imports go solver ← compressor ← service ← workers, and no
-module-level import cycle exists among our modules (read from the AST, so a cycle hidden behind
-a function-level import still counts: every import in the file is an edge)."""
+"""The layering holds in the source: imports go solver ← compressor ← service ← workers (bench/
+above them all), inside compressor/ its sub-packages go quant ← runtime ← checkpoint ← artifact ←
+pipeline ← research ← the front door (compressor.api), and no module-level import cycle exists
+among our modules (read from the AST, so a cycle hidden behind a function-level import still
+counts: every import in the file is an edge). No module is over 400 lines."""
 
 from __future__ import annotations
 
@@ -8,8 +10,12 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("solver", "compressor", "service", "workers")
+PACKAGES = ("solver", "compressor", "service", "workers", "bench")
 LAYER = {name: i for i, name in enumerate(PACKAGES)}
+# compressor's sub-packages, lowest first; compressor.api (the front door) stands above them all
+SUBPACKAGES = ("quant", "runtime", "checkpoint", "artifact", "pipeline", "research", "api")
+SUBLAYER = {name: i for i, name in enumerate(SUBPACKAGES)}
+MAX_LINES = 400
 
 
 def _module_name(path: Path) -> str:
@@ -18,7 +24,8 @@ def _module_name(path: Path) -> str:
 
 
 def _imports() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    modules = {_module_name(p): p for pkg in PACKAGES if (REPO / pkg).is_dir()
+               for p in (REPO / pkg).rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         edges: set[str] = set()
@@ -37,10 +44,55 @@ def _imports() -> dict[str, set[str]]:
     return graph
 
 
+def _against(order: dict[str, int], graph: dict[str, set[str]], level) -> list[tuple[str, str]]:
+    """Every arrow m -> t whose target stands above its source in `order`."""
+    return sorted((m, t) for m, ts in graph.items() for t in ts
+                  if level(m) is not None and level(t) is not None
+                  and order[level(t)] > order[level(m)])
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def _sub(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "compressor" and len(parts) > 1 else None
+
+
 def test_imports_go_one_way():
-    wrong = sorted((m, t) for m, ts in _imports().items() for t in ts
-                   if LAYER[t.split(".")[0]] > LAYER[m.split(".")[0]])
-    assert wrong == [], wrong
+    assert _against(LAYER, _imports(), _top) == []
+
+
+def test_compressor_subpackages_go_one_way():
+    assert _against(SUBLAYER, _imports(), _sub) == []
+
+
+def test_the_order_check_catches_an_arrow_against_it():
+    graph = {"compressor.quant.grids": {"compressor.runtime.packed"},
+             "compressor.pipeline.profile": {"compressor.quant.grids"}}
+    assert _against(SUBLAYER, graph, _sub) == [("compressor.quant.grids",
+                                               "compressor.runtime.packed")]
+
+
+def test_every_compressor_module_has_a_room():
+    """A module lives in one of the sub-packages (or is the front door); each package's
+    __init__ is one docstring line saying what it holds, and imports nothing."""
+    loose = [p.name for p in (REPO / "compressor").glob("*.py")
+             if p.name not in ("__init__.py", "api.py")]
+    assert loose == []
+    for pkg in SUBPACKAGES[:-1]:
+        init = ast.parse((REPO / "compressor" / pkg / "__init__.py").read_text())
+        doc = ast.get_docstring(init)
+        assert doc and "\n" not in doc.strip(), pkg
+        assert [n for n in init.body if not isinstance(n, ast.Expr)] == [], pkg
+
+
+def test_no_module_over_the_line_limit():
+    long = {str(p.relative_to(REPO)): n for pkg in PACKAGES + ("tests",)
+            for p in (REPO / pkg).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -53,8 +53,8 @@ def warm_imports(sender=None, **_) -> bool:
     (`cpu`) worker is left to import what its tasks need. True when it imported."""
     if sender is None or QueueName.GPU.value not in sender.app.amqp.queues.consume_from:
         return False
-    import compressor.execute
-    import compressor.profile  # noqa: F401
+    import compressor.pipeline.execute
+    import compressor.pipeline.profile  # noqa: F401
 
     return True
 

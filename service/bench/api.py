@@ -33,8 +33,8 @@ from pathlib import Path
 
 import httpx
 
-from compressor.loading import inventory
-from compressor.profile_store import LinearProfile, Profile
+from compressor.checkpoint.loading import inventory
+from compressor.pipeline.profile_store import LinearProfile, Profile
 from service.client import wait_ready
 from service.db.auth import create_key, create_team
 from service.db.migrate import upgrade

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from compressor.experiment import run_experiment
+from compressor.research.experiment import run_experiment
 from service.cli.planning import ensure_profile
 from service.settings import DEMO_MODEL, get_settings
 

@@ -32,15 +32,15 @@ def _heldout_points(R: int) -> list[tuple[int, int]]:
 
 def run(args) -> dict:
     import solver
-    from compressor.compress import compress_model
-    from compressor.data import Split, token_sequences
-    from compressor.decompose import decompose
-    from compressor.hessian import collect_hessians, linear_weight
-    from compressor.loading import load_model, load_tokenizer
-    from compressor.plan_eval import PlanEvaluator
-    from compressor.planning import block_of, build_problem, predicted_kl
-    from compressor.profile import ProfileConfig, calibration, run_profile, spearman
-    from compressor.profile_store import FileProfileStore
+    from compressor.checkpoint.data import Split, token_sequences
+    from compressor.checkpoint.loading import load_model, load_tokenizer
+    from compressor.pipeline.compress import compress_model
+    from compressor.pipeline.planning import block_of, build_problem, predicted_kl
+    from compressor.pipeline.profile import ProfileConfig, calibration, run_profile, spearman
+    from compressor.pipeline.profile_store import FileProfileStore
+    from compressor.quant.decompose import decompose
+    from compressor.quant.hessian import collect_hessians, linear_weight
+    from compressor.research.plan_eval import PlanEvaluator
     from service.cli.planning import ensure_profile
     from service.settings import get_settings
     from solver.errormodel import ErrorModel, r2_log

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from compressor.data import Split, token_sequences
-from compressor.decompose import DecompositionConfig, decompose
-from compressor.hessian import collect_hessians, linear_weight
-from compressor.loading import discover, load_model, load_tokenizer
+from compressor.checkpoint.data import Split, token_sequences
+from compressor.checkpoint.loading import discover, load_model, load_tokenizer
+from compressor.quant.decompose import decompose
+from compressor.quant.decomposed import DecompositionConfig
+from compressor.quant.hessian import collect_hessians, linear_weight
 from service.settings import DEMO_MODEL, get_settings
 from solver.bytes import Option
 

@@ -2,7 +2,7 @@
 
 On the demo model at 2.75 bpp (the solver's plan from its profile; BITPLAN_BENCH_MODEL for
 another model), the artifact is loaded twice, each time in its own fresh interpreter through
-`AutoModelForCausalLM.from_pretrained` (after `import compressor.hf`): once packed (the
+`AutoModelForCausalLM.from_pretrained` (after `import compressor.runtime.hf`): once packed (the
 default runtime), once with the dense-Ŵ cache. Each child loads, warms up, generates 64 tokens
 greedily (decode tok/s), records its peak RSS, then times a prefill forward (prefill tok/s)
 and saves its logits. Reported:
@@ -40,11 +40,11 @@ PROMPT_LEN, PREFILL_LEN = 16, 256
 def _artifact(model_ref: str, quick: bool) -> tuple[Path, dict, str]:
     """(artifact dir, {linear: Option}, plan label): reused from the data dir's cache when the
     stored one was made for the same plan and still verifies."""
-    from compressor.artifact import ArtifactError, save_artifact, verify_artifact
-    from compressor.compress import compress_model
-    from compressor.decompose import DecompositionConfig, Rounding
-    from compressor.loading import discover, load_model, load_tokenizer
-    from compressor.profile import ProfileConfig, calibration
+    from compressor.artifact.native import ArtifactError, save_artifact, verify_artifact
+    from compressor.checkpoint.loading import discover, load_model, load_tokenizer
+    from compressor.pipeline.compress import compress_model
+    from compressor.pipeline.profile import ProfileConfig, calibration
+    from compressor.quant.decomposed import DecompositionConfig, Rounding
     from solver.bytes import Option
 
     settings = get_settings()
@@ -81,9 +81,9 @@ def _child(artifact: str, runtime: str, new_tokens: int, logits_out: str) -> dic
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    import compressor.hf  # noqa: F401  (registers bitplan's quantization method)
-    from compressor.memory import dense_linear_bytes, packed_linear_bytes, peak_rss_bytes
-    from compressor.modules import CompressedLinear, Runtime, set_runtime
+    import compressor.runtime.hf  # noqa: F401  (registers bitplan's quantization method)
+    from compressor.checkpoint.memory import dense_linear_bytes, packed_linear_bytes, peak_rss_bytes
+    from compressor.runtime.modules import CompressedLinear, Runtime, set_runtime
 
     torch.manual_seed(0)
     torch.set_num_threads(int(os.environ.get("BITPLAN_BENCH_THREADS", "1")))
@@ -136,7 +136,7 @@ def _run_child(artifact: Path, runtime: str, new_tokens: int, logits: Path) -> d
 def run(args) -> dict:
     from safetensors.torch import load_file
 
-    from compressor.artifact import read_manifest
+    from compressor.artifact.native import read_manifest
     from solver.bytes import option_bytes
 
     quick = bool(getattr(args, "quick", False))

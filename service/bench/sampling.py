@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from compressor.compress import compress_model
-from compressor.decompose import decompose, q_only_many, rotated_problem
-from compressor.loading import discover, load_model, load_tokenizer
-from compressor.profile import ProfileConfig, calibration, run_profile
-from compressor.profile_store import FileProfileStore
-from compressor.rounding import lazy_block, ldlq, ldlq_many
+from compressor.checkpoint.loading import discover, load_model, load_tokenizer
+from compressor.pipeline.compress import compress_model
+from compressor.pipeline.profile import ProfileConfig, calibration, run_profile
+from compressor.pipeline.profile_store import FileProfileStore
+from compressor.quant.decompose import decompose, q_only_many
+from compressor.quant.problem import rotated_problem
+from compressor.quant.rounding import lazy_block, ldlq, ldlq_many
 from service.settings import DEMO_MODEL, get_settings
 from solver.bytes import Option, option_bytes
 

@@ -1,5 +1,5 @@
 """`bitplan bench scale --json`: profile, compress and evaluate a synthetic checkpoint with real
-widths in bounded memory, streamed block by block (compressor.stream).
+widths in bounded memory, streamed block by block (compressor.checkpoint.stream).
 
 - model: TinyLlama-1.1B's shapes as sharded fp16 safetensors (service/bench/synthetic.py);
   `--quick`: 4 blocks of hidden 256 / intermediate 688, vocab 4096 (same code, smaller);
@@ -12,7 +12,7 @@ widths in bounded memory, streamed block by block (compressor.stream).
   in-memory code recorded (service/bench/streaming_baseline.py; the demo model, or with --quick
   the tiny model): byte for byte on the recording CPU, within float-order tolerance on another
   (`streamed_vs_inmemory` says which, with the largest gaps);
-- peak RSS per stage (compressor.memory.StageClock: a VmHWM window per stage) of the profile
+- peak RSS per stage (compressor.checkpoint.memory.StageClock: a VmHWM window per stage) of the profile
   and of execute_plan, so where the memory goes is in the figures;
 - profile_over_compress: a full default-config profile over one compression pass (execute_plan's
   compress stage, uniform 4-bit rank-16) of the demo model (--quick: the tiny model), both now.
@@ -32,8 +32,8 @@ from service.settings import DEMO_MODEL, REPO_ROOT
 
 
 def _profile_config():
-    from compressor.decompose import DecompositionConfig, Rounding
-    from compressor.profile import ProfileConfig
+    from compressor.pipeline.profile import ProfileConfig
+    from compressor.quant.decomposed import DecompositionConfig, Rounding
 
     # tail_bits 0 (not sampled): no residual SVD, a flat rank curve — memory and streaming
     # time are what this measures, not the fit
@@ -54,12 +54,12 @@ def child(model: str, out: str) -> None:
     import time
 
     import solver
-    from compressor.evaluate import eval_sequences
-    from compressor.execute import ExecuteConfig, execute_plan
-    from compressor.loading import load_tokenizer
-    from compressor.memory import peak_rss_bytes
-    from compressor.profile import calibration, run_profile
-    from compressor.profile_store import FileProfileStore
+    from compressor.checkpoint.loading import load_tokenizer
+    from compressor.checkpoint.memory import peak_rss_bytes
+    from compressor.pipeline.evaluate import eval_sequences
+    from compressor.pipeline.execute import ExecuteConfig, execute_plan
+    from compressor.pipeline.profile import calibration, run_profile
+    from compressor.pipeline.profile_store import FileProfileStore
     from solver.bytes import Option, option_bytes
 
     cfg = _profile_config()
@@ -104,9 +104,9 @@ def _profile_over_compress(quick: bool) -> dict:
     import time
 
     import solver
-    from compressor.execute import ExecuteConfig, execute_plan
-    from compressor.profile import run_profile
-    from compressor.profile_store import FileProfileStore
+    from compressor.pipeline.execute import ExecuteConfig, execute_plan
+    from compressor.pipeline.profile import run_profile
+    from compressor.pipeline.profile_store import FileProfileStore
     from service.bench.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:

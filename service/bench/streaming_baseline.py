@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 import solver
-from compressor.artifact import COMPRESSED, KEPT, tensors_sha256
-from compressor.execute import ExecuteConfig, execute_plan
-from compressor.profile import ProfileConfig, run_profile
-from compressor.profile_store import FileProfileStore
+from compressor.artifact.native import COMPRESSED, KEPT, tensors_sha256
+from compressor.pipeline.execute import ExecuteConfig, execute_plan
+from compressor.pipeline.profile import ProfileConfig, run_profile
+from compressor.pipeline.profile_store import FileProfileStore
 from service.bench.tiny import write_tiny_model
 from service.settings import DEMO_MODEL, REPO_ROOT
 from solver.bytes import Option, option_bytes

@@ -10,7 +10,7 @@ import sys
 
 from sqlalchemy.exc import ArgumentError, OperationalError
 
-from compressor.checkpoint import ModelLoadError
+from compressor.checkpoint.headers import ModelLoadError
 from service.errors import UserError
 
 # One module per area; each exposes `register(subparsers)` and sets `func` on its parsers.

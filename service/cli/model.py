@@ -60,7 +60,7 @@ def register(sub) -> None:
 def cmd_train_demo(args) -> int:
     import torch
 
-    from compressor.demo_model import GPU_RECIPE, DemoConfig, train_demo  # torch
+    from compressor.research.demo_model import GPU_RECIPE, DemoConfig, train_demo  # torch
 
     cfg = dataclasses.replace(GPU_RECIPE if args.recipe == "gpu" else DemoConfig(),
                               seed=args.seed)
@@ -82,13 +82,13 @@ def load_any(ref: str, dense: bool = False):
     """A plain HF model or a compressed artifact directory (it has a bitplan manifest); an
     artifact loads through AutoModelForCausalLM.from_pretrained with bitplan's registered
     quantizer (packed linears; `dense` caches each Ŵ instead)."""
-    from compressor.loading import load_model, load_tokenizer  # torch
+    from compressor.checkpoint.loading import load_model, load_tokenizer  # torch
 
     settings = get_settings()
     path = Path(ref)
     if (path / "bitplan_manifest.json").is_file():
-        from compressor.artifact import load_compressed  # torch
-        from compressor.modules import Runtime  # torch
+        from compressor.artifact.native import load_compressed  # torch
+        from compressor.runtime.modules import Runtime  # torch
 
         runtime = Runtime.DENSE if dense else Runtime.PACKED
         return load_compressed(path, device=settings.device, runtime=runtime)
@@ -97,7 +97,7 @@ def load_any(ref: str, dense: bool = False):
 
 
 def cmd_eval(args) -> int:
-    from compressor.evaluate import (  # torch
+    from compressor.pipeline.evaluate import (  # torch
         eval_sequences,
         evaluate,
         reference_logprobs,
@@ -108,9 +108,9 @@ def cmd_eval(args) -> int:
     artifact = (Path(args.model) / "bitplan_manifest.json").is_file()
     if not artifact and not args.reference:
         # a plain checkpoint: streamed block by block (one block resident), any size
-        from compressor.evaluate import stream_evaluate
-        from compressor.loading import load_tokenizer
-        from compressor.stream import StreamedModel
+        from compressor.checkpoint.loading import load_tokenizer
+        from compressor.checkpoint.stream import StreamedModel
+        from compressor.pipeline.evaluate import stream_evaluate
 
         tokenizer = load_tokenizer(args.model, trust_remote_code=settings.trust_remote_code)
         seqs = eval_sequences(tokenizer, args.seq_len or settings.eval_seq_len,
@@ -139,7 +139,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from compressor.memory import packed_linear_bytes, peak_rss_bytes, rss_bytes
+    from compressor.checkpoint.memory import packed_linear_bytes, peak_rss_bytes, rss_bytes
 
     model, tokenizer = load_any(args.model, dense=args.dense)
     torch.manual_seed(args.seed)
@@ -184,7 +184,7 @@ class _TimedStreamer:
 
 
 def cmd_layers(args) -> int:
-    from compressor.loading import inventory  # torch
+    from compressor.checkpoint.loading import inventory  # torch
 
     inv = inventory(args.model, trust_remote_code=get_settings().trust_remote_code)
     if args.json:

@@ -15,14 +15,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 import solver
-from compressor.checkpoint import check_model_dir
-from compressor.planning import build_problem
-from compressor.profile_store import FileProfileStore, seed_shipped_profile
+from compressor.checkpoint.headers import check_model_dir
+from compressor.pipeline.planning import build_problem
+from compressor.pipeline.profile_store import FileProfileStore, seed_shipped_profile
 from service.errors import UserError
 from service.settings import DEMO_MODEL, get_settings
 from solver.recipes import plan_to_yaml
 
-# The commands below import torch-backed modules (compressor.profile, .execute, .experiment, …)
+# The commands below import torch-backed modules (compressor.pipeline.profile, .execute, .experiment, …)
 # inside the function that needs them, so `bitplan --help`, `plan` and `serve` start without
 # loading torch; plots import matplotlib on first use.
 
@@ -77,7 +77,7 @@ def stored_profile(model: str):
 
 def check_model_ref(model: str) -> None:
     """Refuse a broken or unsupported local checkpoint (weights, architecture) before any other
-    work or message: compressor.checkpoint reads config.json and the safetensors headers only."""
+    work or message: compressor.checkpoint.headers reads config.json and the safetensors headers only."""
     path = Path(model).expanduser()
     if path.is_dir() and not (path / "bitplan_manifest.json").is_file():
         check_model_dir(path, model, get_settings().trust_remote_code)
@@ -85,7 +85,7 @@ def check_model_ref(model: str) -> None:
 
 def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = False):
     """The stored profile of `model`, profiling it first when there is none."""
-    from compressor.profile import ProfileConfig, run_profile  # torch
+    from compressor.pipeline.profile import ProfileConfig, run_profile  # torch
 
     check_model_ref(model)
     settings = get_settings()
@@ -110,10 +110,10 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
 def cmd_profile(args) -> int:
     prof = ensure_profile(args.model, args.calib_seqs)
     if args.plot:
-        from compressor.plots import profile_plot_png  # matplotlib
+        from compressor.research.plots import profile_plot_png  # matplotlib
 
         args.plot.write_bytes(profile_plot_png(prof))
-    from compressor.memory import peak_gpu_bytes, peak_rss_bytes
+    from compressor.checkpoint.memory import peak_gpu_bytes, peak_rss_bytes
 
     # stats carry the stage times and peak memory of the run that measured the profile; the
     # peaks of this process are reported beside them (a stored profile costs only a lookup)
@@ -173,7 +173,7 @@ def register_execution(sub) -> None:
 
 def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = False) -> dict:
     """Compress every linear as planned, save the artifact, evaluate it against the original."""
-    from compressor.execute import ExecuteConfig, execute_plan  # torch
+    from compressor.pipeline.execute import ExecuteConfig, execute_plan  # torch
 
     settings = get_settings()
     config = ExecuteConfig(device=settings.device, trust_remote_code=settings.trust_remote_code,
@@ -204,7 +204,7 @@ def cmd_compress(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from compressor.experiment import DEFAULT_BUDGETS, run_experiment  # torch
+    from compressor.research.experiment import DEFAULT_BUDGETS, run_experiment  # torch
 
     prof = ensure_profile(args.model)
     budgets = args.budgets.split(",") if args.budgets else DEFAULT_BUDGETS
@@ -227,12 +227,12 @@ def cmd_experiment(args) -> int:
 
 def cmd_demo(args) -> int:
     # torch: the demo measures uniform beside the optimal plan
-    from compressor.data import Split, token_sequences
-    from compressor.experiment import baseline_plan
-    from compressor.hessian import collect_hessians
-    from compressor.loading import load_model, load_tokenizer
-    from compressor.plan_eval import PlanEvaluator
-    from compressor.profile import ProfileConfig, calibration
+    from compressor.checkpoint.data import Split, token_sequences
+    from compressor.checkpoint.loading import load_model, load_tokenizer
+    from compressor.pipeline.profile import ProfileConfig, calibration
+    from compressor.quant.hessian import collect_hessians
+    from compressor.research.experiment import baseline_plan
+    from compressor.research.plan_eval import PlanEvaluator
 
     if not args.verbose:  # the demo prints its own steps; per-linear logs only with -v
         logging.getLogger("compressor").setLevel(logging.WARNING)
@@ -241,7 +241,7 @@ def cmd_demo(args) -> int:
     out = args.out or settings.data_dir / "demo"
     print(f"[1/4] profile {model_ref} (reused when stored)", flush=True)
     prof = ensure_profile(model_ref)
-    from compressor.plots import profile_plot_png  # matplotlib
+    from compressor.research.plots import profile_plot_png  # matplotlib
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.png").write_bytes(profile_plot_png(prof))

@@ -1,4 +1,4 @@
-"""The database-backed ProfileStore (same interface as compressor.profile_store's file store).
+"""The database-backed ProfileStore (same interface as compressor.pipeline.profile_store's file store).
 
 Profiles are shared by every team and unique on their key; sensitivities, error samples and fitted
 error models are unique per (profile, linear). Every write is an upsert, so a resumed or
@@ -14,7 +14,7 @@ from collections import OrderedDict
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from compressor.profile_store import LinearProfile, Profile
+from compressor.pipeline.profile_store import LinearProfile, Profile
 from service.db.models import (
     ErrorModel,
     ErrorSamples,

@@ -2,7 +2,7 @@
 roots (no `..`, no symlink escapes), plus a cheap fingerprint of the weight files.
 
 The checks (config.json, safetensors only and whole, no remote code unless allowed, a causal LM)
-and the layer inventory come from compressor.checkpoint, which reads config.json and safetensors
+and the layer inventory come from compressor.checkpoint.headers, which reads config.json and safetensors
 headers only. Kept free of torch and transformers so the API accepts plans without them.
 """
 
@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor import checkpoint
+from compressor.checkpoint import headers as checkpoint
 
 MAX_REF_LEN = 500
 
@@ -77,7 +77,7 @@ def resolve_model(ref: str, roots: list[Path], trust_remote_code: bool = False) 
 
 
 def check_model_dir(path: Path, ref: str, trust_remote_code: bool) -> dict:
-    """compressor.checkpoint's up-front checks (config, remote code, every weights shard's
+    """compressor.checkpoint.headers's up-front checks (config, remote code, every weights shard's
     header, causal-LM architecture) as the service's own error."""
     try:
         return checkpoint.check_model_dir(path, ref, trust_remote_code)

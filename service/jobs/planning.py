@@ -1,4 +1,4 @@
-"""Planning glue, torch-free (solver and compressor.planning only), shared by the API's
+"""Planning glue, torch-free (solver and compressor.pipeline.planning only), shared by the API's
 synchronous checks and the solve stage: a budget becomes bytes once, against the model's one
 reference (`solver.BudgetBasis`), and every problem of a complete profile is built once.
 """
@@ -12,8 +12,8 @@ from collections import OrderedDict
 from typing import Any
 
 import solver
-from compressor.planning import build_problem
-from compressor.profile_store import Profile
+from compressor.pipeline.planning import build_problem
+from compressor.pipeline.profile_store import Profile
 from solver.budget import MAX_BUDGET_BYTES, BudgetError, InfeasibleBudget
 from solver.bytes import Option, fp16_bytes, option_bytes
 from solver.constraints import validate_constraints

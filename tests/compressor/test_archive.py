@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from compressor.archive import ArchiveError, archive_sha256, file_sha256, plan_archive
+from compressor.artifact.archive import ArchiveError, archive_sha256, file_sha256, plan_archive
 
 
 def _artifact(root: Path, name: str = "art") -> Path:

@@ -11,14 +11,15 @@ from functools import partial
 import pytest
 import torch
 
-import compressor.quant as quant
-from compressor import sensitivity
-from compressor.decompose import DecompositionConfig, Rounding, decompose
-from compressor.memory import _vmhwm, map_large_allocations, reset_peak_rss, rss_bytes
-from compressor.problem import fro_sq, h_inner, h_sq, residual
-from compressor.profile import ProfileConfig, run_profile
-from compressor.profile_store import FileProfileStore
-from compressor.quant import dequantize, dequantize_rows, quantize
+import compressor.quant.grids as quant
+from compressor.checkpoint.memory import _vmhwm, map_large_allocations, reset_peak_rss, rss_bytes
+from compressor.pipeline import sensitivity
+from compressor.pipeline.profile import ProfileConfig, run_profile
+from compressor.pipeline.profile_store import FileProfileStore
+from compressor.quant.decompose import decompose
+from compressor.quant.decomposed import DecompositionConfig, Rounding
+from compressor.quant.grids import dequantize, dequantize_rows, quantize
+from compressor.quant.problem import fro_sq, h_inner, h_sq, residual
 from service.bench.synthetic import Shape, write_checkpoint
 from solver.bytes import Option
 

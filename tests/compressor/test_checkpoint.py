@@ -1,4 +1,4 @@
-"""compressor.checkpoint: torch-free checks of a checkpoint directory (weights shards, causal-LM
+"""compressor.checkpoint.headers: torch-free checks of a checkpoint directory (weights shards, causal-LM
 architecture, tokenizer files) and the layer inventory from config.json + safetensors headers."""
 
 from __future__ import annotations
@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.checkpoint import ModelLoadError, check_model_dir, header_inventory, read_header
-from compressor.loading import inventory, load_model, load_tokenizer
+from compressor.checkpoint.headers import (
+    ModelLoadError,
+    check_model_dir,
+    header_inventory,
+    read_header,
+)
+from compressor.checkpoint.loading import inventory, load_model, load_tokenizer
 from tests.helpers.models import save_model, tiny_lm
 from tests.helpers.paths import DEMO_MODEL, REPO
 
@@ -82,7 +87,7 @@ def test_demo_inventory_numbers_unchanged():
 
 
 def test_checkpoint_module_imports_neither_torch_nor_transformers():
-    code = ("import sys\nimport compressor.checkpoint as c\n"
+    code = ("import sys\nimport compressor.checkpoint.headers as c\n"
             f"c.header_inventory(c.Path({str(DEMO_MODEL)!r}))\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compressor.data import Split, token_sequences
-from compressor.loading import load_tokenizer
+from compressor.checkpoint.data import Split, token_sequences
+from compressor.checkpoint.loading import load_tokenizer
 from tests.helpers.paths import DEMO_MODEL, REPO
 
 
@@ -43,10 +43,10 @@ def test_saved_truncation_and_padding_do_not_change_the_corpus(tmp_path):
 
 
 def test_loading_prints_no_torch_dtype_deprecation():
-    code = ("from compressor.loading import inventory, load_model, load_tokenizer\n"
+    code = ("from compressor.checkpoint.loading import inventory, load_model, load_tokenizer\n"
             f"m = {str(DEMO_MODEL)!r}\n"
             "load_model(m); inventory(m); load_tokenizer(m)\n"
-            "from compressor.demo_model import DemoConfig\n")
+            "from compressor.research.demo_model import DemoConfig\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, check=True)
     assert "deprecated" not in proc.stderr.lower(), proc.stderr

@@ -1,4 +1,4 @@
-"""CALDERA decomposition, LDLQ and Hadamard incoherence (compressor.decompose / rounding)."""
+"""CALDERA decomposition, LDLQ and Hadamard incoherence (compressor.quant.decompose / rounding)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 
-from compressor.decompose import (
-    Decomposed,
-    DecompositionConfig,
-    Rounding,
-    decompose,
-    h_norm,
-)
-from compressor.problem import lowrank_error_curve
-from compressor.rounding import (
+from compressor.quant.decompose import decompose
+from compressor.quant.decomposed import Decomposed, DecompositionConfig, Rounding
+from compressor.quant.problem import h_norm, lowrank_error_curve
+from compressor.quant.rounding import (
     BlockHadamard,
     fwht,
     hadamard_block,

@@ -1,4 +1,4 @@
-"""Shared per-linear work (compressor.problem): a `Problem` reused across roundings, anchors
+"""Shared per-linear work (compressor.quant.problem): a `Problem` reused across roundings, anchors
 started from the Q-only sample, the vectorized clip search and cached codes give bit-identical
 results; the opt-in Gram-route LPLR (gram_lplr) agrees with the SVD route in its math."""
 
@@ -7,20 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor import quant
-from compressor.decompose import (
-    Decomposed,
-    DecompositionConfig,
-    Rounding,
-    decompose,
-    h_sq,
-    prepare,
-    q_only_many,
-)
-from compressor.problem import lowrank_start, lr_err
-from compressor.profile import ProfileConfig, sample_linear
-from compressor.quant import QuantizedTensor, group_params, pack
-from compressor.rounding import inverse_cholesky_upper, ldlq_many
+from compressor.pipeline.profile import ProfileConfig, sample_linear
+from compressor.quant import grids as quant
+from compressor.quant.decompose import decompose, q_only_many
+from compressor.quant.decomposed import Decomposed, DecompositionConfig, Rounding
+from compressor.quant.grids import QuantizedTensor, group_params, pack
+from compressor.quant.problem import h_sq, lowrank_start, lr_err, prepare
+from compressor.quant.rounding import inverse_cholesky_upper, ldlq_many
 from solver.bytes import Option
 from tests.helpers.models import correlated_problem
 

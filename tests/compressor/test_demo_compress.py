@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.artifact import load_compressed, save_artifact
-from compressor.compress import compress_model
-from compressor.data import Split, token_sequences
-from compressor.decompose import DecompositionConfig, decompose
-from compressor.evaluate import eval_sequences, evaluate, reference_logprobs
-from compressor.hessian import collect_hessians, linear_weight
-from compressor.loading import discover, load_model, load_tokenizer
+from compressor.artifact.native import load_compressed, save_artifact
+from compressor.checkpoint.data import Split, token_sequences
+from compressor.checkpoint.loading import discover, load_model, load_tokenizer
+from compressor.pipeline.compress import compress_model
+from compressor.pipeline.evaluate import eval_sequences, evaluate, reference_logprobs
+from compressor.quant.decompose import decompose
+from compressor.quant.decomposed import DecompositionConfig
+from compressor.quant.hessian import collect_hessians, linear_weight
 from solver.bytes import Option, option_bytes
 
 LAYER = "model.layers.6.mlp.down_proj"   # [192, 520]: 520 = 4·128 + 8, a partial group

@@ -2,8 +2,8 @@
 
 import pytest
 
-from compressor.evaluate import eval_sequences, evaluate, reference_logprobs, unigram_ppl
-from compressor.loading import load_model, load_tokenizer
+from compressor.checkpoint.loading import load_model, load_tokenizer
+from compressor.pipeline.evaluate import eval_sequences, evaluate, reference_logprobs, unigram_ppl
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_perturbed_model_has_positive_kl(demo):
 
 def test_bitplan_eval_streams_a_checkpoint_with_the_in_memory_numbers(tmp_path, capsys):
     """`bitplan eval MODEL` on a plain checkpoint streams it block by block
-    (compressor.evaluate.stream_evaluate) and reports what evaluating it whole gives."""
+    (compressor.pipeline.evaluate.stream_evaluate) and reports what evaluating it whole gives."""
     import json
 
     from service.cli import main

@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-from compressor.experiment import headline, run_experiment
-from compressor.profile import ProfileConfig, run_profile
-from compressor.profile_store import FileProfileStore
+from compressor.pipeline.profile import ProfileConfig, run_profile
+from compressor.pipeline.profile_store import FileProfileStore
+from compressor.research.experiment import headline, run_experiment
 from solver.strategies import STRATEGIES
 from tests.helpers.profiles import TINY_PROFILE
 
@@ -102,9 +102,9 @@ def test_experiment_refuses_a_model_it_cannot_hold(monkeypatch):
     """A 7B-shaped profile (32 blocks of 4096 / 11008): the whole model at float32 with its
     Hessians needs ≥ 40 GiB; with less available the experiment stops before loading, with
     the figures and the streamed commands to use instead."""
-    from compressor import experiment
-    from compressor.memory import available_bytes
-    from compressor.profile_store import LinearProfile, Profile
+    from compressor.checkpoint.memory import available_bytes
+    from compressor.pipeline.profile_store import LinearProfile, Profile
+    from compressor.research import experiment
 
     shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
               "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from compressor.artifact import COMPRESSED, load_compressed, save_artifact
-from compressor.compress import compress_model
-from compressor.decompose import DecompositionConfig
-from compressor.hessian import linear_weight
-from compressor.loading import discover
+from compressor.artifact.native import COMPRESSED, load_compressed, save_artifact
+from compressor.checkpoint.loading import discover
+from compressor.pipeline.compress import compress_model
+from compressor.quant.decomposed import DecompositionConfig
+from compressor.quant.hessian import linear_weight
 from solver.bytes import Option, fp16_bytes
 from tests.helpers.models import tiny_qwen2, tokens
 

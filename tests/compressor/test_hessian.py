@@ -1,4 +1,4 @@
-"""Streamed calibration Hessians and relative damping (compressor.hessian)."""
+"""Streamed calibration Hessians and relative damping (compressor.quant.hessian)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from compressor.decompose import DecompositionConfig, Rounding, decompose
-from compressor.hessian import collect_hessians, cond, damp_hessian, is_linear
+from compressor.quant.decompose import decompose
+from compressor.quant.decomposed import DecompositionConfig, Rounding
+from compressor.quant.hessian import collect_hessians, cond, damp_hessian, is_linear
 from solver.bytes import Option
 from tests.helpers.models import tiny_gpt2, tiny_qwen2, tokens
 
@@ -96,9 +97,9 @@ def test_ill_conditioned_hessian_is_finite_and_sane() -> None:
 def test_symmetrize_in_place_is_the_textbook_formula_bit_for_bit():
     """Calibration Hessians are symmetrised in place, block by block (no n × n temporary), to
     exactly (H + Hᵀ)/2; the solvers then use them as they are instead of copying."""
-    from compressor.decompose import DecompositionConfig
-    from compressor.hessian import symmetrize_
-    from compressor.problem import prepare, symmetric
+    from compressor.quant.decomposed import DecompositionConfig
+    from compressor.quant.hessian import symmetrize_
+    from compressor.quant.problem import prepare, symmetric
 
     gen = torch.Generator().manual_seed(0)
     H = torch.randn(300, 300, generator=gen)

@@ -1,15 +1,17 @@
-"""Stacked, lazy-batched LDLQ (compressor.rounding.ldlq_many) and the profile's batched Q-only
-samples (compressor.decompose.q_only_many) against the one-at-a-time paths."""
+"""Stacked, lazy-batched LDLQ (compressor.quant.rounding.ldlq_many) and the profile's batched Q-only
+samples (compressor.quant.decompose.q_only_many) against the one-at-a-time paths."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from compressor.decompose import DecompositionConfig, Rounding, decompose, h_sq, q_only_many
-from compressor.hessian import damp_hessian
-from compressor.quant import dequantize, group_params, quantize
-from compressor.rounding import inverse_cholesky_upper, ldlq, ldlq_many
+from compressor.quant.decompose import decompose, q_only_many
+from compressor.quant.decomposed import DecompositionConfig, Rounding
+from compressor.quant.grids import dequantize, group_params, quantize
+from compressor.quant.hessian import damp_hessian
+from compressor.quant.problem import h_sq
+from compressor.quant.rounding import inverse_cholesky_upper, ldlq, ldlq_many
 from solver.bytes import Option
 
 torch.set_num_threads(1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
-from compressor.loading import (
+from compressor.checkpoint.loading import (
     MODEL_CONSTRUCTION_LOCK,
     ModelLoadError,
     discover,

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from compressor.artifact import (
+from compressor.artifact.native import (
     COMPRESSED,
     KEPT,
     MANIFEST,
@@ -17,11 +17,12 @@ from compressor.artifact import (
     load_compressed,
     save_artifact,
 )
-from compressor.compress import compress_model
-from compressor.decompose import DecompositionConfig, decompose
-from compressor.hessian import collect_hessians, linear_weight
-from compressor.loading import discover
-from compressor.modules import CompressedLinear, Runtime, replace_linear
+from compressor.checkpoint.loading import discover
+from compressor.pipeline.compress import compress_model
+from compressor.quant.decompose import decompose
+from compressor.quant.decomposed import DecompositionConfig
+from compressor.quant.hessian import collect_hessians, linear_weight
+from compressor.runtime.modules import CompressedLinear, Runtime, replace_linear
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import tiny_gpt2, tiny_qwen2, tokens
 

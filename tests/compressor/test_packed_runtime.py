@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-from compressor.artifact import load_compressed, read_manifest, save_artifact
-from compressor.compress import compress_model
-from compressor.decompose import Decomposed, DecompositionConfig, Rounding
-from compressor.loading import discover
-from compressor.modules import CompressedLinear, Runtime
-from compressor.packed import PackedSpec, dequantize_rows, torch_packed_matmul, unpack_run
-from compressor.quant import QuantizedTensor, pack
+from compressor.artifact.native import load_compressed, read_manifest, save_artifact
+from compressor.checkpoint.loading import discover
+from compressor.pipeline.compress import compress_model
+from compressor.quant.decomposed import Decomposed, DecompositionConfig, Rounding
+from compressor.quant.grids import QuantizedTensor, pack
+from compressor.runtime.modules import CompressedLinear, Runtime
+from compressor.runtime.packed import PackedSpec, dequantize_rows, torch_packed_matmul, unpack_run
 from service.settings import REPO_ROOT
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import tiny_lm, tokens
@@ -103,7 +103,7 @@ def test_bf16_model_keeps_fp16_scales(tmp_path) -> None:
     _, _, manifest, out = _artifact("qwen2", tmp_path, tie=True)
     from transformers import AutoModelForCausalLM
 
-    import compressor.hf  # noqa: F401  (registers the quantization method)
+    import compressor.runtime.hf  # noqa: F401  (registers the quantization method)
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -120,9 +120,9 @@ def test_bf16_model_keeps_fp16_scales(tmp_path) -> None:
 
 FRESH = """
 import json, sys, torch
-import compressor.hf
+import compressor.runtime.hf
 from transformers import AutoModelForCausalLM
-from compressor.modules import CompressedLinear
+from compressor.runtime.modules import CompressedLinear
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 ids = torch.tensor([[1, 5, 9, 2]])
 with torch.no_grad():

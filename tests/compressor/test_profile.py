@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from compressor.profile import ProfileConfig, partial_key, run_profile
-from compressor.profile_store import FileProfileStore, profile_key
+from compressor.pipeline.profile import ProfileConfig, partial_key, run_profile
+from compressor.pipeline.profile_store import FileProfileStore, profile_key
 from solver.bytes import Option
 from solver.errormodel import ErrorModel
 
@@ -42,7 +42,7 @@ def test_profile_contents(tiny_model, tmp_path):
         assert all(k == 1.0 for _, k in lp.fit["group_factors"]["128"])
         assert all(0.9 < k < 10 for g in ("256", "512") for _, k in lp.fit["group_factors"][g])
     # the planner's menu offers every profiled group; errors scale by κ_g(b)
-    from compressor.planning import MenuConfig, build_problem, predicted_kl
+    from compressor.pipeline.planning import MenuConfig, build_problem, predicted_kl
 
     menu = build_problem(prof).linears[0]
     lp = prof.linear(menu.name)
@@ -96,7 +96,7 @@ def test_spearman_equals_scipy_with_ties():
     import numpy as np
     from scipy.stats import spearmanr
 
-    from compressor.profile import spearman
+    from compressor.pipeline.profile import spearman
 
     rng = np.random.default_rng(0)
     for t in range(100):

@@ -8,14 +8,14 @@ import math
 
 import pytest
 
-from compressor.profile import (
+from compressor.pipeline.profile import (
     assemble_profile,
     open_profile,
     run_profile,
     shard_ranges,
     sweep_blocks,
 )
-from compressor.profile_store import FileProfileStore
+from compressor.pipeline.profile_store import FileProfileStore
 from service.bench.streaming_baseline import CONFIG
 from tests.helpers.models import write_tiny_model
 
@@ -67,8 +67,8 @@ def test_kl_of_many_streams_is_head_stats_kl_exactly(tmp_path):
     (sensitivity.kl_to_reference), is bit-for-bit `head_stats`'s KL of each stream alone."""
     import torch
 
-    from compressor.sensitivity import kl_to_reference
-    from compressor.stream import StreamedModel
+    from compressor.checkpoint.stream import StreamedModel
+    from compressor.pipeline.sensitivity import kl_to_reference
 
     tiny = str(write_tiny_model(tmp_path / "tiny", layers=1))
     sm = StreamedModel(tiny, vocab_chunk=37)          # several chunks, the last one partial

@@ -1,4 +1,4 @@
-"""Quantizer, packing and exact bytes (compressor.quant)."""
+"""Quantizer, packing and exact bytes (compressor.quant.grids)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from compressor.quant import (
+from compressor.quant.grids import (
     QuantizedTensor,
     dequantize,
     pack,
@@ -45,7 +45,7 @@ def test_sqnr_rises_about_6db_per_bit(symmetric: bool) -> None:
 def test_clipped_grid_never_worse_than_minmax(bits: int) -> None:
     """Per group the clip search includes p = 1 (min-max), so its RTN error is never larger;
     on Gaussian data it is clearly smaller at 2–3 bits."""
-    from compressor.quant import _grouped, group_params
+    from compressor.quant.grids import _grouped, group_params
 
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
     g = _grouped(x, 128)

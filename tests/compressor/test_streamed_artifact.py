@@ -1,4 +1,4 @@
-"""The streamed artifact writer (compressor.st_writer, artifact.ArtifactWriter) and what rides on
+"""The streamed artifact writer (compressor.artifact.safetensors_writer, artifact.ArtifactWriter) and what rides on
 it: files byte-identical to safetensors' own writer, execute_plan holding one block's linears at
 a time, kept tensors copied in chunks, shared Hessians equal to per-linear float64 sums, and
 per-stage peak memory."""
@@ -13,16 +13,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import solver
-from compressor import artifact, execute, st_writer
-from compressor.archive import archive_sha256
-from compressor.artifact import COMPRESSED, KEPT, load_compressed, tensors_sha256, verify_artifact
-from compressor.checkpoint import block_index
-from compressor.execute import DirCompressStore, ExecuteConfig, execute_plan
-from compressor.hessian import HessianHooks
-from compressor.memory import StageClock
-from compressor.profile_store import Profile
-from compressor.st_writer import SafetensorsWriter
-from compressor.tensor_reader import Checkpoint
+from compressor.artifact import native as artifact
+from compressor.artifact import safetensors_writer as st_writer
+from compressor.artifact.archive import archive_sha256
+from compressor.artifact.native import (
+    COMPRESSED,
+    KEPT,
+    load_compressed,
+    tensors_sha256,
+    verify_artifact,
+)
+from compressor.artifact.safetensors_writer import SafetensorsWriter
+from compressor.checkpoint.headers import block_index
+from compressor.checkpoint.memory import StageClock
+from compressor.checkpoint.tensor_reader import Checkpoint
+from compressor.pipeline import execute
+from compressor.pipeline.execute import DirCompressStore, ExecuteConfig, execute_plan
+from compressor.pipeline.profile_store import Profile
+from compressor.quant.hessian import HessianHooks
 from service.bench.streaming_baseline import CONFIG
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import tiny_qwen2, tokens, write_tiny_model
@@ -82,8 +90,8 @@ def test_writer_keeps_no_tensor_and_copies_file_ranges_in_chunks(tmp_path, monke
 
 
 def _tiny_plan(path) -> tuple[solver.Plan, Profile]:
-    from compressor.profile import stream_inventory
-    from compressor.stream import StreamedModel
+    from compressor.checkpoint.stream import StreamedModel
+    from compressor.pipeline.profile import stream_inventory
 
     inv = stream_inventory(StreamedModel(str(path)))
     opts = [Option(2, 0, 4, 128), Option(3, 5, 4, 32), Option(4, 0, 4, 64)]

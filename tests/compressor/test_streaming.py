@@ -1,4 +1,4 @@
-"""Streaming (compressor.stream) reproduces the in-memory code: same profile key and records,
+"""Streaming (compressor.checkpoint.stream) reproduces the in-memory code: same profile key and records,
 the same artifact bytes (byte for byte on the CPU that recorded the fixture, within float-order
 tolerance on another), α within float noise; every block is read once per profile."""
 
@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import solver
-from compressor import stream
-from compressor.execute import ExecuteConfig, execute_plan
-from compressor.loading import load_model
-from compressor.profile import run_profile, stream_inventory
-from compressor.profile_store import FileProfileStore, Profile
-from compressor.stream import StreamedModel
+from compressor.checkpoint import stream
+from compressor.checkpoint.loading import load_model
+from compressor.checkpoint.stream import StreamedModel
+from compressor.pipeline.execute import ExecuteConfig, execute_plan
+from compressor.pipeline.profile import run_profile, stream_inventory
+from compressor.pipeline.profile_store import FileProfileStore, Profile
 from service.bench.streaming_baseline import CONFIG, FIXTURE, compare, measure
 from service.bench.synthetic import Shape, write_checkpoint
 from solver.bytes import Option, option_bytes

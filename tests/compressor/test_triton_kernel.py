@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 SCRIPT = """
 import json, torch
-from compressor.packed import PackedSpec, torch_packed_matmul
-from compressor.quant import QuantizedTensor
-from compressor.triton_kernels import dequant_matmul
+from compressor.runtime.packed import PackedSpec, torch_packed_matmul
+from compressor.quant.grids import QuantizedTensor
+from compressor.runtime.triton_kernels import dequant_matmul
 g = torch.Generator().manual_seed(0)
 worst, cases = 0.0, 0
 for bits in (2, 3, 4, 5, 7, 8, 16):

@@ -7,7 +7,7 @@ import json
 import math
 import uuid
 
-from compressor.profile_store import LinearProfile, Profile
+from compressor.pipeline.profile_store import LinearProfile, Profile
 from solver.errormodel import ErrorModel
 
 # Small enough that profiling the tiny model takes seconds (part of the profile key).

@@ -35,7 +35,7 @@ def _logits(model, ids):
 def test_download_verifies_unpacks_and_loads(tmp_path, sqlite_url, model_root, tiny_model):
     import torch
 
-    from compressor.artifact import load_compressed, read_manifest
+    from compressor.artifact.native import load_compressed, read_manifest
 
     settings = make_settings(tmp_path / "data", sqlite_url, model_roots=[model_root],
                              profile_config=TINY_PROFILE, eval_seqs=2, eval_seq_len=32)

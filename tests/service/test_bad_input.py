@@ -290,7 +290,7 @@ def test_team_job_limit_covers_compress_requests(tmp_path, sqlite_url, model_roo
 @pytest.fixture
 def cli_home(tmp_path, monkeypatch):
     """BITPLAN_DATA_DIR with a stored (synthetic) profile for the reference `tiny`."""
-    from compressor.profile_store import FileProfileStore
+    from compressor.pipeline.profile_store import FileProfileStore
     from service.cli import planning
     from service.settings import get_settings
 
@@ -412,7 +412,7 @@ def test_yaml_recipe_bad_input(case):
 
 
 def test_load_tokenizer_without_tokenizer_files(model_root, tiny_model):
-    from compressor.loading import ModelLoadError, load_tokenizer
+    from compressor.checkpoint.loading import ModelLoadError, load_tokenizer
 
     bare = model_root / "no-tokenizer"
     if not bare.exists():

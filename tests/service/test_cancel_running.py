@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import compressor.execute as cc  # the streamed compression decomposes through here
+import compressor.pipeline.execute as cc  # the streamed compression decomposes through here
 from service.db.models import Artifact, Job
 from service.jobs import state
 from service.jobs.registry import Task

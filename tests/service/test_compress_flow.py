@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from compressor.archive import recorded_file_digests
+from compressor.artifact.archive import recorded_file_digests
 from tests.helpers.api import make_env, make_settings
 from tests.helpers.flow import poll_job
 from tests.helpers.profiles import TINY_PROFILE
@@ -56,7 +56,7 @@ def test_compress_job_writes_measured_artifact(tmp_path, sqlite_url, model_root,
 
 def test_killed_compress_job_resumes_per_linear(tmp_path, sqlite_url, model_root, tiny_model,
                                                 monkeypatch):
-    import compressor.execute as cc  # execute_plan decomposes block by block
+    import compressor.pipeline.execute as cc  # execute_plan decomposes block by block
 
     settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
                              profile_config=TINY_PROFILE, eval_seqs=4, eval_seq_len=64)

@@ -66,7 +66,7 @@ def test_api_no_option_error_lists_the_options(cached):
 
 @pytest.fixture
 def cli_home(tmp_path, monkeypatch):
-    from compressor.profile_store import FileProfileStore
+    from compressor.pipeline.profile_store import FileProfileStore
     from service.cli import planning
     from service.settings import get_settings
 

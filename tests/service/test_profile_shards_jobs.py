@@ -10,8 +10,8 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from compressor.profile import run_profile
-from compressor.profile_store import FileProfileStore
+from compressor.pipeline.profile import run_profile
+from compressor.pipeline.profile_store import FileProfileStore
 from service.db.models import Job, JobKind, JobStatus, ProfileRow, new_id, utcnow
 from service.db.profile_store import DbProfileStore
 from service.db.session import get_database

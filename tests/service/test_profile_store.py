@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from compressor.profile_store import FileProfileStore, LinearProfile
+from compressor.pipeline.profile_store import FileProfileStore, LinearProfile
 from service.db.models import ErrorModel, ErrorSamples, LinearSensitivity, ProfileRow
 from service.db.profile_store import DbProfileStore
 from service.db.session import get_database

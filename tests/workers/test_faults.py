@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from compressor.archive import recorded_file_digests
+from compressor.artifact.archive import recorded_file_digests
 from service.db.auth import create_team
 from service.db.models import Artifact, Job, PlanRow
 from service.db.profile_store import DbProfileStore

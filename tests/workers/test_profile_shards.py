@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from compressor.profile import run_profile
-from compressor.profile_store import FileProfileStore
+from compressor.pipeline.profile import run_profile
+from compressor.pipeline.profile_store import FileProfileStore
 from service.db.migrate import upgrade
 from service.db.profile_store import DbProfileStore
 from service.jobs import state

@@ -38,9 +38,9 @@ import workers.app as w
 def worker(*queues):
     return SimpleNamespace(app=SimpleNamespace(amqp=SimpleNamespace(
         queues=SimpleNamespace(consume_from={q: None for q in queues}))))
-print(w.warm_imports(worker('cpu')), 'compressor.profile' in sys.modules, 'torch' in sys.modules)
-print(w.warm_imports(worker('gpu', 'cpu')), 'compressor.profile' in sys.modules,
-      'compressor.execute' in sys.modules)
+print(w.warm_imports(worker('cpu')), 'compressor.pipeline.profile' in sys.modules, 'torch' in sys.modules)
+print(w.warm_imports(worker('gpu', 'cpu')), 'compressor.pipeline.profile' in sys.modules,
+      'compressor.pipeline.execute' in sys.modules)
 """
 
 

@@ -2,7 +2,7 @@
 service recorded (never a path the client chooses).
 
 An artifact is a directory; it downloads as one deterministic tar of that directory
-(compressor/archive.py) whose sha256 is the artifact's recorded digest, sent as
+(compressor/artifact/archive.py) whose sha256 is the artifact's recorded digest, sent as
 X-Checksum-SHA256 beside Content-Length. GET …/files lists every file in the archive with its
 size and sha256, so a client can check the unpacked files one by one."""
 
@@ -16,7 +16,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from compressor.archive import (
+from compressor.artifact.archive import (
     Archive,
     ArchiveError,
     file_sha256,

@@ -98,7 +98,7 @@ def get_profile_plot(model_id: str, team: TeamDep, db: DbDep) -> Response:
     with db.session() as s:
         pid = _profile_row(s, model_id).id
     profile = DbProfileStore(db).get_by_id(pid)
-    from compressor.plots import profile_plot_png  # matplotlib loads on the first plot
+    from compressor.research.plots import profile_plot_png  # matplotlib loads on the first plot
 
     return Response(profile_plot_png(profile), media_type="image/png")
 

@@ -132,7 +132,9 @@ def get_frontier(plan_id: str, team: TeamDep, db: DbDep) -> FrontierPublic:
             responses={200: {"content": {"image/png": {}}}})
 def get_plot(plan_id: str, team: TeamDep, db: DbDep) -> Response:
     fr = _frontier(db, team, plan_id)
-    from compressor.plots import frontier_png  # matplotlib loads on the first plot, not at start
+    from compressor.research.plots import (
+        frontier_png,  # matplotlib loads on the first plot, not at start
+    )
 
     curves = {"Pareto frontier": [(p.bytes / 2**20, p.error) for p in fr.points]}
     if fr.chosen is not None:

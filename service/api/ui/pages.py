@@ -93,7 +93,7 @@ def model_frontier_png(model_id: str, user: UserDep, db: DbDep) -> Response:
     points = planning.frontier_points(profile, None, pid)
     mine = [(p.total_bytes / 2**20, p.predicted_error) for p in team_plans(db, user, model_id)
             if p.total_bytes is not None and p.predicted_error is not None]
-    from compressor.plots import frontier_png  # matplotlib loads on the first plot
+    from compressor.research.plots import frontier_png  # matplotlib loads on the first plot
 
     curves = {"Pareto frontier": [(b / 2**20, e) for b, e in points]}
     if mine:

@@ -1,4 +1,4 @@
-"""Compress stage (GPU queue): execute a solved plan (compressor.execute), save the artifact, measure
+"""Compress stage (GPU queue): execute a solved plan (compressor.pipeline.execute), save the artifact, measure
 it, and store predicted and measured side by side.
 
 Layer-resumable: every finished linear is written to the job's work directory
@@ -14,8 +14,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 import solver
-from compressor.archive import archive_sha256
-from compressor.execute import DirCompressStore, ExecuteConfig, Executed, execute_plan
+from compressor.artifact.archive import archive_sha256
+from compressor.pipeline.execute import DirCompressStore, ExecuteConfig, Executed, execute_plan
 from service.db.models import Artifact, ArtifactStatus, Job, JobStatus, ModelRow, PlanRow, utcnow
 from service.db.profile_store import DbProfileStore
 from service.db.session import serialize_on

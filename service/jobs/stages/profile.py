@@ -3,9 +3,9 @@ through the database store, and check its fitted error models."""
 
 from __future__ import annotations
 
-from compressor.decompose import DecompositionConfig
-from compressor.profile import ProfileConfig, open_profile, run_profile
-from compressor.profile_store import Profile, seed_shipped_profile
+from compressor.pipeline.profile import ProfileConfig, open_profile, run_profile
+from compressor.pipeline.profile_store import Profile, seed_shipped_profile
+from compressor.quant.decomposed import DecompositionConfig
 from service.db.models import Job, JobStatus, ModelRow
 from service.db.profile_store import DbProfileStore
 from service.jobs import state

@@ -3,7 +3,7 @@ that run on as many workers at once; the profile job assembles their records whe
 
 Each shard streams the blocks before its range forward itself (no shared activation store),
 samples its own linears into the shared profile store (resumable per linear, like any profile)
-and carries their probes to the head (compressor.profile.sweep_blocks), so the assembled profile
+and carries their probes to the head (compressor.pipeline.profile.sweep_blocks), so the assembled profile
 equals a one-worker profile. The fan-out is a Celery chord on the `gpu` queue (in embedded mode
 the same shards on the in-process pool): header = the shards, body = the profile job's own task,
 which then finds every shard done and assembles (`assemble`). Shards are jobs: leases, retries,
@@ -17,8 +17,8 @@ import time
 
 from sqlalchemy import select
 
-from compressor.memory import StageClock
-from compressor.profile import (
+from compressor.checkpoint.memory import StageClock
+from compressor.pipeline.profile import (
     ProfileConfig,
     ProfileSource,
     assemble_profile,
@@ -26,7 +26,7 @@ from compressor.profile import (
     shard_ranges,
     sweep_blocks,
 )
-from compressor.profile_store import Profile
+from compressor.pipeline.profile_store import Profile
 from service.db.models import Job, JobKind, JobStatus, ModelRow, new_id, utcnow
 from service.db.profile_store import DbProfileStore
 from service.jobs import state

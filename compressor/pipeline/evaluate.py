@@ -1,0 +1,148 @@
+"""Model quality on the test split: perplexity, and against a reference model the mean token
+KL(reference ‖ model) and top-1 agreement. Deterministic: fixed sequences in a fixed order.
+
+Perplexity alone can mislead (the research note's Goodhart caveat), so KL and top-1 agreement
+to the uncompressed model are always reported beside it when a reference is given.
+`stream_evaluate` computes the same figures block by block from the checkpoint (what
+execute_plan uses); `evaluate` runs a model held in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from compressor.checkpoint.data import Split, token_sequences
+from compressor.checkpoint.headers import block_index
+from compressor.checkpoint.stream import StreamedModel, swapped
+from compressor.quant.decomposed import Decomposed
+
+
+@dataclass
+class EvalResult:
+    ppl: float
+    nll: float
+    tokens: int
+    sequences: int
+    seq_len: int
+    kl: float | None = None
+    top1: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_sequences(tokenizer, seq_len: int = 256, n_seqs: int | None = 96) -> torch.Tensor:
+    return token_sequences(tokenizer, Split.TEST, seq_len, n_seqs=n_seqs, seed=None)
+
+
+@torch.no_grad()
+def reference_logprobs(model, seqs: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """Log-probs of a reference model per batch, computed once and reused against many models."""
+    device = next(model.parameters()).device
+    return [F.log_softmax(model(input_ids=seqs[i:i + batch_size].to(device)).logits.float(), -1)
+            .cpu() for i in range(0, len(seqs), batch_size)]
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    seqs: torch.Tensor,
+    reference: list[torch.Tensor] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    on_batch: Callable[[float], None] | None = None,
+) -> EvalResult:
+    """Perplexity of `model` on `seqs` [N, T]; KL and top-1 vs `reference` log-probs if given."""
+    model.eval()
+    device = next(model.parameters()).device
+    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    starts = range(0, len(seqs), batch_size)
+    for k, i in enumerate(tqdm(starts, desc="eval", disable=not progress, leave=False)):
+        batch = seqs[i:i + batch_size].to(device)
+        logp = F.log_softmax(model(input_ids=batch).logits.float(), -1).cpu()
+        targets = batch[:, 1:].cpu()
+        pred = logp[:, :-1]
+        nll_sum += -pred.gather(-1, targets.unsqueeze(-1)).sum().item()
+        count += targets.numel()
+        if reference is not None:
+            ref = reference[k]
+            # KL(ref ‖ model) per position, averaged over every position of every sequence.
+            kl_sum += (ref.exp() * (ref - logp)).sum(-1).sum().item()
+            agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+        if on_batch:
+            on_batch((k + 1) / len(starts))
+    positions = seqs.numel()
+    nll = nll_sum / count
+    return EvalResult(
+        ppl=math.exp(nll), nll=nll, tokens=count, sequences=len(seqs), seq_len=seqs.shape[1],
+        kl=kl_sum / positions if reference is not None else None,
+        top1=agree / positions if reference is not None else None,
+    )
+
+
+@torch.no_grad()
+def stream_evaluate(
+    sm: StreamedModel,
+    seqs: torch.Tensor,
+    decomposed: Mapping[str, Decomposed] | None = None,
+    batch_size: int = 8,
+    on_block: Callable[[float], None] | None = None,
+) -> EvalResult:
+    """`evaluate` streamed block by block (compressor.checkpoint.stream): perplexity of the model read
+    from `sm`'s checkpoint with the `decomposed` linears swapped in, and — when there are any —
+    KL(original ‖ compressed) and top-1 agreement against the original, whose stream is carried
+    through the same resident block. Each block is read once; the head runs in vocab chunks.
+    `decomposed` is read one block's linears at a time (it may load them lazily:
+    artifact.ArtifactLinears)."""
+    decomposed = decomposed or {}
+    with_ref = bool(decomposed)
+    h = torch.cat([sm.inputs(seqs[i:i + batch_size])[0]
+                   for i in range(0, len(seqs), batch_size)])
+    ref = h.clone() if with_ref else None
+    for j in range(sm.num_blocks):
+        mine = {n: decomposed[n] for n in decomposed if block_index(n) == j}
+        with sm.block(j) as blk:
+            if with_ref:
+                ref = sm.run(blk, ref, batch_size)
+            with swapped(sm, j, blk, mine):
+                h = sm.run(blk, h, batch_size)
+        if on_block:
+            on_block((j + 1) / sm.num_blocks)
+    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    for i in range(0, len(seqs), batch_size):
+        batch = seqs[i:i + batch_size].to(h.device)
+        targets = torch.cat([batch[:, 1:], batch[:, :1]], 1)   # the last column is unused
+        st = sm.head_stats(h[i:i + batch_size], targets,
+                           ref[i:i + batch_size] if with_ref else None)
+        nll_sum += -st.target_logp()[:, :-1].sum().item()
+        count += batch[:, 1:].numel()
+        if with_ref:
+            kl_sum += st.kl.sum().item()
+            agree += (st.ref_argmax == st.argmax).sum().item()
+    positions = seqs.numel()
+    nll = nll_sum / count
+    return EvalResult(
+        ppl=math.exp(nll), nll=nll, tokens=count, sequences=len(seqs), seq_len=seqs.shape[1],
+        kl=kl_sum / positions if with_ref else None,
+        top1=agree / positions if with_ref else None,
+    )
+
+
+def unigram_ppl(tokenizer, seqs: torch.Tensor, fit_tokens: int = 1_000_000) -> float:
+    """Perplexity of an add-one-smoothed unigram model fitted on (the first `fit_tokens` of)
+    the train split, scored on the same target tokens as `evaluate` (the floor a trained model
+    must beat by far)."""
+    fit = token_sequences(tokenizer, Split.TRAIN, 1000, n_seqs=max(1, fit_tokens // 1000))
+    counts = Counter(fit.reshape(-1).tolist())
+    vocab = len(tokenizer)
+    total = sum(counts.values()) + vocab
+    targets = seqs[:, 1:].reshape(-1).tolist()
+    nll = -sum(math.log((counts.get(t, 0) + 1) / total) for t in targets) / len(targets)
+    return math.exp(nll)

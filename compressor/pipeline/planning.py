@@ -1,0 +1,67 @@
+"""From a stored profile to the solver's problem: each linear's option menu with exact bytes
+and predicted damage α_i · E_i(b, r), plus the predicted ΔKL of any plan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from compressor.pipeline.profile_store import LinearProfile, Profile
+from solver import AllocationProblem, Constraints, LinearMenu, Option
+from solver.bytes import FP16_BITS
+from solver.errormodel import ErrorModel
+
+
+@dataclass(frozen=True)
+class MenuConfig:
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    ranks: tuple[int, ...] = (0, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    all_groups: bool = True     # every profiled group size; False: the profile's own only
+
+
+def menu_options(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> list[Option]:
+    """The profile's own group size first, then the larger ones it measured κ for."""
+    cfg = profile.config
+    frac = float(cfg.get("max_rank_fraction", 0.5))
+    max_rank = max(1, int(frac * min(lp.out_features, lp.in_features)))
+    fb, gs = int(cfg.get("factor_bits", 4)), int(cfg.get("group_size", 128))
+    ranks = [r for r in menu.ranks if r <= max_rank]
+    groups = [gs]
+    if menu.all_groups:
+        groups += [g for g in ErrorModel.from_dict(lp.fit).groups() if g != gs]
+    return [Option(b, r, fb, g) for g in groups for b in menu.bits for r in ranks]
+
+
+def linear_menu(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> LinearMenu:
+    model = ErrorModel.from_dict(lp.fit)
+    options = menu_options(lp, profile, menu)
+    errors = [lp.alpha * float(model.predict(o.bits, o.rank, o.group_size)) for o in options]
+    return LinearMenu(lp.name, lp.out_features, lp.in_features, options, errors=errors)
+
+
+def build_problem(profile: Profile, budget=None, constraints: Mapping | Constraints | None = None,
+                  menu: MenuConfig | None = None) -> AllocationProblem:
+    """The allocation problem of a profile (budget may be None: a budget-free problem)."""
+    menu = menu or MenuConfig()
+    if constraints is not None and not isinstance(constraints, Constraints):
+        constraints = Constraints.from_dict(dict(constraints))
+    problem = AllocationProblem([linear_menu(lp, profile, menu) for lp in profile.linears],
+                                fixed_bytes=profile.fixed_bytes, constraints=constraints,
+                                fp16_bytes=profile.stats.get("fp16_bytes"))
+    return problem.with_budget(budget) if budget is not None else problem
+
+
+def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
+    """Σ α_i · E_i(option_i): the profile's prediction of KL to the original model."""
+    total = 0.0
+    for lp in profile.linears:
+        opt = assignments[lp.name]
+        if opt.bits == FP16_BITS:   # kept dense: no error, as on the solver's menu
+            continue
+        model = ErrorModel.from_dict(lp.fit)
+        total += lp.alpha * float(model.predict(opt.bits, opt.rank, opt.group_size))
+    return total
+
+
+def block_of(profile: Profile) -> dict[str, int]:
+    return {lp.name: lp.block for lp in profile.linears if lp.block is not None}

@@ -1,0 +1,1 @@
+"""Research tools: the experiment and its plan evaluator, reports and plots, training the demo model."""
