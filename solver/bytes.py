@@ -8,12 +8,17 @@ Storage format (the compressor's packer writes exactly this, and tests hold it t
 - each group stores an fp16 scale and, when asymmetric, an fp16 zero point;
 - a "16-bit" tensor is stored as plain fp16 (2 bytes an element, no scales).
 A CALDERA option stores Q [m, n] at `bits`, L [m, r] and R [r, n] at `factor_bits`.
+
+`check_option_fields` is the one validator of option fields a user writes (a constraint pin, a
+recipe entry): what each field accepts, and the words every such error uses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 SCALE_BYTES = 2  # fp16 scale (and fp16 zero point when asymmetric)
 MIN_BITS, MAX_BITS = 2, 8
@@ -50,6 +55,51 @@ class Option:
 
 
 OPTION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Option))
+MAX_RANK = 1 << 16        # the largest rank and group size a request may ask for
+MAX_GROUP_SIZE = 1 << 16
+
+
+def _int_in(lo: int, hi: int, also: int | None = None) -> Callable[[Any], bool]:
+    def ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and (lo <= v <= hi or v == also)
+    return ok
+
+
+_BITS_RULE = (_int_in(MIN_BITS, MAX_BITS, FP16_BITS),
+              f"in {MIN_BITS}..{MAX_BITS} or {FP16_BITS} (an integer)")
+# field -> (accepts, what it accepts in words); one entry per Option field
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bits": _BITS_RULE,
+    "rank": (_int_in(0, MAX_RANK), f"in 0..{MAX_RANK} (an integer)"),
+    "factor_bits": _BITS_RULE,
+    "group_size": (_int_in(1, MAX_GROUP_SIZE), f"in 1..{MAX_GROUP_SIZE} (an integer)"),
+    "symmetric": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """None when `value` is a valid `name` field of an Option, else why not, in the words every
+    option-field error uses: ``"<name> must be <rule>, got <value>"``."""
+    ok, rule = _FIELD_RULES[name]
+    return None if ok(value) else f"{name} must be {rule}, got {value!r}"
+
+
+def check_option_fields(value: Any, where: str, *, values: bool = True,
+                        error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """`value` as a dict of option fields, or `error` naming `where` and what is wrong: not a
+    mapping, a key that is no Option field, or (with `values`) a value `field_problem` refuses.
+    A partial mapping is fine (which fields are required is the caller's rule)."""
+    if not isinstance(value, Mapping):
+        raise error(f"{where} must be a mapping of option fields, got {value!r}")
+    unknown = set(value) - set(OPTION_FIELDS)
+    if unknown:
+        raise error(f"{where}: unknown option fields {sorted(unknown, key=str)} "
+                    f"(known: {', '.join(OPTION_FIELDS)})")
+    for k, v in value.items() if values else ():
+        problem = field_problem(k, v)
+        if problem:
+            raise error(f"{where}: {problem}")
+    return dict(value)
 
 
 def quantized_bytes(rows: int, cols: int, bits: int, group_size: int,

@@ -9,11 +9,9 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from solver.bytes import FP16_BITS, MAX_BITS, MIN_BITS, OPTION_FIELDS, Option
+from solver.bytes import FP16_BITS, Option, check_option_fields, field_problem
 
 CONSTRAINT_KEYS = ("min_bits", "max_bits", "pinned", "allowed_ranks", "ties")
-MAX_RANK = 1 << 16
-MAX_GROUP_SIZE = 1 << 16
 
 
 def _as_glob_map(value: Any) -> dict[str, Any]:
@@ -57,11 +55,10 @@ class Constraints:
         set_(self, "ties", [list(group) for group in ties])
         for glob, pin in self.pinned.items():
             if isinstance(pin, Mapping):
-                unknown = set(pin) - set(OPTION_FIELDS)
-                if unknown:
-                    raise ValueError(f"pinned[{glob!r}]: unknown option fields {sorted(unknown)}")
+                check_option_fields(pin, f"pinned[{glob!r}]", error=ConstraintError)
             elif not isinstance(pin, Option):
-                raise ValueError(f"pinned[{glob!r}] must be an Option or a dict of its fields")
+                raise ConstraintError(f"pinned[{glob!r}] must be an Option or a dict of its "
+                                      "fields")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Constraints:
@@ -170,19 +167,11 @@ class ConstraintError(ValueError):
     """Constraints the solver cannot use; the message says which field and why."""
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _bits(v: Any, where: str) -> None:
-    if not _is_int(v) or not (MIN_BITS <= v <= MAX_BITS or v == FP16_BITS):
-        raise ConstraintError(f"{where} must be an integer in {MIN_BITS}..{MAX_BITS} or "
-                              f"{FP16_BITS}, got {v!r}")
-
-
-def _rank(v: Any, where: str) -> None:
-    if not _is_int(v) or not 0 <= v <= MAX_RANK:
-        raise ConstraintError(f"{where} must be an integer in 0..{MAX_RANK}, got {v!r}")
+def _field(name: str, v: Any, where: str) -> None:
+    """A bound or rank list entry is checked as the option field it bounds."""
+    problem = field_problem(name, v)
+    if problem:
+        raise ConstraintError(f"{where}: {problem}")
 
 
 def _glob_map(value: Any, fld: str) -> dict[str, Any]:
@@ -195,27 +184,6 @@ def _glob_map(value: Any, fld: str) -> dict[str, Any]:
                 raise ConstraintError(f"{fld}: globs must be non-empty strings, got {g!r}")
         return dict(value)
     return {"*": value}
-
-
-def _pin(pin: Any, where: str) -> None:
-    if not isinstance(pin, Mapping):
-        raise ConstraintError(f"{where} must be a mapping of option fields, got {pin!r}")
-    unknown = set(pin) - set(OPTION_FIELDS)
-    if unknown:
-        raise ConstraintError(f"{where}: unknown option fields {sorted(unknown)} "
-                              f"(known: {', '.join(OPTION_FIELDS)})")
-    for k in ("bits", "factor_bits"):
-        if k in pin:
-            _bits(pin[k], f"{where}.{k}")
-    if "rank" in pin:
-        _rank(pin["rank"], f"{where}.rank")
-    if "group_size" in pin:
-        gs = pin["group_size"]
-        if not _is_int(gs) or not 1 <= gs <= MAX_GROUP_SIZE:
-            raise ConstraintError(f"{where}.group_size must be an integer in "
-                                  f"1..{MAX_GROUP_SIZE}, got {gs!r}")
-    if "symmetric" in pin and not isinstance(pin["symmetric"], bool):
-        raise ConstraintError(f"{where}.symmetric must be true or false")
 
 
 def validate_constraints(constraints: Mapping[str, Any] | None,
@@ -236,7 +204,7 @@ def validate_constraints(constraints: Mapping[str, Any] | None,
     for fld in ("min_bits", "max_bits"):
         bounds[fld] = _glob_map(constraints.get(fld), fld)
         for g, v in bounds[fld].items():
-            _bits(v, f"{fld}[{g!r}]" if g != "*" else fld)
+            _field("bits", v, f"{fld}[{g!r}]" if g != "*" else fld)
             globs.append((fld, g))
     for g, lo in bounds["min_bits"].items():
         hi = bounds["max_bits"].get(g)
@@ -249,13 +217,13 @@ def validate_constraints(constraints: Mapping[str, Any] | None,
         if not v:
             raise ConstraintError("allowed_ranks must not be empty")
         for r in v:
-            _rank(r, "allowed_ranks")
+            _field("rank", r, "allowed_ranks")
         globs.append(("allowed_ranks", g))
     pinned = constraints.get("pinned") or {}
     if not isinstance(pinned, Mapping):
         raise ConstraintError("pinned must be a mapping of glob -> option fields")
     for g, pin in _glob_map(pinned, "pinned").items():
-        _pin(pin, f"pinned[{g!r}]")
+        check_option_fields(pin, f"pinned[{g!r}]", error=ConstraintError)
         globs.append(("pinned", g))
     ties = constraints.get("ties") or []
     if not isinstance(ties, list):

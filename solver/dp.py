@@ -13,10 +13,13 @@ Exact solve (`solve_exact`), in the spirit of Pisinger's "minimal algorithm" for
    prunings: dominance (a state costing more and erring no less is dropped) and bounding (a
    state whose error plus the LP bound of the remaining items at the remaining bytes exceeds
    LB + δ cannot finish under the threshold).
-4. δ starts at a small fraction of UB - LB and grows 4x until the DP finds a plan, which is then
-   the optimum: every plan with error <= LB + δ survived all prunings. δ = UB - LB always
-   succeeds (the UB plan qualifies). Real problems sit very close to their LP bound, so the
-   first or second δ usually suffices and only a few hundred options ever enter the DP.
+4. δ (how far above LB a plan may err and still be looked for) starts at (UB - LB) / 64
+   (`DELTA_START`) and is multiplied by 3 (`DELTA_GROWTH`) after each DP that finds no plan,
+   capped at UB - LB (so at most 1 + ceil(log_3 64) = 5 DP runs), until the DP finds a plan,
+   which is then the optimum: every plan with error <= LB + δ survived all prunings.
+   δ = UB - LB always succeeds (the UB plan qualifies). Real problems sit very close to their
+   LP bound, so the first or second δ usually suffices and only a few hundred options ever
+   enter the DP.
 
 All costs are exact integers; errors are floats and thresholds carry a tiny relative tolerance
 that only ever keeps more states, never fewer.
@@ -38,7 +41,7 @@ REL_TOL = 1e-10
 # and the caller then falls back to CP-SAT seeded with the best plan found.
 MAX_WORK = 20_000_000
 DELTA_START = 1.0 / 64  # first δ as a fraction of UB - LB
-DELTA_GROWTH = 3.0
+DELTA_GROWTH = 3.0  # δ ×3 after each DP run that finds no plan (a bigger δ keeps more options)
 
 
 class FrontierTooLarge(ValueError):

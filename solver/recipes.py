@@ -8,6 +8,8 @@
 Semantics (both directions): a linear takes `default`, unless override globs (fnmatch, in file
 order) match its name; then the LAST matching override wins, and its fields replace the
 default's (an override never inherits fields from another override; `{}` means the default).
+Field names are checked per entry; field values per linear, once resolved, so an error names
+the linear and the entries it came from (both with solver.bytes.check_option_fields).
 Export picks the most common option as default, then greedily adds block globs
 (``model.layers.N.*``) and cross-block globs (``model.layers.*.mlp.down_proj``) while each one
 fixes at least two linears more than it breaks, then exact names for what is left.
@@ -24,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from solver.bytes import OPTION_FIELDS, Option
+from solver.bytes import OPTION_FIELDS, Option, check_option_fields
 from solver.problem import Plan
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.)(\d+)\.(.+)$")
@@ -92,15 +94,8 @@ def plan_to_yaml(plan: Plan) -> str:
 
 
 def _fields(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a mapping of option fields, got {value!r}")
-    unknown = set(value) - set(OPTION_FIELDS)
-    if unknown:
-        raise ValueError(f"{where}: unknown option fields {sorted(unknown)} "
-                         f"(known: {', '.join(OPTION_FIELDS)})")
-    return dict(value)
+    """An entry's fields by name (None: none); their values are checked per linear."""
+    return {} if value is None else check_option_fields(value, where, values=False)
 
 
 def plan_from_yaml(text: str, linear_names: Sequence[str]) -> dict[str, Option]:
@@ -124,14 +119,11 @@ def plan_from_yaml(text: str, linear_names: Sequence[str]) -> dict[str, Option]:
             raise ValueError(f"pattern_overrides glob {g!r} matches no linear")
     out: dict[str, Option] = {}
     for n in linear_names:
-        fields = dict(default)
+        fields, source = dict(default), "default"
         for g, f in rules:
             if fnmatch.fnmatchcase(n, g):
-                fields = {**default, **f}
+                fields, source = {**default, **f}, f"default + pattern_overrides[{g!r}]"
         if "bits" not in fields:
             raise ValueError(f"no bits for {n}: give them in 'default' or an override")
-        try:
-            out[n] = Option(**fields)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{n}: {exc}") from None
+        out[n] = Option(**check_option_fields(fields, f"{n} ({source})"))
     return out

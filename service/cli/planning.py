@@ -15,9 +15,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 import solver
+from compressor import api
 from compressor.checkpoint.headers import check_model_dir
-from compressor.pipeline.planning import build_problem
-from compressor.pipeline.profile_store import FileProfileStore, seed_shipped_profile
+from compressor.pipeline.profile_store import FileProfileStore
 from service.errors import UserError
 from service.settings import DEMO_MODEL, get_settings
 from solver.recipes import plan_to_yaml
@@ -85,7 +85,7 @@ def check_model_ref(model: str) -> None:
 
 def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = False):
     """The stored profile of `model`, profiling it first when there is none."""
-    from compressor.pipeline.profile import ProfileConfig, run_profile  # torch
+    from compressor.pipeline.profile import ProfileConfig  # torch
 
     check_model_ref(model)
     settings = get_settings()
@@ -98,10 +98,8 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
         bar.set_description(f"profile:{stage}")
         bar.update(round(100 * frac) - bar.n)
 
-    store = FileProfileStore(profile_root())
-    seed_shipped_profile(store, model)   # e.g. the demo's; used only if its key matches
-    prof = run_profile(model, store, device=settings.device,
-                       trust_remote_code=settings.trust_remote_code, progress=progress, config=cfg)
+    prof = api.profile(model, cfg, store=profile_root(), device=settings.device,
+                       trust_remote_code=settings.trust_remote_code, progress=progress)
     bar.close()
     remember(model, prof.key)
     return prof
@@ -126,9 +124,8 @@ def cmd_profile(args) -> int:
 
 
 def solve_for(prof, budget: str, method: str = "exact", constraints: dict | None = None):
-    problem = build_problem(prof, budget, constraints)
-    problem.check_budget()
-    return problem, solver.solve(problem, method=solver.Method(method))
+    problem = api.problem(prof, budget, constraints)
+    return problem, api.plan(prof, budget, constraints, method=method, base=problem)
 
 
 def cmd_plan(args) -> int:
@@ -173,7 +170,7 @@ def register_execution(sub) -> None:
 
 def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = False) -> dict:
     """Compress every linear as planned, save the artifact, evaluate it against the original."""
-    from compressor.pipeline.execute import ExecuteConfig, execute_plan  # torch
+    from compressor.pipeline.execute import ExecuteConfig  # torch
 
     settings = get_settings()
     config = ExecuteConfig(device=settings.device, trust_remote_code=settings.trust_remote_code,
@@ -184,7 +181,7 @@ def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = Fa
         bar.set_description(f"compress:{stage}")
         bar.update(round(100 * frac) - bar.n)
 
-    done = execute_plan(model_ref, prof, plan, out, config, progress=progress)
+    done = api.compress(model_ref, prof, plan, out, config=config, progress=progress)
     bar.close()
     m = done.metrics
     return {"artifact": str(done.artifact), "planned_bytes": plan.total_bytes,

@@ -1,4 +1,4 @@
-"""Planning glue, torch-free (solver and compressor.pipeline.planning only), shared by the API's
+"""Planning glue, torch-free (solver and the front door compressor.api only), shared by the API's
 synchronous checks and the solve stage: a budget becomes bytes once, against the model's one
 reference (`solver.BudgetBasis`), and every problem of a complete profile is built once.
 """
@@ -12,7 +12,7 @@ from collections import OrderedDict
 from typing import Any
 
 import solver
-from compressor.pipeline.planning import build_problem
+from compressor import api
 from compressor.pipeline.profile_store import Profile
 from solver.budget import MAX_BUDGET_BYTES, BudgetError, InfeasibleBudget
 from solver.bytes import Option, fp16_bytes, option_bytes
@@ -81,7 +81,7 @@ def base_problem(profile: Profile, constraints: dict | None,
         if hit is not None:
             _PROBLEMS.move_to_end(ck)
             return hit
-    problem = build_problem(profile, None, constraints or None)
+    problem = api.problem(profile, None, constraints or None)
     with _PROBLEMS_LOCK:
         _PROBLEMS[ck] = problem
         while len(_PROBLEMS) > _PROBLEMS_SIZE:
@@ -100,7 +100,7 @@ def problem_at(profile: Profile, nbytes: int, constraints: dict | None,
 def solve_plan(profile: Profile, nbytes: int, constraints: dict | None, method: str,
                profile_id: str | None = None) -> tuple[solver.AllocationProblem, solver.Plan]:
     problem = problem_at(profile, nbytes, constraints, profile_id)
-    return problem, solver.solve(problem, method=solver.Method(method))
+    return problem, api.plan(profile, nbytes, method=method, base=problem)
 
 
 def feasibility(profile: Profile, constraints: dict | None = None,

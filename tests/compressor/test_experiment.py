@@ -115,7 +115,18 @@ def test_experiment_refuses_a_model_it_cannot_hold(monkeypatch):
     per_block = 4 * sum(m * n for m, n in shapes.values()) + 4 * (4096 ** 2 + 11008 ** 2)
     assert experiment.whole_model_bytes(prof) == 32 * per_block
     assert 40 * 2**30 < experiment.whole_model_bytes(prof) < 41 * 2**30
-    assert (available_bytes("cpu") or 1) > 0      # this host's MemAvailable
+    # this host's MemAvailable, in bytes: positive, within MemTotal, near a fresh reading
+    with open("/proc/meminfo") as fh:
+        info = {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in fh)}
+    free = available_bytes("cpu")
+    assert type(free) is int and 0 < free <= info["MemTotal"]
+    assert abs(free - info["MemAvailable"]) <= info["MemTotal"] // 10
+    need = experiment.whole_model_bytes(prof)
+    monkeypatch.setattr(experiment, "available_bytes", lambda device: need)   # just fits
+    experiment.check_fits(prof, "cpu")
+    monkeypatch.setattr(experiment, "available_bytes", lambda device: need - 1)
+    with pytest.raises(ValueError, match="holds the whole model"):
+        experiment.check_fits(prof, "cpu")
     monkeypatch.setattr(experiment, "available_bytes", lambda device: 24 * 2**30)
     with pytest.raises(ValueError, match=r"at least 40\.6 GiB.*24\.0 GiB.*bitplan plan"):
         experiment.check_fits(prof, "cpu")

@@ -1,5 +1,5 @@
-"""Compress stage (GPU queue): execute a solved plan (compressor.pipeline.execute), save the artifact, measure
-it, and store predicted and measured side by side.
+"""Compress stage (GPU queue): execute a solved plan (compressor.api.compress), save the artifact,
+measure it, and store predicted and measured side by side.
 
 Layer-resumable: every finished linear is written to the job's work directory
 (<data_dir>/artifacts/<artifact id>.partial/) before the next starts; a redelivered job loads
@@ -14,8 +14,9 @@ from pathlib import Path
 from sqlalchemy import select
 
 import solver
+from compressor import api
 from compressor.artifact.archive import archive_sha256
-from compressor.pipeline.execute import DirCompressStore, ExecuteConfig, Executed, execute_plan
+from compressor.pipeline.execute import DirCompressStore, ExecuteConfig, Executed
 from service.db.models import Artifact, ArtifactStatus, Job, JobStatus, ModelRow, PlanRow, utcnow
 from service.db.profile_store import DbProfileStore
 from service.db.session import serialize_on
@@ -52,7 +53,8 @@ def compress_stage(ctx: StageContext) -> StageResult:
             ctx.report(f"compress/{stage}", {"load": 0.02, "save": 0.86}.get(stage, 0.0))
 
     try:
-        done = execute_plan(model_path, profile, plan, root / art_id, config, store, progress)
+        done = api.compress(model_path, profile, plan, root / art_id, config=config, store=store,
+                            progress=progress)
         # the digest of the one download (the artifact's deterministic tar), not of one file;
         # read before the transaction opens, so no session is held while GBs are hashed
         digest, _ = archive_sha256(done.artifact)

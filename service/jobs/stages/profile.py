@@ -3,7 +3,8 @@ through the database store, and check its fitted error models."""
 
 from __future__ import annotations
 
-from compressor.pipeline.profile import ProfileConfig, open_profile, run_profile
+from compressor import api
+from compressor.pipeline.profile import ProfileConfig, open_profile
 from compressor.pipeline.profile_store import Profile, seed_shipped_profile
 from compressor.quant.decomposed import DecompositionConfig
 from service.db.models import Job, JobStatus, ModelRow
@@ -76,7 +77,7 @@ def profile_stage(ctx: StageContext) -> StageResult:
         shards.create_shards(ctx, src, model, n)
         return shards.dispatch(ctx, state.children(ctx.db, ctx.job_id))
     elif profile is None:
-        profile = run_profile(model.path, store, progress=progress, config=cfg, source=src)
+        profile = api.profile(model.path, cfg, store=store, progress=progress, source=src)
     ctx.report("fit", 0.96)
     profile_id = store.link_model(profile.key, model.id)
     with ctx.db.session() as s:
