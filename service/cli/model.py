@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from compressor import api
 from service.errors import UserError
 from service.settings import DEMO_MODEL, get_settings
 
@@ -87,11 +88,7 @@ def load_any(ref: str, dense: bool = False):
     settings = get_settings()
     path = Path(ref)
     if (path / "bitplan_manifest.json").is_file():
-        from compressor.artifact.native import load_compressed  # torch
-        from compressor.runtime.modules import Runtime  # torch
-
-        runtime = Runtime.DENSE if dense else Runtime.PACKED
-        return load_compressed(path, device=settings.device, runtime=runtime)
+        return api.load(path, device=settings.device, dense=dense)
     model = load_model(ref, trust_remote_code=settings.trust_remote_code, device=settings.device)
     return model, load_tokenizer(ref, trust_remote_code=settings.trust_remote_code)
 
