@@ -42,22 +42,36 @@ class ChecksumMismatch(BitplanError):
 
 
 def _take(cls, data: dict) -> Any:
+    # keys a newer server adds are dropped, so an older client keeps working
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# The API's response bodies (service/api/schemas.py), mirrored field for field without pydantic
+# so the client stays light: tests/service/test_client.py fails when the two drift apart.
+# Timestamps stay ISO-8601 strings; nested objects stay dicts.
+
 @dataclass(frozen=True)
 class Job:
+    """JobPublic."""
     id: str
     kind: str
     status: str
     stage: str
     progress: float
     attempts: int
-    error: dict | None = None
+    created_at: str
+    updated_at: str
+    error: dict | None = None             # {"code", "message"}
+    waiting_on: str | None = None         # the job this one waits for (e.g. its model's profile)
     plan_id: str | None = None
+    profile_id: str | None = None
     artifact_id: str | None = None
     result: dict = field(default_factory=dict)
+    history: list[list[str]] = field(default_factory=list)
+    started_at: str | None = None
+    finished_at: str | None = None
+    links: dict[str, str] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -66,46 +80,67 @@ class Job:
 
 @dataclass(frozen=True)
 class Model:
+    """ModelPublic."""
     id: str
     ref: str
     num_linears: int
     linear_params: int
+    kept_bytes: int
     profiled: bool
+    created_at: str
+    weights_hash: str | None = None
+    profile_id: str | None = None
     profiled_at: str | None = None
+    links: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Accepted:
+    """PlanAccepted."""
     plan_id: str
     job_id: str
+    status: str
+    links: dict[str, str]
     profile_job_id: str | None = None
 
 
 @dataclass(frozen=True)
 class Plan:
+    """PlanPublic."""
     id: str
     status: str
-    model: dict
+    model: dict                           # {"id", "ref"}
     budget: str
-    budget_bytes: int | None
-    total_bytes: int | None
-    predicted_error: float | None
     method: str
-    notes: list[str]
-    linears: list[dict]
+    constraints: dict
+    created_at: str
+    budget_bytes: int | None = None
+    total_bytes: int | None = None
+    predicted_error: float | None = None
+    optimality_gap: float | None = None
+    notes: list[str] = field(default_factory=list)
+    linears: list[dict] = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
     job_id: str | None = None
+    profile_id: str | None = None
+    solved_at: str | None = None
+    links: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Artifact:
+    """ArtifactPublic."""
     id: str
     plan_id: str
     job_id: str | None
     status: str
+    created_at: str
     bytes: int | None = None
     tensor_bytes: int | None = None
     sha256: str | None = None
     metrics: dict = field(default_factory=dict)
+    finished_at: str | None = None
+    links: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

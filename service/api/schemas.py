@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.jobs.submit import PlanRequest
 from solver.budget import MAX_BUDGET_BYTES
 from solver.constraints import Constraints, validate_constraints
 
@@ -87,6 +88,13 @@ class PlanCreate(BaseModel):
         if not v or len(v) > 100:
             raise ValueError("budget must be 1-100 characters")
         return v
+
+    def to_request(self) -> PlanRequest:
+        """The validated request as the typed object service.jobs.submit takes."""
+        constraints = None if self.constraints is None \
+            else self.constraints.model_dump(exclude_none=True)
+        return PlanRequest(model=self.model, budget=self.budget, method=self.method,
+                           constraints=constraints, compress=self.compress)
 
 
 class PlanAccepted(BaseModel):

@@ -1,9 +1,11 @@
 """The typed client without a server (httpx.MockTransport): errors carry the API's code, a
 download whose bytes do not hash to the advertised sha256 is refused and nothing is kept, a good
-one is kept and its unpacked files are checked one by one."""
+one is kept and its unpacked files are checked one by one; its types mirror the API's response
+schemas field for field."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -84,3 +86,52 @@ def test_needs_server_and_key(monkeypatch):
     monkeypatch.setenv("BITPLAN_SERVER", "http://x")
     with pytest.raises(ValueError, match="BITPLAN_API_KEY"):
         BitplanClient()
+
+
+# each client type and the API schema it mirrors; Downloaded is the client's own
+MIRRORS = {"Job": "JobPublic", "Model": "ModelPublic", "Accepted": "PlanAccepted",
+           "Plan": "PlanPublic", "Artifact": "ArtifactPublic"}
+CLIENT_ONLY = {"Downloaded"}
+
+
+def _shape_of_dataclass(cls) -> tuple[set[str], set[str]]:
+    fs = dataclasses.fields(cls)
+    required = {f.name for f in fs if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING}
+    return {f.name for f in fs}, required
+
+
+def _shape_of_schema(model) -> tuple[set[str], set[str]]:
+    return set(model.model_fields), {n for n, f in model.model_fields.items() if f.is_required()}
+
+
+def test_client_types_mirror_the_api_schemas():
+    """The client re-declares the response bodies (no pydantic on a laptop): a field added to,
+    dropped from or made optional in a schema must change the client too, or this fails."""
+    import service.client as client
+    from service.api import schemas
+
+    declared = {n for n, c in vars(client).items() if dataclasses.is_dataclass(c)
+                and c.__module__ == client.__name__}
+    assert declared == set(MIRRORS) | CLIENT_ONLY      # a new client type names its schema
+    for ours, theirs in MIRRORS.items():
+        assert _shape_of_dataclass(getattr(client, ours)) == \
+            _shape_of_schema(getattr(schemas, theirs)), ours
+
+
+def test_a_server_answer_fills_every_field():
+    """What the API serialises (JSON, timestamps as strings) becomes the client's type with
+    nothing lost; keys a newer server adds are ignored."""
+    from datetime import UTC, datetime
+
+    from service.api.schemas import JobPublic
+    from service.client import Job, _take
+
+    now = datetime.now(UTC)
+    body = JobPublic(id="j", kind="plan", status="queued", stage="waiting for profile",
+                     progress=0.0, attempts=0, waiting_on="p", profile_id="pr", plan_id="pl",
+                     history=[["queued", now.isoformat()]], created_at=now, updated_at=now,
+                     links={"waiting_on": "/v1/jobs/p"}).model_dump(mode="json")
+    job = _take(Job, body | {"added_later": 1})
+    assert dataclasses.asdict(job) == body
+    assert job.waiting_on == "p" and job.profile_id == "pr" and not job.done

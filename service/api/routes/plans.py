@@ -55,7 +55,7 @@ def create_plan(body: PlanCreate, team: TeamDep, db: DbDep, queue: QueueDep,
                 settings: SettingsDep, idempotency_key: IdemKey = None) -> JSONResponse:
     if idempotency_key is not None and not idempotency_key.strip():
         raise Invalid("Idempotency-Key must not be blank")
-    sub = submit_plan(db, queue, settings, team.id, body.model_dump(exclude_none=True), idempotency_key)
+    sub = submit_plan(db, queue, settings, team.id, body.to_request(), idempotency_key)
     out = PlanAccepted(plan_id=sub.plan_id, job_id=sub.job_id, profile_job_id=sub.profile_job_id,
                        status="queued",
                        links={"job": f"/v1/jobs/{sub.job_id}", "plan": f"/v1/plans/{sub.plan_id}"})

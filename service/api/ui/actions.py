@@ -24,7 +24,7 @@ from service.db.auth import SESSION_TTL, AuthError, close_session, create_key, o
 from service.db.auth import revoke_team_key as revoke_key_of_team
 from service.errors import NotFound, ServiceError
 from service.jobs.control import cancel_job, delete_plan
-from service.jobs.submit import request_compress, submit_plan
+from service.jobs.submit import PlanRequest, request_compress, submit_plan
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -58,8 +58,8 @@ async def logout(request: Request, user: UserDep, db: DbDep) -> RedirectResponse
     return response
 
 
-def plan_body(form: dict[str, str]) -> dict:
-    """The form as the JSON API's PlanCreate body (validated by the same schema)."""
+def plan_request(form: dict[str, str]) -> PlanRequest:
+    """The form as a plan request, validated by the JSON API's schema (PlanCreate)."""
     unit = form.get("unit", "")
     budget = form.get("budget", "").strip()
     body: dict = {"model": form.get("model", ""), "budget": f"{budget}{unit}" if unit else budget,
@@ -71,7 +71,7 @@ def plan_body(form: dict[str, str]) -> dict:
         except json.JSONDecodeError as exc:
             raise ValueError(f"constraints are not valid JSON: {exc.msg} (line {exc.lineno})"
                              ) from exc
-    return PlanCreate.model_validate(body).model_dump(exclude_none=True)
+    return PlanCreate.model_validate(body).to_request()
 
 
 def _message(exc: Exception) -> str:
@@ -87,7 +87,7 @@ async def create_plan(request: Request, user: UserDep, db: DbDep, queue: QueueDe
                       settings: SettingsDep) -> HTMLResponse:
     form = await checked_form(request, user)
     try:
-        sub = submit_plan(db, queue, settings, user.team.id, plan_body(form))
+        sub = submit_plan(db, queue, settings, user.team.id, plan_request(form))
     except (ValueError, ServiceError) as exc:   # bad budget, infeasible, bad constraints, 429
         status = exc.status if isinstance(exc, ServiceError) else 422
         return pages.new_plan_form(request, user, db, form, error=_message(exc), status=status)
