@@ -27,8 +27,9 @@ COPY pyproject.toml README.md ./
 RUN TORCH_SPEC="$(python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
 print(next(x for x in d['project']['dependencies'] if x.startswith('torch')))")" \
     && pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}" \
-    && mkdir -p solver compressor service workers \
+    && mkdir -p solver compressor service workers bench \
     && touch solver/__init__.py compressor/__init__.py service/__init__.py workers/__init__.py \
+       bench/__init__.py \
     && pip install . \
     && pip uninstall -y bitplan
 
@@ -36,6 +37,8 @@ COPY solver ./solver
 COPY compressor ./compressor
 COPY service ./service
 COPY workers ./workers
+# the benchmarks (`bitplan bench`, registered through the bitplan.commands entry point)
+COPY bench ./bench
 COPY migrations ./migrations
 COPY alembic.ini ./
 COPY models ./models

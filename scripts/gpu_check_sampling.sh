@@ -29,7 +29,7 @@ from compressor.quant.decompose import decompose, q_only_many
 from compressor.quant.problem import rotated_problem
 from compressor.pipeline.profile import ProfileConfig
 from compressor.quant.rounding import lazy_block, ldlq, ldlq_many
-from service.bench.sampling import synthetic_linear, timed
+from bench.sampling import synthetic_linear, timed
 
 
 def emit(**kw) -> None:

@@ -23,7 +23,7 @@ from compressor.pipeline.profile import ProfileConfig, calibration, stream_inven
 from compressor.pipeline.profile import tensor_hash, weights_hash_of
 from compressor.pipeline.profile_store import FileProfileStore, profile_key
 from compressor.checkpoint.stream import StreamedModel
-from service.bench.synthetic import QWEN2_1_5B, write_checkpoint
+from bench.synthetic import QWEN2_1_5B, write_checkpoint
 from solver.bytes import Option
 
 dev = "cuda"

@@ -1,9 +1,11 @@
-"""`bitplan …`: the command line. Each area registers its subcommands from service/commands/."""
+"""`bitplan …`: the command line. Each area of service/cli/ registers its own subcommands; other
+installed packages add theirs through the "bitplan.commands" entry point (bench: `bitplan bench`)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -16,11 +18,13 @@ from service.errors import UserError
 # One module per area; each exposes `register(subparsers)` and sets `func` on its parsers.
 COMMAND_MODULES = [
     "service.cli.model",
-    "service.cli.bench",
     "service.cli.server",
     "service.cli.planning",
     "service.cli.remote",
 ]
+# Packages above the service (bench/) register commands through this entry-point group, so the
+# service never imports them: `<name> = "<module with register(subparsers)>"` in pyproject.toml.
+ENTRY_POINT_GROUP = "bitplan.commands"
 
 
 def one_line(message: str, limit: int = 500) -> str:
@@ -35,7 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for module in _plugin_modules():
+        module.register(sub)
     return parser
+
+
+def _plugin_modules() -> list:
+    """The modules named in the entry-point group, by name. One whose module is absent (a build
+    without it, stale metadata) is skipped: the rest of the CLI still works."""
+    modules = []
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+                     key=lambda ep: ep.name):
+        try:
+            modules.append(importlib.import_module(ep.module))
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (ep.module + ".").startswith(exc.name + "."):
+                raise   # the module is there but one of its imports is not: a real error
+            logging.getLogger(__name__).debug("command module %s is not installed", ep.module)
+    return modules
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,3 +27,17 @@ def bench(name: str, data_dir: Path, *args: str, env: dict[str, str] | None = No
 
 def positive(*xs: float) -> bool:
     return all(isinstance(x, int | float) and math.isfinite(x) and x > 0 for x in xs)
+
+
+def linear_shapes(model: Path) -> list[tuple[int, int]]:
+    """(out, in) of every compressible linear of a checkpoint, from its config alone."""
+    from compressor.checkpoint.loading import inventory  # torch: only the tests that ask
+
+    return [(li.out_features, li.in_features) for li in inventory(str(model)).linears]
+
+
+def rate_fits_latency(rps: float, p50_ms: float, clients: int) -> bool:
+    """Each client sends one request at a time, so over the run clients × wall ≥ Σ latencies
+    ≥ (requests / 2) · p50: a request rate above 2000 · clients / p50_ms was not measured over
+    those requests (5 % slack for the printed rounding)."""
+    return 0 < rps <= 1.05 * 2000 * clients / p50_ms

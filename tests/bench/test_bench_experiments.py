@@ -1,12 +1,16 @@
 """`bitplan bench profile --quick` and `bitplan bench e2e --quick` on a tiny random model (one
-shared data dir, so it is profiled once): the figures each benchmark claims are there and sane.
-Slow-ish: profiling the tiny model from scratch is most of it."""
+shared data dir, so it is profiled once): the figures each benchmark claims are there and sane,
+the plans' bytes are their options' (recomputed here from the model's shapes) within their
+budgets, and a larger budget's optimum is never predicted worse. Slow-ish: profiling the tiny
+model from scratch is most of it."""
 
 import math
 
 import pytest
 
-from tests.bench._run import bench, positive
+import solver
+from solver.bytes import option_bytes
+from tests.bench._run import bench, linear_shapes, positive
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +20,7 @@ def tiny_env(tmp_path_factory, tiny_model):
     return tmp_path_factory.mktemp("bench-exp") / "data", {"BITPLAN_BENCH_MODEL": str(tiny_model)}
 
 
-def test_bench_profile_quick(tiny_env):
+def test_bench_profile_quick(tiny_env, tiny_model):
     data, env = tiny_env
     fig = bench("profile", data, "--quick", env=env)
     assert fig["quick"] is True and fig["n_plans"] == len(fig["plans"]) == 6
@@ -27,6 +31,22 @@ def test_bench_profile_quick(tiny_env):
     by = {p["plan"]: p for p in fig["plans"]}
     assert by["uniform_b4_r0"]["measured_kl"] < by["uniform_b3_r0"]["measured_kl"]
     assert by["optimal_4.5bpp"]["bytes"] > by["optimal_3.5bpp"]["bytes"]
+    # uniform plans: the kept bytes plus each linear's option bytes, nothing else
+    shapes = linear_shapes(tiny_model)
+    params = sum(m * n for m, n in shapes)
+
+    def linear_bytes(bits: int) -> int:
+        return sum(option_bytes(m, n, solver.Option(bits, 0)) for m, n in shapes)
+
+    fixed = by["uniform_b3_r0"]["bytes"] - linear_bytes(3)
+    assert fixed > 0 and by["uniform_b4_r0"]["bytes"] == fixed + linear_bytes(4)
+    for bpp in (3.5, 4.5):   # "Xbpp" = kept bytes + floor(X · linear params / 8)
+        assert by[f"optimal_{bpp}bpp"]["bytes"] <= fixed + math.floor(bpp * params / 8), bpp
+    # a larger budget's optimum, and the optimum against a heuristic at its budget
+    opt = by["optimal_4.5bpp"]["predicted_kl"]
+    assert opt <= by["optimal_3.5bpp"]["predicted_kl"] * (1 + 1e-9)
+    assert opt <= by["fidelity_4.5bpp"]["predicted_kl"] * (1 + 1e-9)
+    assert by["fidelity_4.5bpp"]["bytes"] <= fixed + math.floor(4.5 * params / 8)
     for p in fig["plans"]:
         assert p["predicted_kl"] > 0 and p["measured_kl"] >= 0 and 0 <= p["top1"] <= 1, p
     assert len(fig["block_sensitivity"]) == len(fig["block_influence"]) == 2

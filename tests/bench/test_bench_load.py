@@ -1,23 +1,22 @@
-"""`bitplan bench load --json`: a short bounded run really serves plans and reports its figures
+"""`bitplan bench load --quick`: a short bounded run (4 clients, 4 s) really serves plans — each
+one a POST and at least one poll, none an error — and its rate, latencies and duration agree
 (the 50-client, 60-second figure belongs to the benchmark itself, not to the test suite)."""
 
-import json
-import os
-import subprocess
-import sys
-
-from service.settings import REPO_ROOT
+from bench.load import DRAIN_S
+from tests.bench._run import bench, positive, rate_fits_latency
 
 
 def test_bench_load_short_run_reports_figures_and_no_errors(tmp_path, demo_model_path):
-    env = os.environ | {"BITPLAN_LOAD_CLIENTS": "4", "BITPLAN_LOAD_SECONDS": "4",
-                        "BITPLAN_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "service.cli", "bench", "load", "--json"],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    fig = json.loads(out.stdout)
-    assert {"clients", "seconds", "requests", "throughput_rps", "p95_ms", "errors"} <= set(fig)
-    assert fig["clients"] == 4 and fig["seconds"] >= 4
-    assert fig["errors"] == 0, fig
-    assert fig["requests"] > 4 and fig["throughput_rps"] > 0 and fig["p95_ms"] > 0
-    assert fig["requests"] / fig["throughput_rps"] >= 4 * 0.9   # rate = requests over the run
+    fig = bench("load", tmp_path, "--quick")
+    assert fig["quick"] is True and fig["clients"] == 4
+    assert fig["errors"] == 0 and fig["error_kinds"] == {}, fig
+    assert 4 <= fig["seconds"] <= 4 + DRAIN_S + 5, fig   # bounded: the run, then the drain
+    assert fig["plans_solved"] > 0, fig
+    # every solved plan took its POST and ≥ 1 GET of its job, each counted as a request
+    assert fig["requests"] >= 2 * fig["plans_solved"], fig
+    assert positive(fig["throughput_rps"], fig["p50_ms"], fig["post_p95_ms"],
+                    fig["time_to_solved_p95_ms"])
+    assert fig["p50_ms"] <= fig["p95_ms"] <= fig["max_ms"] < 30_000, fig
+    # rate = requests over the run's wall time, and no faster than the clients' latencies allow
+    assert fig["requests"] / fig["throughput_rps"] >= 4 * 0.9
+    assert rate_fits_latency(fig["throughput_rps"], fig["p50_ms"], fig["clients"]), fig

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from service.cli.bench import BENCHES
+from bench.cli import BENCHES
 
 
 def test_every_benchmark_has_a_smoke_test():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import compressor.quant.grids as quant
+from bench.synthetic import Shape, write_checkpoint
 from compressor.checkpoint.memory import _vmhwm, map_large_allocations, reset_peak_rss, rss_bytes
 from compressor.pipeline import sensitivity
 from compressor.pipeline.profile import ProfileConfig, run_profile
@@ -20,7 +21,6 @@ from compressor.quant.decompose import decompose
 from compressor.quant.decomposed import DecompositionConfig, Rounding
 from compressor.quant.grids import dequantize, dequantize_rows, quantize
 from compressor.quant.problem import fro_sq, h_inner, h_sq, residual
-from service.bench.synthetic import Shape, write_checkpoint
 from solver.bytes import Option
 
 

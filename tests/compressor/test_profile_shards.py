@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from bench.streaming_baseline import CONFIG
 from compressor.pipeline.profile import (
     assemble_profile,
     open_profile,
@@ -16,7 +17,6 @@ from compressor.pipeline.profile import (
     sweep_blocks,
 )
 from compressor.pipeline.profile_store import FileProfileStore
-from service.bench.streaming_baseline import CONFIG
 from tests.helpers.models import write_tiny_model
 
 

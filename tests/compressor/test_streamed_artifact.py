@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import solver
+from bench.streaming_baseline import CONFIG
 from compressor.artifact import native as artifact
 from compressor.artifact import safetensors_writer as st_writer
 from compressor.artifact.archive import archive_sha256
@@ -31,7 +32,6 @@ from compressor.pipeline import execute
 from compressor.pipeline.execute import DirCompressStore, ExecuteConfig, execute_plan
 from compressor.pipeline.profile_store import Profile
 from compressor.quant.hessian import HessianHooks
-from service.bench.streaming_baseline import CONFIG
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import tiny_qwen2, tokens, write_tiny_model
 

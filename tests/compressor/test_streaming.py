@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import solver
+from bench.streaming_baseline import CONFIG, FIXTURE, compare, measure
+from bench.synthetic import Shape, write_checkpoint
 from compressor.checkpoint import stream
 from compressor.checkpoint.loading import load_model
 from compressor.checkpoint.stream import StreamedModel
 from compressor.pipeline.execute import ExecuteConfig, execute_plan
 from compressor.pipeline.profile import run_profile, stream_inventory
 from compressor.pipeline.profile_store import FileProfileStore, Profile
-from service.bench.streaming_baseline import CONFIG, FIXTURE, compare, measure
-from service.bench.synthetic import Shape, write_checkpoint
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import write_tiny_model
 

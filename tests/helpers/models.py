@@ -1,5 +1,5 @@
 """Tiny causal LMs for tests: in memory (`tiny_lm`, `tiny_qwen2`, `tiny_gpt2`) or written as a
-safetensors checkpoint with a word-level tokenizer (`write_tiny_model`, from service/bench/tiny.py,
+safetensors checkpoint with a word-level tokenizer (`write_tiny_model`, from bench/tiny.py,
 which the benchmarks use too), plus synthetic token batches and a correlated least-squares problem. Same seeds, same shapes, same numbers as before
 they lived here."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from service.bench.tiny import (  # noqa: F401 — re-exported: the tests' builders live there
+from bench.tiny import (  # noqa: F401 — re-exported: the tests' builders live there
     FAMILIES,
     VOCAB,
     WORD_VOCAB,

@@ -1,24 +1,22 @@
 """A real `bitplan serve` (uvicorn, embedded mode: SQLite + in-process jobs) on a free port, for
 tests that talk to it over HTTP (the browser tests, `bitplan remote`). Teams and keys are made
-in its database before it starts; only this process is ever stopped."""
+in its database before it starts; starting, waiting and stopping (only this process) are
+service.server_process's, as the benchmarks' servers are."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.client import wait_ready
 from service.db.auth import create_key, create_team
 from service.db.migrate import upgrade
 from service.db.session import get_database
-from tests.helpers.net import free_port
+from service.server_process import serve_subprocess
 from tests.helpers.paths import REPO
 from tests.helpers.profiles import TINY_PROFILE
 
@@ -55,23 +53,7 @@ def live_server(data_dir: Path, model_root: Path, teams: tuple[str, ...] = ("alp
             team = create_team(s, f"{label}-{uuid.uuid4().hex[:6]}")
             names[label] = team.name
             keys[label] = create_key(s, team, f"{label} test key")[1]
-    port = free_port()
     env = server_env(data_dir, model_root)
     log = data_dir / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_ready(base, start_timeout, alive=lambda: proc.poll() is None):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-            raise TimeoutError(f"server did not start: {log.read_text()[-3000:]}")
-        yield LiveServer(base, keys, names, env, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with serve_subprocess(env, log=log, start_timeout=start_timeout, cwd=REPO) as srv:
+        yield LiveServer(srv.url, keys, names, env, log)

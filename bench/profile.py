@@ -32,10 +32,11 @@ def _heldout_points(R: int) -> list[tuple[int, int]]:
 
 def run(args) -> dict:
     import solver
+    from compressor import api
     from compressor.checkpoint.data import Split, token_sequences
     from compressor.checkpoint.loading import load_model, load_tokenizer
     from compressor.pipeline.compress import compress_model
-    from compressor.pipeline.planning import block_of, build_problem, predicted_kl
+    from compressor.pipeline.planning import block_of, predicted_kl
     from compressor.pipeline.profile import ProfileConfig, calibration, run_profile, spearman
     from compressor.pipeline.profile_store import FileProfileStore
     from compressor.quant.decompose import decompose
@@ -51,7 +52,9 @@ def run(args) -> dict:
     cfg = ProfileConfig()
     out: dict = {"model": ref}
     fresh = os.environ.get("BITPLAN_BENCH_FRESH_PROFILE") == "1"
-    if fresh:  # profile from scratch in this run (slow); default: reuse the stored profile
+    # fresh: profile from scratch in this run (slow), through run_profile into an empty store
+    # (api.profile would seed the shipped profile); default: reuse the stored profile
+    if fresh:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             prof = run_profile(ref, FileProfileStore(Path(tmp)), config=cfg)
@@ -98,12 +101,12 @@ def run(args) -> dict:
     seqs = token_sequences(tok, Split.TEST, 256, n_seqs=4 if quick else 16)
     ev = PlanEvaluator(model, hessians, seqs, config=cfg.decomposition,
                        cache_dir=get_settings().data_dir / "cache" / prof.key)
-    problem = build_problem(prof)
+    problem = api.problem(prof)
     plans: dict[str, dict] = {}
     for bits, rank in ((3, 0), (4, 0)) if quick else ((3, 0), (4, 0), (3, 16), (2, 32), (6, 0)):
         plans[f"uniform_b{bits}_r{rank}"] = {n: solver.Option(bits, rank) for n in names}
     for bpp in ("3.5bpp", "4.5bpp") if quick else ("2.5bpp", "3bpp", "3.5bpp", "4.5bpp"):
-        plans[f"optimal_{bpp}"] = solver.solve(problem.with_budget(bpp)).assignments
+        plans[f"optimal_{bpp}"] = api.plan(prof, bpp, base=problem).assignments
     at = "4.5bpp" if quick else "3.6bpp"    # tiny models' group scales need more bytes
     for name in ("fidelity",) if quick else ("fidelity", "tiered", "ultra"):
         plans[f"{name}_{at}"] = baseline(name, problem.with_budget(at),

@@ -1,7 +1,7 @@
 """`bitplan bench load`: a bounded load test of the API on loopback.
 
 A real server (`bitplan serve`, embedded mode: SQLite + in-process jobs) with the demo model's
-cached profile (the one shipped beside it; see service.bench.api, whose setup this reuses), and
+cached profile (the one shipped beside it; see bench.api, whose setup this reuses), and
 N concurrent clients — each its own team, as real tenants would be — that for S seconds create a
 plan (POST /v1/plans with a feasible budget) and poll its job (GET /v1/jobs/{id}) until it is
 solved, then start the next. Bounded in time (S seconds plus a drain of at most 60 s) and in
@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,9 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from service.bench.api import _free_port, _pct, _prepare, team_keys
-from service.client import wait_ready
-from service.settings import DEMO_MODEL, REPO_ROOT
+from bench.api import _pct, _prepare, team_keys
+from service.server_process import ServerDidNotStart, serve_subprocess
+from service.settings import DEMO_MODEL
 
 log = logging.getLogger(__name__)
 DRAIN_S = 60.0
@@ -141,24 +139,12 @@ def run(args=None) -> dict:
         data_dir = Path(tmp)
         url, _ = _prepare(data_dir, model_dir)
         keys = team_keys(url, n_cli, "load")
-        port = _free_port()
         env = os.environ | {"BITPLAN_DATA_DIR": str(data_dir), "BITPLAN_DATABASE_URL": url,
                             "BITPLAN_MODEL_ROOTS": json.dumps([str(model_dir.parent)])}
         env.pop("BITPLAN_REDIS_URL", None)
-        server_log = data_dir / "server.log"
-        with open(server_log, "wb") as out:
-            server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
-                                       str(port), "--no-migrate"], cwd=REPO_ROOT, env=env,
-                                      stdout=out, stderr=subprocess.STDOUT)
-            try:
-                base = f"http://127.0.0.1:{port}"
-                if not wait_ready(base, 90.0):
-                    return {"error": "server did not start",
-                            "log": server_log.read_text(errors="replace")[-2000:]}
-                return measure(httpx, base, keys, model_dir.name, seconds, cap, poll_s)
-            finally:
-                server.terminate()
-                try:
-                    server.wait(20)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+        try:
+            with serve_subprocess(env, args=("--no-migrate",), log=data_dir / "server.log",
+                                  start_timeout=90.0) as srv:
+                return measure(httpx, srv.url, keys, model_dir.name, seconds, cap, poll_s)
+        except ServerDidNotStart as exc:   # its message ends with the server's log
+            return {"error": str(exc)}

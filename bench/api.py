@@ -22,9 +22,6 @@ import json
 import logging
 import math
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,23 +32,17 @@ import httpx
 
 from compressor.checkpoint.loading import inventory
 from compressor.pipeline.profile_store import LinearProfile, Profile
-from service.client import wait_ready
 from service.db.auth import create_key, create_team
 from service.db.migrate import upgrade
 from service.db.profile_store import DbProfileStore
 from service.db.session import get_database
 from service.jobs.modelrefs import resolve_model
 from service.jobs.submit import get_or_create_model
-from service.settings import DEMO_MODEL, REPO_ROOT, Settings
+from service.server_process import ServerDidNotStart, serve_subprocess
+from service.settings import DEMO_MODEL, Settings
 from solver.errormodel import ErrorModel
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -125,23 +116,15 @@ def run(args=None) -> dict:
         data_dir = Path(tmp)
         url, key = _prepare(data_dir, model_dir)
         keys = team_keys(url, n_cli, "api")
-        port = _free_port()
         env = os.environ | {"BITPLAN_DATA_DIR": str(data_dir), "BITPLAN_DATABASE_URL": url,
                             "BITPLAN_MODEL_ROOTS": json.dumps([str(model_dir.parent)]),
                             "BITPLAN_MAX_CONCURRENT_JOBS_PER_TEAM": "0"}
         env.pop("BITPLAN_REDIS_URL", None)
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
-                                   str(port), "--no-migrate"], cwd=REPO_ROOT, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            return _measure(httpx, f"http://127.0.0.1:{port}", key, keys, model_dir.name,
-                            n_req)
-        finally:
-            server.terminate()
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            with serve_subprocess(env, args=("--no-migrate",), start_timeout=60) as srv:
+                return _measure(httpx, srv.url, key, keys, model_dir.name, n_req)
+        except ServerDidNotStart as exc:
+            return {"error": str(exc)}
 
 
 @dataclass
@@ -180,8 +163,6 @@ def _post(c, model: str, budget: int) -> tuple[float, int | None, str | None]:
 
 def _measure(httpx, base: str, warm_key: str, keys: list[str], model: str,
              n_req: int) -> dict:
-    if not wait_ready(base, 60):
-        return {"error": "server did not start"}
     warm = _Count(warm_key)
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {warm_key}"},
                       timeout=30) as c:   # warm-up, then one client alone for scale (same run)

@@ -126,7 +126,7 @@ def measure(quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if quick:
-            from service.bench.synthetic import QUICK, write_checkpoint
+            from bench.synthetic import QUICK, write_checkpoint
 
             model = write_checkpoint(root / "models" / "tiny4", QUICK)
             config = QUICK_PROFILE

@@ -54,10 +54,11 @@ def _artifact(model_ref: str, quick: bool) -> tuple[Path, dict, str]:
         config = DecompositionConfig(q_rounding=Rounding.RTN, factor_rounding=Rounding.RTN)
         label, key, calib_cfg = "uniform b3 r8 g32 (quick, RTN)", "quick", ProfileConfig()
     else:
-        from service.cli.planning import ensure_profile, solve_for
+        from compressor import api
+        from service.cli.planning import ensure_profile
 
         prof = ensure_profile(model_ref, quiet=True)
-        _, plan = solve_for(prof, BUDGET)
+        plan = api.plan(prof, BUDGET)
         assign, label, key = dict(plan.assignments), f"optimal {BUDGET}", prof.key[:12]
         calib_cfg = ProfileConfig.from_dict(prof.config)
         config, model = calib_cfg.decomposition, None
@@ -126,7 +127,7 @@ def _child(artifact: str, runtime: str, new_tokens: int, logits_out: str) -> dic
 def _run_child(artifact: Path, runtime: str, new_tokens: int, logits: Path) -> dict:
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "service.bench.runtime", str(artifact), runtime, str(new_tokens),
+        [sys.executable, "-m", "bench.runtime", str(artifact), runtime, str(new_tokens),
          str(logits)], capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"runtime child ({runtime}) failed: {proc.stderr[-2000:]}")

@@ -1,9 +1,8 @@
 """What the streaming path must reproduce: a profile and an artifact of one model under a cheap
-profile configuration and a fixed mixed plan, through the public entry points only
-(`run_profile`, `execute_plan`). `tests/compressor/fixtures/streaming_baseline.json` holds these
-figures as the in-memory code (before streaming) computed them; the streaming tests and
-`bitplan bench scale` compare against it, and `python -m service.bench.streaming_baseline
-OUT.json` records them again."""
+profile configuration and a fixed mixed plan, through the front door only (`compressor.api`'s
+`profile` and `compress`). `bench/fixtures/streaming_baseline.json` holds these figures as the
+in-memory code (before streaming) computed them; `bitplan bench scale` and the streaming tests
+compare against it, and `python -m bench.streaming_baseline OUT.json` records them again."""
 
 from __future__ import annotations
 
@@ -13,15 +12,16 @@ import tempfile
 from pathlib import Path
 
 import solver
+from bench.tiny import write_tiny_model
+from compressor import api
 from compressor.artifact.native import COMPRESSED, KEPT, tensors_sha256
-from compressor.pipeline.execute import ExecuteConfig, execute_plan
-from compressor.pipeline.profile import ProfileConfig, run_profile
-from compressor.pipeline.profile_store import FileProfileStore
-from service.bench.tiny import write_tiny_model
-from service.settings import DEMO_MODEL, REPO_ROOT
+from compressor.pipeline.execute import ExecuteConfig
+from compressor.pipeline.profile import ProfileConfig
+from service.settings import DEMO_MODEL
 from solver.bytes import Option, option_bytes
 
-FIXTURE = REPO_ROOT / "tests" / "compressor" / "fixtures" / "streaming_baseline.json"
+# the bench's own data: shipped with the package, read by bench scale and the tests
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "streaming_baseline.json"
 CONFIG = ProfileConfig(calib_seqs=8, probe_seqs=4, seq_len=64, q_bits=(2, 3, 4),
                        anchors=((3, 0.5),), extra_groups=(256,), group_bits=(2, 4))
 EXECUTE = ExecuteConfig(eval_seq_len=64, eval_seqs=6)
@@ -35,12 +35,13 @@ def mixed_plan(names: list[str]) -> solver.Plan:
 
 
 def measure(model_ref: str, work: Path) -> dict:
-    prof = run_profile(model_ref, FileProfileStore(work / "profiles"), config=CONFIG)
+    # a shipped profile (the demo's) is seeded but never used: its key is another config's
+    prof = api.profile(model_ref, CONFIG, store=work / "profiles")
     plan = mixed_plan([lp.name for lp in prof.linears])
     plan.total_bytes = prof.fixed_bytes + sum(
         option_bytes(lp.out_features, lp.in_features, plan.assignments[lp.name])
         for lp in prof.linears)
-    done = execute_plan(model_ref, prof, plan, work / "artifact", EXECUTE)
+    done = api.compress(model_ref, prof, plan, work / "artifact", config=EXECUTE)
     return {"key": prof.key, "fixed_bytes": prof.fixed_bytes,
             "linears": [lp.to_dict() for lp in prof.linears],
             "block_sensitivity": prof.block_sensitivity, "block_proxy": prof.block_proxy,

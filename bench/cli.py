@@ -1,12 +1,15 @@
-"""`bitplan bench NAME [--json]`: benchmarks print figures as ratios measured in the same run."""
+"""`bitplan bench NAME [--json]`: benchmarks print figures as ratios measured in the same run.
+
+The service's CLI does not import this package (bench stands above it); it finds `register`
+through the "bitplan.commands" entry point declared in pyproject.toml."""
 
 from __future__ import annotations
 
 import importlib
 import json
 
-# name -> module under service.bench exposing `run(args)`. Options live here, not in the bench
-# modules: registering them must not import torch for every CLI call.
+# name -> module under bench exposing `run(args)`. Options live here, not in the bench modules:
+# registering them must not import torch for every CLI call.
 BENCHES = ["quant", "solver", "profile", "api", "e2e", "load", "runtime", "sampling", "scale"]
 
 
@@ -25,9 +28,9 @@ def register(sub) -> None:
 
 def _run_one(name: str, args) -> dict:
     try:
-        mod = importlib.import_module(f"service.bench.{name}")
+        mod = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name == f"service.bench.{name}":
+        if exc.name == f"bench.{name}":
             return {"error": f"benchmark {name!r} is not available in this build"}
         raise
     out = mod.run(args)

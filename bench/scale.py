@@ -1,7 +1,7 @@
 """`bitplan bench scale --json`: profile, compress and evaluate a synthetic checkpoint with real
 widths in bounded memory, streamed block by block (compressor.checkpoint.stream).
 
-- model: TinyLlama-1.1B's shapes as sharded fp16 safetensors (service/bench/synthetic.py);
+- model: TinyLlama-1.1B's shapes as sharded fp16 safetensors (bench/synthetic.py);
   `--quick`: 4 blocks of hidden 256 / intermediate 688, vocab 4096 (same code, smaller);
 - ONE child process profiles it (cheap CPU configuration `SCALE_PROFILE`: 4 calibration and 2
   probe sequences of 64 tokens, Q-only samples at 2/3/4 bits, no anchors, extra groups or
@@ -9,7 +9,7 @@ widths in bounded memory, streamed block by block (compressor.checkpoint.stream)
   (getrusage) is that work's alone; `baseline_rss_bytes` is its RSS after imports and the
   tokenizer, before any weight is read (the interpreter, torch and transformers);
 - streamed_matches_inmemory: the streamed profile records and artifact against the ones the
-  in-memory code recorded (service/bench/streaming_baseline.py; the demo model, or with --quick
+  in-memory code recorded (bench/streaming_baseline.py; the demo model, or with --quick
   the tiny model): byte for byte on the recording CPU, within float-order tolerance on another
   (`streamed_vs_inmemory` says which, with the largest gaps);
 - peak RSS per stage (compressor.checkpoint.memory.StageClock: a VmHWM window per stage) of the profile
@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from service.bench.synthetic import QUICK, TINYLLAMA, write_checkpoint
+from bench.synthetic import QUICK, TINYLLAMA, write_checkpoint
 from service.settings import DEMO_MODEL, REPO_ROOT
 
 
@@ -54,12 +54,12 @@ def child(model: str, out: str) -> None:
     import time
 
     import solver
+    from compressor import api
     from compressor.checkpoint.loading import load_tokenizer
     from compressor.checkpoint.memory import peak_rss_bytes
     from compressor.pipeline.evaluate import eval_sequences
-    from compressor.pipeline.execute import ExecuteConfig, execute_plan
-    from compressor.pipeline.profile import calibration, run_profile
-    from compressor.pipeline.profile_store import FileProfileStore
+    from compressor.pipeline.execute import ExecuteConfig
+    from compressor.pipeline.profile import calibration
     from solver.bytes import Option, option_bytes
 
     cfg = _profile_config()
@@ -71,14 +71,14 @@ def child(model: str, out: str) -> None:
     baseline = _rss_now()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        prof = run_profile(model, FileProfileStore(Path(tmp) / "p"), config=cfg)
+        prof = api.profile(model, cfg, store=Path(tmp) / "p")   # nothing shipped: measured
         profile_s = time.perf_counter() - t0
         opt = Option(2, 0, 4, 128)
         plan = solver.Plan({lp.name: opt for lp in prof.linears}, 0, 0.0, "uniform", False)
         plan.total_bytes = prof.fixed_bytes + sum(
             option_bytes(lp.out_features, lp.in_features, opt) for lp in prof.linears)
-        done = execute_plan(model, prof, plan, Path(tmp) / "artifact",
-                            ExecuteConfig(eval_seq_len=64, eval_seqs=4))
+        done = api.compress(model, prof, plan, Path(tmp) / "artifact",
+                            config=ExecuteConfig(eval_seq_len=64, eval_seqs=4))
     stages = done.metrics["stage_s"]
     Path(out).write_text(json.dumps({
         "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline,
@@ -92,7 +92,7 @@ def child(model: str, out: str) -> None:
 
 
 def _streamed_matches(quick: bool) -> dict:
-    from service.bench.streaming_baseline import FIXTURE, compare, measure, measure_tiny
+    from bench.streaming_baseline import FIXTURE, compare, measure, measure_tiny
 
     want = json.loads(FIXTURE.read_text())["tiny" if quick else "demo"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,20 +104,23 @@ def _profile_over_compress(quick: bool) -> dict:
     import time
 
     import solver
-    from compressor.pipeline.execute import ExecuteConfig, execute_plan
+    from bench.tiny import write_tiny_model
+    from compressor import api
+    from compressor.pipeline.execute import ExecuteConfig
     from compressor.pipeline.profile import run_profile
     from compressor.pipeline.profile_store import FileProfileStore
-    from service.bench.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         ref = str(write_tiny_model(Path(tmp) / "tiny")) if quick else str(DEMO_MODEL)
         t0 = time.perf_counter()
+        # run_profile, not api.profile: the front door would seed the demo's shipped profile
+        # (same key) and return it unmeasured; this figure needs the profile computed now
         prof = run_profile(ref, FileProfileStore(Path(tmp) / "p"))
         profile_s = time.perf_counter() - t0
         plan = solver.Plan({lp.name: solver.Option(4, 16) for lp in prof.linears}, 0, 0.0,
                            "uniform", False)
-        done = execute_plan(ref, prof, plan, Path(tmp) / "a",
-                            ExecuteConfig(eval_seq_len=64, eval_seqs=2))
+        done = api.compress(ref, prof, plan, Path(tmp) / "a",
+                            config=ExecuteConfig(eval_seq_len=64, eval_seqs=2))
     compress_s = done.metrics["stage_s"]["compress"]
     return {"profile_s": round(profile_s, 2), "compress_pass_s": round(compress_s, 2),
             "ratio": round(profile_s / compress_s, 2)}
@@ -132,7 +135,7 @@ def run(args) -> dict:
         out = Path(tmp) / "child.json"
         env = os.environ | {"PYTHONPATH": os.pathsep.join(
             [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        code = "import sys; from service.bench.scale import child; child(sys.argv[1], sys.argv[2])"
+        code = "import sys; from bench.scale import child; child(sys.argv[1], sys.argv[2])"
         proc = subprocess.run([sys.executable, "-c", code, str(model), str(out)], env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -159,11 +162,11 @@ def run(args) -> dict:
 
 
 def _shards(quick: bool) -> dict:
-    """2 Celery workers against 1 on one profile (service/bench/shards.py); needs the real
+    """2 Celery workers against 1 on one profile (bench/shards.py); needs the real
     Postgres and Redis: without them, the reason instead of figures."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from service.bench.shards import measure
+    from bench.shards import measure
 
     try:
         return measure(quick)
