@@ -87,7 +87,6 @@ def plan(profile: Profile, budget: str | int | float,
     them)."""
     prob = base.with_budget(budget) if base is not None else \
         build_problem(profile, budget, constraints, menu)
-    prob.check_budget()
     return solver.solve(prob, method=solver.Method(method), time_limit_s=time_limit_s)
 
 

@@ -125,7 +125,7 @@ def cmd_profile(args) -> int:
 
 def solve_for(prof, budget: str, method: str = "exact", constraints: dict | None = None):
     problem = api.problem(prof, budget, constraints)
-    return problem, api.plan(prof, budget, constraints, method=method, base=problem)
+    return problem, api.plan(prof, budget, method=method, base=problem)
 
 
 def cmd_plan(args) -> int:

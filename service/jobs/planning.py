@@ -98,9 +98,10 @@ def problem_at(profile: Profile, nbytes: int, constraints: dict | None,
 
 
 def solve_plan(profile: Profile, nbytes: int, constraints: dict | None, method: str,
-               profile_id: str | None = None) -> tuple[solver.AllocationProblem, solver.Plan]:
-    problem = problem_at(profile, nbytes, constraints, profile_id)
-    return problem, api.plan(profile, nbytes, method=method, base=problem)
+               profile_id: str | None = None) -> solver.Plan:
+    """The plan at `nbytes` on the cached budget-free problem (InfeasibleBudget below it)."""
+    return api.plan(profile, nbytes, method=method,
+                    base=base_problem(profile, constraints, profile_id))
 
 
 def feasibility(profile: Profile, constraints: dict | None = None,

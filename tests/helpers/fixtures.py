@@ -109,3 +109,20 @@ def tiny_nan_model(model_root) -> Path:
     from tests.helpers.models import write_tiny_model  # torch only when asked for (above)
 
     return write_tiny_model(model_root / "tiny-nan", nan_in="model.layers.0.self_attn.q_proj")
+
+
+@pytest.fixture
+def cli_home(tmp_path, monkeypatch) -> Iterator[Path]:
+    """BITPLAN_DATA_DIR with a stored (synthetic) profile for the CLI reference `tiny`."""
+    from compressor.pipeline.profile_store import FileProfileStore
+    from service.cli import planning
+    from service.settings import get_settings
+    from tests.helpers.profiles import synthetic_profile
+
+    monkeypatch.setenv("BITPLAN_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    prof = synthetic_profile()
+    FileProfileStore(planning.profile_root()).put(prof)
+    planning.remember("tiny", prof.key)
+    yield tmp_path
+    get_settings.cache_clear()

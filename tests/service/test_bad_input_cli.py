@@ -10,27 +10,15 @@ import shutil
 
 import pytest
 
-from tests.helpers.profiles import synthetic_profile
-
 # ---------------------------------------------------------------- the CLI
 
 @pytest.fixture
-def cli_home(tmp_path, monkeypatch):
-    """BITPLAN_DATA_DIR with a stored (synthetic) profile for the reference `tiny`."""
-    from compressor.pipeline.profile_store import FileProfileStore
-    from service.cli import planning
-    from service.settings import get_settings
-
-    monkeypatch.setenv("BITPLAN_DATA_DIR", str(tmp_path))
-    get_settings.cache_clear()
-    prof = synthetic_profile()
-    FileProfileStore(planning.profile_root()).put(prof)
-    planning.remember("tiny", prof.key)
-    (tmp_path / "bad.json").write_text("{nope")
-    (tmp_path / "unknown.json").write_text(json.dumps({"speed": 3}))
-    (tmp_path / "range.json").write_text(json.dumps({"max_bits": 99}))
-    yield tmp_path
-    get_settings.cache_clear()
+def cli_home(cli_home):
+    """The shared CLI home (tests/helpers/fixtures.py) plus the bad constraint files."""
+    (cli_home / "bad.json").write_text("{nope")
+    (cli_home / "unknown.json").write_text(json.dumps({"speed": 3}))
+    (cli_home / "range.json").write_text(json.dumps({"max_bits": 99}))
+    return cli_home
 
 
 CLI_CASES = [

@@ -9,7 +9,6 @@ import pytest
 
 from solver.bytes import fp16_bytes
 from tests.helpers.api import env_with_cached_profile
-from tests.helpers.profiles import synthetic_profile
 
 DOWN = "model.layers.0.mlp.down_proj"     # 32 x 72 in the synthetic profile
 
@@ -64,19 +63,6 @@ def test_api_no_option_error_lists_the_options(cached):
     assert f"no option for {DOWN}" in msg and "options: bits 2,3,4,5,6,8" in msg, msg
 
 
-@pytest.fixture
-def cli_home(tmp_path, monkeypatch):
-    from compressor.pipeline.profile_store import FileProfileStore
-    from service.cli import planning
-    from service.settings import get_settings
-
-    monkeypatch.setenv("BITPLAN_DATA_DIR", str(tmp_path))
-    get_settings.cache_clear()
-    prof = synthetic_profile()
-    FileProfileStore(planning.profile_root()).put(prof)
-    planning.remember("tiny", prof.key)
-    yield tmp_path
-    get_settings.cache_clear()
 
 
 def test_cli_plan_notes_and_fp16_pin(cli_home, capsys):

@@ -38,7 +38,7 @@ def solve_stage(ctx: StageContext) -> StageResult:
     if profile is None:
         raise JobFailed("no complete profile for this model", "profile_missing")
     ctx.report("solve", 0.05)
-    _, result = solve_plan(profile, plan.budget_bytes, plan.constraints, plan.method, profile_id)
+    result = solve_plan(profile, plan.budget_bytes, plan.constraints, plan.method, profile_id)
     follow: list[tuple[str, str]] = []
     with ctx.db.session() as s:
         row = s.get(PlanRow, plan.id)
