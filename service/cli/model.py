@@ -1,4 +1,4 @@
-"""Model commands: train-demo, eval, generate, layers."""
+"""Model commands: train-demo, import-gguf, eval, generate, layers."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ def register(sub) -> None:
                    help="reuse this saved tokenizer instead of training one (e.g. the bundled "
                         "model's, to keep its token ids)")
     p.set_defaults(func=cmd_train_demo)
+
+    p = sub.add_parser("import-gguf", help="a GGUF file (any transformers reads) → a Hugging "
+                                           "Face safetensors model directory with its tokenizer")
+    p.add_argument("file", type=Path, help="the .gguf file")
+    p.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    p.add_argument("--dtype", choices=["auto", "bf16", "float16", "float32"], default="auto",
+                   help="auto (default): the file's float type when its tensors are "
+                        "F16/BF16/F32, else bf16 (a quantized GGUF)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("eval", help="test-split perplexity; KL and top-1 vs a reference")
     p.add_argument("model", help="model directory, hub id, or compressed artifact directory")
@@ -76,6 +86,17 @@ def cmd_train_demo(args) -> int:
     record = train_demo(args.out, cfg, tokenizer_from=args.tokenizer_from)
     print(json.dumps({"out": str(args.out), "params": record["params"],
                       "final": record["curve"][-1]}, indent=2))
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from compressor.checkpoint.gguf_import import import_gguf  # torch
+
+    result = import_gguf(args.file, args.out, dtype=args.dtype, force=args.force)
+    print(f"wrote {result.out} ({result.dtype}, {result.weight_bytes / 2**20:.1f} MiB of "
+          f"weights, tied head: {result.tied}) in {result.seconds['total']:.1f} s",
+          file=sys.stderr)
+    print(json.dumps(result.to_dict()))
     return 0
 
 

@@ -18,6 +18,7 @@ import solver
 from compressor import api
 from compressor.checkpoint.headers import check_model_dir
 from compressor.pipeline.profile_store import FileProfileStore
+from service.cli.plan_summary import summarize_plan
 from service.errors import UserError
 from service.settings import DEMO_MODEL, get_settings
 from solver.recipes import plan_to_yaml
@@ -40,8 +41,12 @@ def register(sub) -> None:
     p.add_argument("--budget", required=True, help='bytes, "850MiB", "3.25bpp" or "0.22x"')
     p.add_argument("--method", default="exact", choices=["exact", "cpsat", "greedy"])
     p.add_argument("--constraints", type=Path, default=None, help="constraints JSON file")
-    p.add_argument("--out", type=Path, default=None, help="write the plan JSON here")
-    p.add_argument("--yaml", action="store_true", help="print the recipe YAML instead")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the full plan JSON here (what `bitplan compress --plan` reads)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true",
+                     help="print the plan as JSON instead of the summary")
+    fmt.add_argument("--yaml", action="store_true", help="print the recipe YAML instead")
     p.set_defaults(func=cmd_plan)
     register_execution(sub)
 
@@ -136,13 +141,17 @@ def cmd_plan(args) -> int:
         args.out.write_text(json.dumps(plan.to_dict(), indent=1))
     if args.yaml:
         print(plan_to_yaml(plan))
-        return 0
-    out = {"total_bytes": plan.total_bytes, "budget": plan.budget,
-           "bits_per_param": round(plan.bits_per_param(problem.total_linear_params), 4),
-           "predicted_kl": plan.predicted_error, "optimal": plan.optimal, "gap": plan.gap,
-           "solve_ms": plan.solve_ms, "notes": plan.notes,
-           "linears": {n: o.to_dict() for n, o in plan.assignments.items()}}
-    print(json.dumps(out, indent=1))
+    elif args.json:
+        out = {"total_bytes": plan.total_bytes, "budget": plan.budget,
+               "bits_per_param": round(plan.bits_per_param(problem.total_linear_params), 4),
+               "predicted_kl": plan.predicted_error, "optimal": plan.optimal, "gap": plan.gap,
+               "solve_ms": plan.solve_ms, "notes": plan.notes,
+               "linears": {n: o.to_dict() for n, o in plan.assignments.items()}}
+        print(json.dumps(out, indent=1))
+    else:
+        print(summarize_plan(plan, prof, problem))
+        if args.out:
+            print(f"\nplan JSON written to {args.out}")
     return 0
 
 

@@ -70,9 +70,10 @@ def test_cli_plan_notes_and_fp16_pin(cli_home, capsys):
 
     cons = cli_home / "fp16.json"
     cons.write_text(json.dumps({"pinned": {DOWN: {"bits": 16}}}))
-    assert main(["plan", "tiny", "--budget", "20bpp", "--constraints", str(cons)]) == 0
+    assert main(["plan", "tiny", "--budget", "20bpp", "--constraints", str(cons),
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["linears"][DOWN]["bits"] == 16
     assert len(out["notes"]) == 1 and "more bytes buy nothing" in out["notes"][0]
-    assert main(["plan", "tiny", "--budget", "3bpp"]) == 0
+    assert main(["plan", "tiny", "--budget", "3bpp", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["notes"] == []
