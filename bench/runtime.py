@@ -40,7 +40,8 @@ PROMPT_LEN, PREFILL_LEN = 16, 256
 def _artifact(model_ref: str, quick: bool) -> tuple[Path, dict, str]:
     """(artifact dir, {linear: Option}, plan label): reused from the data dir's cache when the
     stored one was made for the same plan and still verifies."""
-    from compressor.artifact.native import ArtifactError, save_artifact, verify_artifact
+    from compressor.artifact.in_memory import save_artifact
+    from compressor.artifact.native import ArtifactError, verify_artifact
     from compressor.checkpoint.loading import discover, load_model, load_tokenizer
     from compressor.pipeline.compress import compress_model
     from compressor.pipeline.profile import ProfileConfig, calibration

@@ -3,9 +3,9 @@
 Accepted forms (whitespace and unit case are ignored):
 - bytes: an int, a finite float (floored), or a string of digits ``"1234567"``;
 - sizes: ``"1.2GB"`` (10**9), ``"850MiB"`` (2**20); units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB;
-- bits per parameter: ``"3.25bpp"`` = ``fixed_bytes + floor(3.25 * total_linear_params / 8)``,
-  i.e. the bpp figure covers the compressible linears only and everything left uncompressed
-  (embeddings, norms, head) is added on top at its stored size;
+- bits per parameter: ``"3.25bpp"`` = ``floor(3.25 * params / 8)`` over *every* parameter of
+  the model (``params = fp16_bytes / 2``: the linears, the embedding and head, norms, biases),
+  so the figure is what the whole stored model costs per parameter, as llama.cpp's bpw is;
 - fraction of fp16: ``"0.22x"`` = ``floor(0.22 * fp16_bytes)`` where ``fp16_bytes`` is the fp16
   size of the whole model (every parameter at 2 bytes).
 Every result is floored to whole bytes: a budget is a cap, so rounding never goes above it.
@@ -65,12 +65,11 @@ def _positive_int(value: Fraction, original: object) -> int:
     return out
 
 
-def parse_budget(text_or_int: str | int | float, *, total_linear_params: int,
-                 fp16_bytes: int, fixed_bytes: int = 0) -> int:
+def parse_budget(text_or_int: str | int | float, *, fp16_bytes: int) -> int:
     """Parse a budget into whole bytes (see the module docstring for the accepted forms).
 
-    ``fixed_bytes`` only matters for ``bpp`` budgets; pass the problem's fixed bytes there
-    (``AllocationProblem.parse_budget`` does) or the bpp figure covers the linears alone.
+    ``fp16_bytes`` is the model's `fp16_reference_bytes`: the ``x`` reference, and twice the
+    parameter count a ``bpp`` figure is taken over.
     """
     if isinstance(text_or_int, bool):
         raise BudgetError(f"budget must be a number of bytes or a string, got {text_or_int!r}")
@@ -98,11 +97,11 @@ def parse_budget(text_or_int: str | int | float, *, total_linear_params: int,
     if unit in ("", "b") or unit in UNITS:
         return _positive_int(number * UNITS.get(unit or "b", 1), text_or_int)
     if unit == "bpp":
-        if total_linear_params <= 0:
-            raise BudgetError("a bpp budget needs total_linear_params > 0")
+        if fp16_bytes <= 0:
+            raise BudgetError("a bpp budget needs fp16_bytes > 0 (every parameter at 2 bytes)")
         if number > 64:
             raise BudgetError(f"{text_or_int!r}: more than 64 bits per parameter is not a budget")
-        return _positive_int(fixed_bytes + number * total_linear_params / 8, text_or_int)
+        return _positive_int(number * fp16_bytes / 16, text_or_int)
     if unit == "x":
         if fp16_bytes <= 0:
             raise BudgetError("an 'x' budget needs fp16_bytes > 0")
@@ -134,5 +133,9 @@ class BudgetBasis:
                    fp16_reference_bytes(linear_params, kept_params))
 
     def parse(self, budget: str | int | float) -> int:
-        return parse_budget(budget, total_linear_params=self.linear_params,
-                            fp16_bytes=self.fp16_bytes, fixed_bytes=self.fixed_bytes)
+        return parse_budget(budget, fp16_bytes=self.fp16_bytes)
+
+    @property
+    def params(self) -> int:
+        """Every parameter of the model (what a bpp figure is per)."""
+        return self.fp16_bytes // 2

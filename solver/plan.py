@@ -28,9 +28,10 @@ class Plan:
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # what the user should know, in words
 
-    def bits_per_param(self, total_linear_params: int) -> float:
-        """Average stored bits per compressible parameter (fixed bytes excluded)."""
-        return 8 * (self.total_bytes - self.fixed_bytes) / total_linear_params
+    def bits_per_param(self, params: int) -> float:
+        """Average stored bits per parameter: every stored byte over the model's `params`
+        parameters (`BudgetBasis.params`), the figure a bpp budget caps."""
+        return 8 * self.total_bytes / params
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -10,7 +10,8 @@ The note ran everything at 3-bit Q with 4-bit factors and varied only the rank p
 Generalised to any number of blocks, every strategy keeps its *shape* (relative ranks) and is
 scaled by one factor s so the plan spends as much of the budget as it can without going over;
 a final pass spends what is left by bumping single linears one rank up, most sensitive first.
-Ranks come from each linear's own menu, so bytes are exact.
+Ranks come from each linear's own menu, so bytes are exact. Items outside the blocks (the
+embedding, the head: absent from `block_of`) take the strategy's Q bits at their lowest rank.
 """
 
 from __future__ import annotations
@@ -107,10 +108,12 @@ def baseline(name: str, problem: AllocationProblem,
     cands = [_candidates(it, q_bits, factor_bits, group_size) for it in items]
     weights = np.empty(len(items))
     for i, it in enumerate(items):
-        missing = [n for n in it.names if block_of.get(n) not in row]
+        inside = [n for n in it.names if n in block_of]
+        missing = [n for n in inside if block_of[n] not in row]
         if missing:
             raise ValueError(f"no block score for {missing[0]} (block_of/block_scores)")
-        weights[i] = np.mean([weight_of_block[row[block_of[n]]] for n in it.names])
+        weights[i] = (np.mean([weight_of_block[row[block_of[n]]] for n in inside])
+                      if inside else 0.0)
 
     cap = problem.budget - problem.fixed_bytes
 

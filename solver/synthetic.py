@@ -34,10 +34,14 @@ class ModelShape:
         return [(f"model.layers.{b}.{p}", o, n, b) for b in range(self.layers)
                 for p, o, n in parts]
 
+    def vocab_items(self) -> list[tuple[str, int, int]]:
+        """(name, vocab, hidden) of the embedding and, when untied, the head: planned too."""
+        emb = [("model.embed_tokens", self.vocab, self.hidden)]
+        return emb if self.tied_embeddings else [*emb, ("lm_head", self.vocab, self.hidden)]
+
     def fixed_bytes(self) -> int:
-        """fp16 embeddings (+ head when untied) and the RMSNorm weights."""
-        emb = self.vocab * self.hidden * 2 * (1 if self.tied_embeddings else 2)
-        return emb + (2 * self.layers + 1) * self.hidden * 2
+        """The fp16 RMSNorm weights (everything else is planned)."""
+        return (2 * self.layers + 1) * self.hidden * 2
 
 
 QWEN2_1_5B = ModelShape(28, 1536, 8960, 256, 151936, True)
@@ -87,6 +91,12 @@ def synthetic_problem(shape: ModelShape = QWEN2_1_5B, n_options: int = 40, seed:
         menus.append(LinearMenu(name, out_f, in_f, options,
                                 [option_bytes(out_f, in_f, o) for o in options], err.tolist()))
         block_of[name] = block
+    rank0 = [o for o in options if o.rank == 0]
+    bits0 = np.array([o.bits for o in rank0], np.float64)
+    for name, out_f, in_f in shape.vocab_items():   # a lookup / the head: Q alone
+        err = float(scores.mean()) * rng.lognormal(0, 0.3) * 4.0 ** (-(bits0 - 2))
+        menus.append(LinearMenu(name, out_f, in_f, rank0,
+                                [option_bytes(out_f, in_f, o) for o in rank0], err.tolist()))
     problem = AllocationProblem(menus, shape.fixed_bytes(), None, constraints)
     if bits_per_param is not None:
         budget = problem.parse_budget(f"{bits_per_param}bpp")

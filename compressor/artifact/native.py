@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from compressor.artifact.archive import MANIFEST
 from compressor.artifact.safetensors_writer import SafetensorsWriter
-from compressor.checkpoint.loading import MODEL_CONSTRUCTION_LOCK
+from compressor.checkpoint.loading import MODEL_CONSTRUCTION_LOCK, vocab_modules
 from compressor.checkpoint.tensor_reader import Checkpoint
 from compressor.quant.decomposed import Decomposed
 from compressor.runtime import hf
@@ -134,64 +134,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _kept_state(model: nn.Module, names: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Everything in the state dict but the compressed linears' weights / packed buffers;
-    tensors sharing storage are stored once (returns the tensors and alias → stored name)."""
-    kept: dict[str, Tensor] = {}
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, t in model.state_dict(keep_vars=False).items():
-        owner, _, leaf = key.rpartition(".")
-        if (owner in names and leaf != "bias") or owner.rpartition(".")[0] in names:
-            continue   # a linear's weight, or a CompressedLinear's packed q/l/r buffers
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if ident in seen and t.numel():
-            tied[key] = seen[ident]
-            continue
-        seen[ident] = key
-        kept[key] = t.detach().cpu().contiguous()
-    return kept, tied
-
-
-def save_artifact(
-    model: nn.Module,
-    tokenizer,
-    decomposed: Mapping[str, Decomposed],
-    out_dir: str | Path,
-    plan: dict | None = None,
-    source_ref: str | Path | None = None,
-) -> Manifest:
-    """Write the artifact of `model` whose linears `decomposed` names are compressed (the model
-    may hold them as CompressedLinear already, or still as the original linears)."""
-    kept, tied = _kept_state(model, set(decomposed))
-    return write_artifact(model, getattr(model, "config", None), tokenizer, decomposed,
-                          kept, tied, out_dir, plan=plan, source_ref=source_ref)
-
-
-def write_artifact(
-    skeleton: nn.Module,
-    config,
-    tokenizer,
-    decomposed: Mapping[str, Decomposed],
-    kept: Mapping[str, Tensor],
-    tied: Mapping[str, str],
-    out_dir: str | Path,
-    plan: dict | None = None,
-    source_ref: str | Path | None = None,
-) -> Manifest:
-    """Write an artifact from parts held in memory: `skeleton` only names the modules (it may
-    live on the meta device), `kept` maps every kept tensor's name to its stored value (tied
-    aliases in `tied`). Goes through ArtifactWriter, like the streamed compression."""
-    with ArtifactWriter(out_dir, skeleton) as writer:
-        for name, dec in decomposed.items():
-            writer.add_linear(name, dec)
-        for name, t in kept.items():
-            writer.add_kept(name, t)
-        for alias, stored in tied.items():
-            writer.tie(alias, stored)
-        return writer.finish(config, tokenizer, plan=plan, source_ref=source_ref)
-
-
 class ArtifactWriter:
     """An artifact written piece by piece: each linear's packed tensors and each kept tensor go
     to disk when added (compressor.artifact.safetensors_writer spools them), so the writer holds no tensor
@@ -202,6 +144,9 @@ class ArtifactWriter:
     def __init__(self, out_dir: str | Path, skeleton: nn.Module) -> None:
         self.out_dir = Path(out_dir)
         self._modules = dict(skeleton.named_modules())
+        self._vocab = {li.name: li.kind for li in vocab_modules(skeleton)}
+        head = skeleton.get_output_embeddings()
+        self._head = next((n for n, m in self._modules.items() if m is head), None)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
@@ -216,10 +161,13 @@ class ArtifactWriter:
         mod = self._modules.get(name)
         if mod is None:
             raise ArtifactError(f"model has no module {name}")
-        kind = "conv1d" if type(mod).__name__ == "Conv1D" else "linear"
+        kind = self._vocab.get(name) or ("conv1d" if type(mod).__name__ == "Conv1D"
+                                         else "linear")
         for key, t in dec.tensors().items():
             self._packed.add(f"{name}.{key}", t)
-        self.linears[name] = dec.record() | {"kind": kind, "has_bias": mod.bias is not None}
+        extra = {"head": self._head} if kind == "tied" else {}   # the module that reads it too
+        self.linears[name] = dec.record() | {
+            "kind": kind, "has_bias": getattr(mod, "bias", None) is not None} | extra
         self.accounted += option_bytes(*dec.shape, dec.option)
 
     def _kept_dtype(self, dtype: torch.dtype) -> None:
@@ -299,6 +247,8 @@ def _save_config(config, out: Path, linears: dict, tied: dict, dtype: str) -> No
     """config.json with the bitplan quantization config (on a copy: the caller's model keeps
     its own config)."""
     config = copy.deepcopy(config)
+    if any(rec.get("kind") == "tied" for rec in linears.values()):
+        config.tie_word_embeddings = False   # the loader shares the packed tensor itself (hf.py)
     config.quantization_config = hf.BitplanConfig(
         linears=linears, dtype=dtype, packed_file=COMPRESSED, tied=tied).to_dict()
     config.save_pretrained(out)

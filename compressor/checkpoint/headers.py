@@ -23,6 +23,9 @@ SUPPORTED = ("bitplan supports decoder-only causal LMs (config.json `architectur
 # GPT-2 style models store their Conv1D weights as [in, out]; everyone else's as [out, in].
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
 HEAD_NAMES = ("lm_head",)
+# The vocabulary tensors the plan covers besides the blocks' linears: the token embedding (a
+# lookup of rows), the LM head (a linear), or one tensor that is both (tied embeddings).
+VOCAB_KINDS = ("embedding", "head", "tied")
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
 MAX_HEADER = 100_000_000
 # Bytes per element of the safetensors dtypes, and of the dtype names configs use.
@@ -48,8 +51,13 @@ class LinearInfo:
     out_features: int
     in_features: int
     block: int | None    # decoder block index, None outside the blocks
-    kind: str            # "linear" or "conv1d" (GPT-2 stores Conv1D weights transposed)
+    kind: str            # "linear", "conv1d" (GPT-2 stores Conv1D weights transposed) or
+                         # one of VOCAB_KINDS ([vocab, hidden]: embedding, head, tied)
     has_bias: bool
+
+    @property
+    def is_vocab(self) -> bool:
+        return self.kind in VOCAB_KINDS
 
     @property
     def numel(self) -> int:
@@ -274,11 +282,43 @@ def tied_embeddings(cfg: dict) -> bool:
     return bool(cfg.get("tie_word_embeddings", True))
 
 
+def _model_order(li: LinearInfo) -> tuple:
+    """The embedding first, then the blocks' linears by block and name, then the head."""
+    rank = {"embedding": 0, "tied": 0, "head": 2}.get(li.kind, 1)
+    return rank, li.block or 0, _natural(li.name)
+
+
+def vocab_items(cfg: dict, tensors: dict[str, TensorInfo], tied: bool) -> list[LinearInfo]:
+    """The token embedding ([vocab, hidden]: the 2-D weight outside the blocks with `vocab_size`
+    rows, not the head) and the head, or one "tied" item when they share a tensor."""
+    vocab = cfg.get("vocab_size")
+    embed = head = None
+    for name, t in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or len(t.shape) != 2 or block_index(module) is not None:
+            continue
+        if module.split(".")[-1] in HEAD_NAMES:
+            head = (module, t)
+        elif t.shape[0] == vocab and (embed is None or "emb" in module or "wte" in module):
+            embed = (module, t)
+    out = []
+    if embed is not None:
+        (name, t) = embed
+        out.append(LinearInfo(name, t.shape[0], t.shape[1], None,
+                              "tied" if tied else "embedding", False))
+    if head is not None and not (tied and embed is not None):
+        (name, t) = head
+        out.append(LinearInfo(name, t.shape[0], t.shape[1], None, "head",
+                              f"{name}.bias" in tensors))
+    return out
+
+
 def header_inventory(path: Path, ref: str = "", trust_remote_code: bool = False) -> Inventory:
     """The layer inventory of a local model from config.json and safetensors headers, equal to
     the meta-skeleton one (compressor.checkpoint.loading.inventory) up to order: linears are the 2-D
-    `X.weight` tensors inside a decoder block (not the head); everything else is kept, the tied
-    head once, at the config's dtype (default float32) as the skeleton counts it."""
+    `X.weight` tensors inside a decoder block (not the head), plus the vocabulary tensors
+    (`vocab_items`); everything else is kept at the config's dtype (default float32) as the
+    skeleton counts it."""
     ref = ref or str(path)
     cfg = read_config(path, ref, trust_remote_code)
     tensors = {n: t for n, t in read_weights(path, ref).items() if not _is_buffer(n, t)}
@@ -298,6 +338,9 @@ def header_inventory(path: Path, ref: str = "", trust_remote_code: bool = False)
                                   f"{module}.bias" in tensors))
         compressed.add(name)
     tied = tied_embeddings(cfg)
+    for li in vocab_items(cfg, tensors, tied):
+        compressed.add(f"{li.name}.weight")
+        linears.append(li)
     dtype = config_dtype(cfg) or "float32"
     kept = []
     for name, t in tensors.items():
@@ -309,9 +352,9 @@ def header_inventory(path: Path, ref: str = "", trust_remote_code: bool = False)
         size = DTYPE_SIZE.get(dtype)
         kept.append(KeptParam(name, t.shape, dtype if size else _ST_TO_TORCH.get(t.dtype, dtype),
                               numel * (size or ST_DTYPE_SIZE.get(t.dtype, 4))))
-    linears.sort(key=lambda li: (li.block, _natural(li.name)))
+    linears.sort(key=_model_order)
     kept.sort(key=lambda k: _natural(k.name))
-    blocks = {li.block for li in linears}
+    blocks = {li.block for li in linears if li.block is not None}
     inv = Inventory(linears, kept, (max(blocks) + 1) if blocks else 0, config=cfg)
     layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     if isinstance(layers, int) and layers != inv.num_blocks:

@@ -27,6 +27,7 @@ from compressor.checkpoint.headers import (  # also re-exported: the inventory t
     check_tokenizer_files,
     config_dtype,
 )
+from compressor.runtime.modules import CompressedEmbedding, CompressedLinear
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -34,8 +35,9 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def discover(model: nn.Module, head_names: tuple[str, ...] = ("lm_head",)) -> Inventory:
-    """Every nn.Linear / Conv1D inside the decoder blocks is compressible; all other parameters
-    (embeddings, norms, the head, biases of compressed linears) are kept at their stored dtype."""
+    """Every nn.Linear / Conv1D inside the decoder blocks is compressible, and so are the token
+    embedding and the head (`vocab_modules`); all other parameters (norms, position
+    embeddings, biases of compressed linears) are kept at their stored dtype."""
     linears: list[LinearInfo] = []
     compressed_weights: set[str] = set()
     for name, mod in model.named_modules():
@@ -52,16 +54,52 @@ def discover(model: nn.Module, head_names: tuple[str, ...] = ("lm_head",)) -> In
             continue
         linears.append(LinearInfo(name, out_f, in_f, blk, kind, mod.bias is not None))
         compressed_weights.add(f"{name}.weight")
+    vocab = vocab_modules(model)
+    vocab_weights = {id(model.get_submodule(li.name).weight) for li in vocab
+                     if hasattr(model.get_submodule(li.name), "weight")}
+    linears = [li for li in vocab if li.kind != "head"] + linears + [
+        li for li in vocab if li.kind == "head"]
     kept = []
     seen: set[int] = set()
     for pname, p in model.named_parameters(remove_duplicate=False):
-        if pname in compressed_weights or id(p) in seen:
+        if pname in compressed_weights or id(p) in seen or id(p) in vocab_weights:
             continue
-        seen.add(id(p))  # tied weights (embedding == head) are stored once
+        seen.add(id(p))  # a tensor shared by two modules is stored once
         kept.append(KeptParam(pname, tuple(p.shape), str(p.dtype).removeprefix("torch."),
                               p.numel() * p.element_size()))
     blocks = {li.block for li in linears if li.block is not None}
     return Inventory(linears, kept, (max(blocks) + 1) if blocks else 0)
+
+
+def vocab_modules(model: nn.Module) -> list[LinearInfo]:
+    """The input embedding ("embedding") and the output head ("head") as plannable items, or
+    one "tied" item named by the embedding when both use one tensor (a compressed model's
+    too: its CompressedEmbedding and head share one packed tensor)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+
+    def stored(m: nn.Module | None):
+        if m is None:
+            return None
+        w = getattr(m, "weight", None)
+        return w if w is not None else getattr(m, "q", None)
+
+    def shape(m: nn.Module) -> tuple[int, int]:
+        if isinstance(m, CompressedEmbedding):
+            return m.num_embeddings, m.embedding_dim
+        if isinstance(m, CompressedLinear):
+            return m.out_features, m.in_features
+        return tuple(m.weight.shape)
+
+    out = []
+    tied = head is not None and stored(head) is stored(emb)
+    if emb is not None and len(shape(emb)) == 2:
+        out.append(LinearInfo(names[id(emb)], *shape(emb), None,
+                              "tied" if tied else "embedding", False))
+    if head is not None and not tied and isinstance(head, nn.Linear | CompressedLinear):
+        out.append(LinearInfo(names[id(head)], *shape(head), None, "head",
+                              head.bias is not None))
+    return out
 
 
 def resolve(ref: str | os.PathLike, trust_remote_code: bool = False) -> Path | str:

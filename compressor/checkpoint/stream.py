@@ -22,7 +22,7 @@ dtype, one vocabulary chunk of logits [B, T, chunk].
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +36,7 @@ from compressor.checkpoint.headers import ModelLoadError
 from compressor.checkpoint.loading import MODEL_CONSTRUCTION_LOCK, load_config, resolve
 from compressor.checkpoint.memory import map_large_allocations, release_free_heap
 from compressor.checkpoint.tensor_reader import Checkpoint
-from compressor.quant.decomposed import Decomposed
 from compressor.quant.hessian import is_linear
-from compressor.runtime.modules import replace_linear
 
 VOCAB_CHUNK = 8192      # head rows applied at once (logits [B, T, chunk] in float32)
 BATCH = 8               # sequences per block forward (the in-memory code's batch size)
@@ -219,8 +217,11 @@ class StreamedModel:
             module._parameters["weight"] = nn.Parameter(stored.to(self.dtype),
                                                         requires_grad=False)
 
-    def embed(self, ids: Tensor) -> Tensor:
-        """Token embeddings [B, T, D] from the rows `ids` uses, read in windows."""
+    def embed(self, ids: Tensor, table: Tensor | None = None) -> Tensor:
+        """Token embeddings [B, T, D] from the rows `ids` uses, read in windows; `table`: a
+        dense [vocab, D] embedding to look them up in instead (a compressed or perturbed one)."""
+        if table is not None:
+            return table[ids].to(self.device, self.dtype)
         uniq, inverse = torch.unique(ids, return_inverse=True)
         rows = torch.empty(len(uniq), self.ckpt.entry(self.embed_name).shape[1],
                            dtype=self.dtype, device=self.device)
@@ -239,9 +240,10 @@ class StreamedModel:
     def _rows(self, name: str) -> int:
         return self.ckpt.entry(name).shape[0]
 
-    def inputs(self, ids: Tensor) -> tuple[Tensor, dict]:
-        """Block 0's input for the token ids [B, T] and the keyword arguments every block gets."""
-        emb = self.embed(ids.to(self.device))
+    def inputs(self, ids: Tensor, table: Tensor | None = None) -> tuple[Tensor, dict]:
+        """Block 0's input for the token ids [B, T] and the keyword arguments every block gets
+        (`table`: as `embed`'s)."""
+        emb = self.embed(ids.to(self.device), table)
         key = (tuple(ids.shape), emb.dtype)
         got: dict = {}
 
@@ -285,9 +287,11 @@ class StreamedModel:
     # -- head ----------------------------------------------------------------------------------
     @torch.no_grad()
     def head_stats(self, h: Tensor, targets: Tensor | None = None,
-                   ref: Tensor | None = None) -> HeadStats:
+                   ref: Tensor | None = None, head: Tensor | None = None) -> HeadStats:
         """Log-prob statistics of final hidden states h [B, T, D] (before the final norm);
-        `ref` [B, T, D]: the reference model's final hidden states, for KL and its top-1."""
+        `ref` [B, T, D]: the reference model's final hidden states, for KL and its top-1;
+        `head`: a dense [vocab, D] float32 head for h in place of the checkpoint's (a compressed
+        or perturbed one; the reference always reads the checkpoint's)."""
         x = self.norm(h).float()
         xr = self.norm(ref).float() if ref is not None else None
         shape = h.shape[:-1]
@@ -300,7 +304,7 @@ class StreamedModel:
             rbest = torch.full(shape, -math.inf, device=h.device)
             rarg = torch.zeros(shape, dtype=torch.long, device=h.device)
         for a, b, W, bb in self.head_chunks():
-            m = F.linear(x, W, bb)
+            m = F.linear(x, W if head is None else head[a:b], bb)
             lse = torch.logaddexp(lse, torch.logsumexp(m, -1))
             cmax, cidx = m.max(-1)
             upd = cmax > best
@@ -332,6 +336,11 @@ class StreamedModel:
             W = self.ckpt.get(self.head_name, (a, b)).to(self.device, torch.float32)
             yield a, b, W, (bias[a:b] if bias is not None else None)
 
+    def vocab_weight(self, name: str) -> Tensor:
+        """The whole [vocab, D] weight of the vocabulary item `name` (a module path: the
+        embedding or the head) in float32 on the device."""
+        return self.ckpt.get(self.ckpt_name(f"{name}.weight")).to(self.device, torch.float32)
+
     def _head_bias(self) -> Tensor | None:
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is None:
@@ -354,9 +363,11 @@ def write_kept(sm: StreamedModel, compressed: set[str], writer) -> None:
     checkpoint (their stored dtype, copied in chunks, never resident whole), persistent buffers
     from the skeleton; tensors tied to an earlier one as aliases (`writer.tie`)."""
     seen: dict[int, str] = {}
+    dropped: set[int] = set()   # compressed weights and their aliases (a tied head)
     for key, t in sm.model.state_dict(keep_vars=True).items():
         owner, _, leaf = key.rpartition(".")
-        if owner in compressed and leaf != "bias":
+        if id(t) in dropped or (owner in compressed and leaf != "bias"):
+            dropped.add(id(t))
             continue
         if id(t) in seen and t.numel():
             writer.tie(key, seen[id(t)])
@@ -367,22 +378,3 @@ def write_kept(sm: StreamedModel, compressed: set[str], writer) -> None:
             writer.add_kept_from_file(key, e.dtype, e.shape, e.file, e.start)
         else:
             writer.add_kept(key, t.detach().cpu().contiguous())
-
-
-@contextmanager
-def swapped(sm: StreamedModel, j: int, blk: nn.Module,
-            decomposed: Mapping[str, Decomposed]) -> Iterator[nn.Module]:
-    """Resident block j with the linears `decomposed` names (full module paths) swapped for
-    CompressedLinear; the originals are put back after."""
-    prefix = sm.block_name(j) + "."
-    old = {}
-    for name, dec in decomposed.items():
-        local = name[len(prefix):]
-        old[local] = blk.get_submodule(local)
-        replace_linear(blk, local, dec)
-    try:
-        yield blk
-    finally:
-        for local, mod in old.items():
-            parent, _, child = local.rpartition(".")
-            setattr(blk.get_submodule(parent) if parent else blk, child, mod)

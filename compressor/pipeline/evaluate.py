@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from compressor.checkpoint.data import Split, token_sequences
 from compressor.checkpoint.headers import block_index
-from compressor.checkpoint.stream import StreamedModel, swapped
+from compressor.checkpoint.loading import vocab_modules
+from compressor.checkpoint.stream import StreamedModel
 from compressor.quant.decomposed import Decomposed
+from compressor.runtime.modules import Runtime, replace_linear
 
 
 @dataclass
@@ -100,12 +104,18 @@ def stream_evaluate(
     KL(original ‖ compressed) and top-1 agreement against the original, whose stream is carried
     through the same resident block. Each block is read once; the head runs in vocab chunks.
     `decomposed` is read one block's linears at a time (it may load them lazily:
-    artifact.ArtifactLinears)."""
+    artifact.ArtifactLinears), each as its dense Ŵ while the block is resident (the packed
+    kernels are for serving; a block's Ŵ is bounded like the block itself). A compressed
+    embedding or head is held dense for the pass (`_vocab_weights`)."""
     decomposed = decomposed or {}
     with_ref = bool(decomposed)
-    h = torch.cat([sm.inputs(seqs[i:i + batch_size])[0]
+    table, head = _vocab_weights(sm, decomposed)
+    h = torch.cat([sm.inputs(seqs[i:i + batch_size], table)[0]
                    for i in range(0, len(seqs), batch_size)])
-    ref = h.clone() if with_ref else None
+    ref = (h.clone() if table is None else torch.cat([
+        sm.inputs(seqs[i:i + batch_size])[0] for i in range(0, len(seqs), batch_size)])
+           ) if with_ref else None
+    del table
     for j in range(sm.num_blocks):
         mine = {n: decomposed[n] for n in decomposed if block_index(n) == j}
         with sm.block(j) as blk:
@@ -120,7 +130,7 @@ def stream_evaluate(
         batch = seqs[i:i + batch_size].to(h.device)
         targets = torch.cat([batch[:, 1:], batch[:, :1]], 1)   # the last column is unused
         st = sm.head_stats(h[i:i + batch_size], targets,
-                           ref[i:i + batch_size] if with_ref else None)
+                           ref[i:i + batch_size] if with_ref else None, head)
         nll_sum += -st.target_logp()[:, :-1].sum().item()
         count += batch[:, 1:].numel()
         if with_ref:
@@ -133,6 +143,40 @@ def stream_evaluate(
         kl=kl_sum / positions if with_ref else None,
         top1=agree / positions if with_ref else None,
     )
+
+
+@contextmanager
+def swapped(sm: StreamedModel, j: int, blk: nn.Module,
+            decomposed: Mapping[str, Decomposed]) -> Iterator[nn.Module]:
+    """Resident block j with the linears `decomposed` names (full module paths) swapped for
+    CompressedLinear; the originals are put back after."""
+    prefix = sm.block_name(j) + "."
+    old = {}
+    for name, dec in decomposed.items():
+        local = name[len(prefix):]
+        old[local] = blk.get_submodule(local)
+        replace_linear(blk, local, dec, Runtime.DENSE)   # Ŵ while resident: bounded anyway
+    try:
+        yield blk
+    finally:
+        for local, mod in old.items():
+            parent, _, child = local.rpartition(".")
+            setattr(blk.get_submodule(parent) if parent else blk, child, mod)
+
+
+def _vocab_weights(sm: StreamedModel, decomposed: Mapping[str, Decomposed]
+                   ) -> tuple[Tensor | None, Tensor | None]:
+    """The dense compressed embedding table and head among `decomposed` (None: the
+    checkpoint's), each [vocab, D] float32 — one vocabulary tensor, resident for the pass."""
+    table = head = None
+    for li in vocab_modules(sm.model):
+        if li.name in decomposed:
+            w = decomposed[li.name].w_hat().to(sm.device)
+            if li.kind in ("embedding", "tied"):
+                table = w
+            if li.kind in ("head", "tied"):
+                head = w
+    return table, head
 
 
 def unigram_ppl(tokenizer, seqs: torch.Tensor, fit_tokens: int = 1_000_000) -> float:

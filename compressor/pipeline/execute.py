@@ -27,13 +27,14 @@ from safetensors.torch import load_file, save_file
 import solver
 from compressor.artifact.native import ArtifactLinears, ArtifactWriter, Manifest
 from compressor.checkpoint.headers import block_index
-from compressor.checkpoint.loading import load_tokenizer
+from compressor.checkpoint.loading import load_tokenizer, vocab_modules
 from compressor.checkpoint.memory import StageClock
 from compressor.checkpoint.stream import BATCH, StreamedModel, write_kept
 from compressor.pipeline.evaluate import eval_sequences, stream_evaluate
 from compressor.pipeline.planning import predicted_kl
 from compressor.pipeline.profile import ProfileConfig, calibration
 from compressor.pipeline.profile_store import Profile
+from compressor.pipeline.vocab import check_vocab_option, vocab_config, vocab_hessian
 from compressor.quant.decompose import decompose
 from compressor.quant.decomposed import Decomposed
 from compressor.quant.hessian import HessianHooks, linear_weight
@@ -152,7 +153,9 @@ def execute_plan(model_ref: str, profile: Profile, plan: solver.Plan, out_dir: P
         tok = load_tokenizer(model_ref, config.trust_remote_code)
         seqs = eval_sequences(tok, config.eval_seq_len, config.eval_seqs)
     modules = dict(sm.model.named_modules())
-    unknown = [n for n in plan.assignments if n not in modules or block_index(n) is None]
+    vocab = {li.name: li for li in vocab_modules(sm.model)}
+    unknown = [n for n in plan.assignments
+               if n not in modules or (block_index(n) is None and n not in vocab)]
     if unknown:
         raise KeyError(f"assignments name modules the model does not have: {unknown[:5]}")
     stored = store.names() & set(plan.assignments) if store is not None else set()
@@ -189,8 +192,15 @@ def _compress(sm: StreamedModel, calib: torch.Tensor, plan: solver.Plan, todo: l
               on_linear: Callable[[], None]) -> None:
     """Decompose `todo` block by block (the calibration stream is the original model's); each
     linear goes to the store and the artifact as it is done, and is not kept."""
+    vocab = {li.name: li for li in vocab_modules(sm.model)}
+    for name in todo:
+        if name in vocab:
+            check_vocab_option(name, vocab[name].kind, plan.assignments[name])
     X = torch.cat([sm.inputs(calib[i:i + BATCH])[0] for i in range(0, len(calib), BATCH)])
-    last = max(block_index(n) for n in todo)
+    # an untied head's Hessian needs the final hidden states: then every block runs
+    head = any(vocab[n].kind == "head" for n in todo if n in vocab)
+    last = sm.num_blocks - 1 if head else max(
+        (block_index(n) for n in todo if n not in vocab), default=-1)
     for j in range(last + 1):
         mine = [n for n in todo if block_index(n) == j]
         prefix = sm.block_name(j) + "."
@@ -204,11 +214,23 @@ def _compress(sm: StreamedModel, calib: torch.Tensor, plan: solver.Plan, todo: l
                 dec = decompose(W, hessians.pop(name), plan.assignments[name],
                                 cfg.decomposition)
                 del W
-                if store is not None:
-                    store.put(name, dec)
-                writer.add_linear(name, dec)
-                log.info("%s %s: rel_h_err %.4f, %d bytes, %.2fs", name,
-                         plan.assignments[name], dec.rel_h_err, dec.nbytes,
-                         time.perf_counter() - t0)
+                _done(name, dec, plan, store, writer, t0)
                 del dec
                 on_linear()
+    for name in (n for n in todo if n in vocab):   # the embedding and head (vocab.py)
+        t0, li = time.perf_counter(), vocab[name]
+        dec = decompose(sm.vocab_weight(name), vocab_hessian(sm, li, X), plan.assignments[name],
+                        vocab_config(cfg.decomposition, li.kind))
+        _done(name, dec, plan, store, writer, t0)
+        del dec
+        on_linear()
+
+
+def _done(name: str, dec: Decomposed, plan: solver.Plan, store: CompressStore | None,
+          writer: ArtifactWriter, t0: float) -> None:
+    """A finished linear to the store and the artifact."""
+    if store is not None:
+        store.put(name, dec)
+    writer.add_linear(name, dec)
+    log.info("%s %s: rel_h_err %.4f, %d bytes, %.2fs", name, plan.assignments[name],
+             dec.rel_h_err, dec.nbytes, time.perf_counter() - t0)

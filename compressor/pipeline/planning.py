@@ -25,7 +25,8 @@ def menu_options(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> list[
     frac = float(cfg.get("max_rank_fraction", 0.5))
     max_rank = max(1, int(frac * min(lp.out_features, lp.in_features)))
     fb, gs = int(cfg.get("factor_bits", 4)), int(cfg.get("group_size", 128))
-    ranks = [r for r in menu.ranks if r <= max_rank]
+    # the embedding and head (no block) are Q alone: a lookup has no L·R (vocab.py)
+    ranks = [r for r in menu.ranks if r <= max_rank] if lp.block is not None else [0]
     groups = [gs]
     if menu.all_groups:
         groups += [g for g in ErrorModel.from_dict(lp.fit).groups() if g != gs]

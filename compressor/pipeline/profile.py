@@ -31,6 +31,7 @@ from compressor.checkpoint.memory import StageClock
 from compressor.checkpoint.stream import BATCH, StreamedModel
 from compressor.pipeline.profile_store import LinearProfile, Profile, ProfileStore, profile_key
 from compressor.pipeline.sensitivity import StreamedProbes, summarize
+from compressor.pipeline.vocab import sample_vocab_items, start_vocab_probes
 from compressor.quant.decompose import decompose, q_only_many
 from compressor.quant.decomposed import DecompositionConfig
 from compressor.quant.hessian import HessianHooks, linear_weight
@@ -205,7 +206,8 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
     also collect their Hessians (one block at a time), sample their linears (stored under
     `partial_key(key)` as they finish) and start their probe streams; blocks after it carry the
     probe streams to the head. A linear's record goes to `key` once its α is known. Resumable:
-    complete records are skipped; partial ones skip their sampling."""
+    complete records are skipped; partial ones skip their sampling. The sweep that holds the
+    last block also profiles the embedding and head (compressor.pipeline.vocab)."""
     L = sm.num_blocks
     blocks = blocks if blocks is not None else range(L)
     report = report or (lambda stage, frac: None)
@@ -221,6 +223,10 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
         X = torch.cat(parts)
         del parts
         probes = StreamedProbes(sm, calib[: cfg.probe_seqs], cfg.probe_t, cfg.seed)
+        # the embedding and head: profiled by the sweep holding the last block (vocab.py)
+        vocab = [li for li in inv.linears if li.is_vocab and li.name not in records
+                 ] if blocks.stop == L else []
+        start_vocab_probes(sm, probes, vocab, cfg.probe_t, cfg.seed)
     span = max(len(blocks), 1)
     for j in range(L):
         if j >= blocks.stop and not probes.pending:
@@ -252,6 +258,9 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
             del hessians, hooks
         if j in blocks:
             report(f"block {j + 1}/{L}", 0.05 + 0.9 * (j - blocks.start + 1) / span)
+    with clock.stage("sampling"):
+        sample_vocab_items(sm, probes, vocab, X, cfg, partial,
+                           lambda rec: store.put_linear(partial_key(key), rec))
     with clock.stage("probes"):
         alpha = probes.finish()
     for name, a in alpha.items():

@@ -19,7 +19,7 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
-PROFILE_CODE_VERSION = "2"   # 2: MSE-clipped quantization grids
+PROFILE_CODE_VERSION = "3"   # 2: MSE-clipped quantization grids; 3: embedding and head profiled
 
 
 @dataclass

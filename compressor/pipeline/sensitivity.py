@@ -66,7 +66,7 @@ class StreamedProbes:
     block by block; `finish()` gives α per linear."""
 
     def __init__(self, sm: StreamedModel, probe_ids: Tensor, t: float, seed: int) -> None:
-        self.sm, self.t, self.seed = sm, t, seed
+        self.sm, self.t, self.seed, self.ids = sm, t, seed, probe_ids
         self.h, _ = sm.inputs(probe_ids)
         # block that started them → (probed linears, their perturbed streams stacked [k·P, T, D])
         self.pending: dict[int, tuple[list[str], Tensor]] = {}
@@ -76,6 +76,18 @@ class StreamedProbes:
         half = sm.stored_dtype in (torch.float16, torch.bfloat16)
         self.delta_dtype = sm.stored_dtype if half and sm.dtype == torch.float32 else None
         self.scales: dict[str, float] = {}   # linear → its noise scale (`scale`)
+        self.heads: dict[str, Tensor] = {}    # stream → the perturbed head it meets at the end
+
+    def start_input(self, name: str, table: Tensor) -> None:
+        """Before block 0: `name`'s stream from the probe tokens looked up in a perturbed
+        embedding `table` (compressor.pipeline.vocab)."""
+        h, _ = self.sm.inputs(self.ids, table)
+        self.pending[-1] = ([name], self._pack(h, self.h))   # a model has one embedding
+
+    def perturb_head(self, name: str, head: Tensor) -> None:
+        """At the end, `name`'s stream (the clean one when it has none: the head alone is
+        perturbed) meets the dense float32 `head` [vocab, D] instead of the checkpoint's."""
+        self.heads[name] = head
 
     def scale(self, name: str, W: Tensor, H: Tensor) -> None:
         """Note linear `name`'s noise scale while its Hessian is at hand (the caller can then
@@ -142,12 +154,16 @@ class StreamedProbes:
         """α = KL(clean ‖ perturbed) / t², mean over the probe positions."""
         p = len(self.h)
         names = [n for probed, _ in self.pending.values() for n in probed]
-        streams = [h for _, packed in self.pending.values()
-                   for h in self._unpack(packed, self.h).split(p)]
-        kls = kl_to_reference(self.sm, streams, self.h)
+        streams = dict(zip(names, (h for _, packed in self.pending.values()
+                                   for h in self._unpack(packed, self.h).split(p)), strict=True))
+        plain = [n for n in names if n not in self.heads]
+        kls = dict(zip(plain, kl_to_reference(self.sm, [streams[n] for n in plain], self.h)
+                       if plain else [], strict=True))
+        for name, head in self.heads.items():   # vocabulary probes: through their own head
+            kls[name] = self.sm.head_stats(streams.get(name, self.h), ref=self.h, head=head).kl
         self.pending.clear()
-        return {n: max(kl.mean().item(), 0.0) / self.t ** 2
-                for n, kl in zip(names, kls, strict=True)}
+        self.heads.clear()
+        return {n: max(kl.mean().item(), 0.0) / self.t ** 2 for n, kl in kls.items()}
 
 
 @torch.no_grad()
@@ -173,5 +189,6 @@ def kl_to_reference(sm: StreamedModel, streams: list[Tensor], ref: Tensor) -> li
 def summarize(alpha: Mapping[str, float], block_influence: list[float]) -> Sensitivity:
     per_block = [0.0] * len(block_influence)
     for name, a in alpha.items():
-        per_block[block_index(name)] += a
+        if (j := block_index(name)) is not None:   # the embedding and head are in no block
+            per_block[j] += a
     return Sensitivity(dict(alpha), per_block, list(block_influence))

@@ -17,10 +17,10 @@ import solver
 from compressor.checkpoint.data import Split, token_sequences
 from compressor.checkpoint.loading import load_model, load_tokenizer
 from compressor.checkpoint.memory import available_bytes
+from compressor.pipeline.compress import calibration_hessians
 from compressor.pipeline.planning import block_of, build_problem, predicted_kl
 from compressor.pipeline.profile import ProfileConfig, calibration
 from compressor.pipeline.profile_store import Profile
-from compressor.quant.hessian import collect_hessians
 from compressor.research.plan_eval import PlanEvaluator
 from compressor.research.report import write_report
 from solver.errormodel import ErrorModel
@@ -137,7 +137,7 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
     model = load_model(model_ref, device=device)
     tok = load_tokenizer(model_ref)
     names = [lp.name for lp in prof.linears]
-    hessians = collect_hessians(model, calibration(tok, cfg), names)
+    hessians = calibration_hessians(model, calibration(tok, cfg), names)
 
     tune = token_sequences(tok, Split.VALID, 256, n_seqs=eval_seqs) if refine_rounds else None
     ev = PlanEvaluator(model, hessians, token_sequences(tok, Split.TEST, 256, n_seqs=eval_seqs),
@@ -161,7 +161,7 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
             row["strategies"][name] = {
                 "bytes": plan.total_bytes, "ppl": res.ppl, "kl": res.kl, "top1": res.top1,
                 "predicted": predicted_kl(prof, plan.assignments),
-                "bits_per_param": plan.bits_per_param(base.total_linear_params)}
+                "bits_per_param": plan.bits_per_param(base.basis.params)}
             report("experiment", (k + (j + 1) / (len(plans) + 1)) / len(budgets))
         if refine_rounds:  # tuned on the validation split; measured below on the test split
             info = refine(ev, prof, problem, plans["optimal"], refine_rounds)
@@ -170,7 +170,7 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
             row["strategies"]["refined"] = {
                 "bytes": plan.total_bytes, "ppl": res.ppl, "kl": res.kl, "top1": res.top1,
                 "predicted": predicted_kl(prof, plan.assignments),
-                "bits_per_param": plan.bits_per_param(base.total_linear_params)}
+                "bits_per_param": plan.bits_per_param(base.basis.params)}
             row["refined"] = info
         delivered = plans.get("refined", plans["optimal"])
         row["heatmap"] = {n: [o.bits, o.rank, o.group_size]
@@ -179,7 +179,8 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["decompositions"] = ev.decompositions
     result |= headline(result)
-    result["section2"] = section2(ev, names, prof.stats.get("num_blocks", 1))
+    result["section2"] = section2(ev, [lp.name for lp in prof.linears if lp.block is not None],
+                                  prof.stats.get("num_blocks", 1))   # the blocks' linears
     if out_dir is not None:
         write_report(result, prof, Path(out_dir))
     return result

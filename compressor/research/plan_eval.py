@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from compressor.checkpoint.loading import vocab_modules
 from compressor.pipeline.evaluate import EvalResult, evaluate, reference_logprobs
+from compressor.pipeline.vocab import vocab_config
 from compressor.quant.decompose import decompose
 from compressor.quant.decomposed import DecompositionConfig
 from compressor.quant.hessian import linear_weight
@@ -35,7 +37,9 @@ class PlanEvaluator:
         self.config = config or DecompositionConfig()
         self.batch_size = batch_size
         self.modules = dict(model.named_modules())
-        self.original = {n: linear_weight(self.modules[n]).detach().clone() for n in hessians}
+        # the embedding and head (compressor.pipeline.vocab): their weight, their rounding
+        self.kinds = {li.name: li.kind for li in vocab_modules(model)}
+        self.original = {n: self._weight(n).detach().clone() for n in hessians}
         self.reference = reference_logprobs(model, eval_seqs, batch_size)
         self.tune_seqs = tune_seqs
         self.tune_reference = (reference_logprobs(model, tune_seqs, batch_size)
@@ -59,7 +63,9 @@ class PlanEvaluator:
                 entry = torch.load(path)
                 self.cache[key], self.errors[key] = entry["w_hat"], entry["rel_h_err"]
                 return self.cache[key]
-        dec = decompose(self.original[name].float(), self.hessians[name], opt, self.config)
+        kind = self.kinds.get(name)
+        dec = decompose(self.original[name].float(), self.hessians[name], opt,
+                        vocab_config(self.config, kind) if kind else self.config)
         self.cache[key] = dec.w_hat().to(self.original[name].dtype)
         self.errors[key] = dec.rel_h_err
         self.decompositions += 1
@@ -69,9 +75,13 @@ class PlanEvaluator:
             Path(str(path) + ".tmp").replace(path)
         return self.cache[key]
 
+    def _weight(self, name: str) -> Tensor:
+        mod = self.modules[name]
+        return mod.weight if name in self.kinds else linear_weight(mod)
+
     @torch.no_grad()
     def _set(self, name: str, w: Tensor) -> None:
-        linear_weight(self.modules[name]).copy_(w)
+        self._weight(name).copy_(w)   # a tied embedding's is the head's too
 
     @torch.no_grad()
     def measure(self, assignments: Mapping[str, Option], tune: bool = False) -> EvalResult:

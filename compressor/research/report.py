@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from compressor.checkpoint.headers import block_index
 from compressor.pipeline.profile_store import Profile
 from compressor.research.plots import frontier_png, heatmap_png, profile_png, scatter_png
 
@@ -34,10 +35,11 @@ def write_report(result: dict, prof: Profile, out: Path) -> Path:
         prof.block_sensitivity, prof.block_proxy, "sensitivity per block",
         prof.stats.get("spearman_alpha_vs_proxy")))
     mid = result["budgets"][len(result["budgets"]) // 2]
-    kinds = sorted({n.split(".", 3)[-1].split(".", 1)[-1] for n in mid["heatmap"]})
-    blocks = sorted({int(n.split(".")[2]) for n in mid["heatmap"]})
-    cell = {(int(n.split(".")[2]), n.split(".", 3)[-1].split(".", 1)[-1]): v
-            for n, v in mid["heatmap"].items()}
+    in_blocks = {n: v for n, v in mid["heatmap"].items() if block_index(n) is not None}
+    kinds = sorted({n.split(".", 3)[-1].split(".", 1)[-1] for n in in_blocks})
+    blocks = sorted({block_index(n) for n in in_blocks})
+    cell = {(block_index(n), n.split(".", 3)[-1].split(".", 1)[-1]): v
+            for n, v in in_blocks.items()}
     which = "refined" if "refined" in mid["strategies"] else "optimal"
     for i, what in enumerate(("bits", "ranks", "groups")):
         grid = [[cell[(b, k)][i] for k in kinds] for b in blocks]
@@ -72,6 +74,10 @@ def write_report(result: dict, prof: Profile, out: Path) -> Path:
             lines.append(f"| {row['budget']} | guard: {r['evaluations']} validation evals, "
                          f"validation KL {r['tune_kl_before']:.4f} → {r['tune_kl_after']:.4f} "
                          f"| | | | | | |")
+    outside = [f"`{n}` {v[0]} bits, group {v[2]}" for n, v in mid["heatmap"].items()
+               if n not in in_blocks]
+    if outside:   # the embedding and head: planned, but in no block of the heat maps
+        lines += ["", f"Outside the blocks at {mid['budget']}: " + "; ".join(outside) + "."]
     sec = result["section2"]
     lines += ["", f"## The note's section 2 on this model (uniform plans, rank {sec['rank']})",
               "", f"Output cosine: per linear, pooled over the calibration tokens; compounded "

@@ -37,7 +37,12 @@ from transformers.quantizers.auto import (
 from transformers.utils import cached_file
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from compressor.runtime.modules import PARTS, CompressedLinear
+from compressor.runtime.modules import (
+    CompressedEmbedding,
+    CompressedLinear,
+    PackedTensor,
+    set_module,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,26 +99,33 @@ class BitplanQuantizer(HfQuantizer):
         local = Path(ref) / cfg.packed_file
         self._packed_path = str(local) if local.is_file() else cached_file(ref, cfg.packed_file)
         for name, record in cfg.linears.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            old = getattr(parent, child)
+            old = model.get_submodule(name)
+            if record.get("kind") in ("embedding", "tied"):
+                # a lookup; a tied one's head reads the same packed tensor (modules.py)
+                emb = CompressedEmbedding(record=record, device="meta", dtype=old.weight.dtype)
+                if record["kind"] == "tied":
+                    set_module(model, record["head"], emb.tie_head(
+                        CompressedLinear(record=record, device="meta")))
+                set_module(model, name, emb)
+                continue
             new = CompressedLinear(record=record, device="meta")
             new.bias = old.bias if record.get("has_bias") else None
-            setattr(parent, child, new)
+            set_module(model, name, new)
 
-    def _packed_keys(self, model) -> set[str]:
-        return {f"{name}.{part}.{key}" for name, mod in model.named_modules()
-                if isinstance(mod, CompressedLinear)
-                for part in PARTS for key, _ in getattr(mod, part).named_buffers()}
+    @staticmethod
+    def _packed_keys(model, aliases: bool = False) -> set[str]:
+        """The packed buffers' keys (`aliases`: also under a tied head's path)."""
+        return {f"{name}.{key}" for name, mod in model.named_modules(remove_duplicate=not aliases)
+                if isinstance(mod, PackedTensor) for key, _ in mod.named_buffers()}
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
         # the packed buffers come from packed_file after loading; tied aliases are re-tied
-        skip = self._packed_keys(model) | set(self.quantization_config.tied)
+        skip = self._packed_keys(model, aliases=True) | set(self.quantization_config.tied)
         return [k for k in missing_keys if k not in skip]
 
     def _process_model_after_weight_loading(self, model, **kwargs) -> None:
         cfg: BitplanConfig = self.quantization_config
-        device = model.get_input_embeddings().weight.device
+        device = next(model.parameters()).device
         modules = dict(model.named_modules())
         with safe_open(self._packed_path, framework="pt", device=str(device)) as fh:
             names = set(fh.keys())
@@ -137,7 +149,7 @@ class BitplanQuantizer(HfQuantizer):
                  os.path.basename(self._packed_path))
 
     def is_serializable(self, safe_serialization=None) -> bool:
-        return False   # an artifact is written by compressor.artifact.native.save_artifact
+        return False   # an artifact is written by compressor.artifact.native.ArtifactWriter
 
     @property
     def is_trainable(self) -> bool:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from compressor.quant.decomposed import Decomposed
 from compressor.quant.hessian import is_linear, linear_weight
 from compressor.quant.rounding import BlockHadamard
-from compressor.runtime.packed import PackedSpec, packed_matmul
+from compressor.runtime.packed import PackedSpec, dequantize_tiles, packed_matmul
 from solver.bytes import FP16_BITS, Option
 
 PARTS = ("q", "l", "r")
@@ -73,6 +73,15 @@ class PackedTensor(nn.Module):
         """The tensors as the artifact stores them (scales/zeros back as fp16)."""
         out = {k: getattr(self, k) for k in ("packed", "scale", "zero") if hasattr(self, k)}
         return {k: (v if k == "packed" else v.view(torch.float16)) for k, v in out.items()}
+
+    def dense(self) -> Tensor:
+        """The whole tensor dense in float32 (rows·cols values)."""
+        spec = self.spec
+        if not spec.rows * spec.cols:
+            return torch.zeros(spec.rows, spec.cols)
+        tiles = torch.arange(-(-spec.rows // 8), device=self.packed.device)
+        return dequantize_tiles(self.packed, self.fp16("scale"), self.fp16("zero"), spec,
+                                tiles)[:spec.rows]
 
     def matmul(self, x: Tensor) -> Tensor:
         """x [T, cols] · Ŵᵀ → [T, rows] float32, never holding Ŵ dense."""
@@ -198,12 +207,73 @@ class CompressedLinear(nn.Module):
                 f"runtime={self.runtime.value}")
 
 
+class CompressedEmbedding(nn.Module):
+    """A token embedding stored as one packed [vocab, D] tensor (Q alone, unrotated: a lookup
+    reads rows, so no rotation may mix them; compressor.pipeline.vocab). PACKED dequantizes only
+    the 8-row tiles holding the ids a forward reads; DENSE caches Ŵ. A tied head is a
+    `CompressedLinear` whose `q` is this module's (`tie_head`): one tensor, stored once."""
+
+    def __init__(self, decomposed: Decomposed | None = None, runtime: Runtime = Runtime.PACKED,
+                 *, record: dict | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if decomposed is not None:
+            record, tensors = decomposed.record(), decomposed.tensors()
+        elif record is None:
+            raise ValueError("CompressedEmbedding needs a Decomposed or a record")
+        else:
+            tensors = {}
+        if record["rank"] or record["config"].get("hadamard"):
+            raise ValueError("an embedding is stored as Q alone, unrotated")
+        self.record = record
+        self.num_embeddings, self.embedding_dim = record["shape"]
+        self.runtime = Runtime(runtime)
+        own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("q.")}
+        self.q = PackedTensor(_specs(record)["q"], own, device)
+        # follows model.to(dtype): the dtype lookups come out in (no bytes, not saved)
+        self.register_buffer("_dtype", torch.empty(0, dtype=dtype, device=None if str(
+            device) == "meta" else device), persistent=False)   # never meta: holds no data
+        self._w: Tensor | None = None
+
+    def weight_hat(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.q.dense().to(dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.runtime is Runtime.DENSE:
+            if self._w is None or self._w.device != ids.device:
+                self._w = self.weight_hat().to(ids.device)
+            return self._w[ids].to(self._dtype.dtype)
+        q = self.q
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        tiles, in_tile = torch.unique(uniq // 8, return_inverse=True)
+        rows = dequantize_tiles(q.packed, q.fp16("scale"), q.fp16("zero"), q.spec, tiles)
+        return rows[in_tile * 8 + uniq % 8][inverse].to(self._dtype.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._w = None
+        return super()._apply(fn, recurse)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.q.buffers())
+
+    def tie_head(self, head: CompressedLinear) -> CompressedLinear:
+        """`head` reading this module's packed tensor (the tied LM head)."""
+        head.q = self.q
+        return head
+
+    def extra_repr(self) -> str:
+        opt = self.record["option"]
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={opt['bits']}, "
+                f"group_size={opt['group_size']}, runtime={self.runtime.value}")
+
+
 def set_runtime(model: nn.Module, runtime: Runtime) -> int:
-    """Switch every CompressedLinear of `model` to `runtime` (dropping dense caches when
-    leaving DENSE); returns how many were switched."""
+    """Switch every CompressedLinear and CompressedEmbedding of `model` to `runtime` (dropping
+    dense caches when leaving DENSE); returns how many were switched."""
     n = 0
     for mod in model.modules():
-        if isinstance(mod, CompressedLinear):
+        if isinstance(mod, CompressedLinear | CompressedEmbedding):
             mod.runtime = Runtime(runtime)
             mod._w = None
             n += 1
@@ -232,3 +302,27 @@ def replace_linear(model: nn.Module, name: str, decomposed: Decomposed,
     new = CompressedLinear(decomposed.to(device), bias, runtime=runtime)
     setattr(parent, child, new)
     return new
+
+
+def replace_vocab(model: nn.Module, name: str, kind: str, decomposed: Decomposed,
+                  runtime: Runtime = Runtime.PACKED) -> nn.Module:
+    """Swap a vocabulary item (headers.VOCAB_KINDS) for its compressed form: a "head" is a
+    linear; an "embedding" becomes a CompressedEmbedding; a "tied" one also makes the model's
+    output head a CompressedLinear reading the same packed tensor. Returns the new module."""
+    if kind == "head":
+        return replace_linear(model, name, decomposed, runtime)
+    old = model.get_submodule(name)
+    emb = CompressedEmbedding(decomposed.to(old.weight.device), runtime,
+                              dtype=old.weight.dtype)
+    if kind == "tied":
+        head = model.get_output_embeddings()
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        set_module(model, head_name, emb.tie_head(
+            CompressedLinear(record=emb.record, device="meta", runtime=runtime)))
+    set_module(model, name, emb)
+    return emb
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

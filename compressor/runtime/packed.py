@@ -88,15 +88,38 @@ def dequantize_rows(packed: Tensor, scale: Tensor | None, zero: Tensor | None,
         return packed[2 * r0 * n: 2 * r1 * n].view(torch.float16).view(rows, n).float()
     first = r0 * n * spec.bits // 8
     last = -(-r1 * n * spec.bits // 8)
-    codes = unpack_run(packed[first:last], spec.bits, rows * n).view(rows, n).float()
+    codes = unpack_run(packed[first:last], spec.bits, rows * n).view(rows, n)
+    return _scaled(codes, scale[r0:r1], None if zero is None else zero[r0:r1], spec)
+
+
+def dequantize_tiles(packed: Tensor, scale: Tensor | None, zero: Tensor | None,
+                     spec: PackedSpec, tiles: Tensor) -> Tensor:
+    """Rows 8t … 8t + 7 of Ŵ for every tile index t in `tiles` → [8·len(tiles), cols] float32
+    (an embedding lookup's rows; rows past the last are garbage, never asked for). A tile
+    starts on a byte and spans cols·b bytes, so the gathered tiles are one packed run."""
+    n, b = spec.cols, spec.bits
+    rows = (tiles.unsqueeze(1) * 8 + torch.arange(8, device=tiles.device)).reshape(-1)
+    rows = rows.clamp(max=spec.rows - 1)
+    if b == FP16_BITS:
+        return packed.view(torch.float16).view(spec.rows, n)[rows].float()
+    span = n * b    # bytes per 8-row tile
+    idx = (tiles.unsqueeze(1) * span + torch.arange(span, device=tiles.device)).reshape(-1)
+    codes = unpack_run(packed[idx.clamp(max=packed.numel() - 1)], b, len(rows) * n)
+    return _scaled(codes.view(len(rows), n), scale[rows],
+                   None if zero is None else zero[rows], spec)
+
+
+def _scaled(codes: Tensor, scale: Tensor, zero: Tensor | None, spec: PackedSpec) -> Tensor:
+    """(q − z)·s per group of `group_size` columns, in float32, for codes [rows, cols]."""
+    rows, n = codes.shape
     g, gs = spec.n_groups, spec.group_size
+    codes = codes.float()
     pad = g * gs - n
     if pad:                        # a partial last group: pad to whole groups, trim after
         codes = F.pad(codes, (0, pad))
     codes = codes.view(rows, g, gs)
-    s = scale[r0:r1].float().unsqueeze(-1)
-    z = (zero[r0:r1].float().unsqueeze(-1) if zero is not None
-         else ((1 << spec.bits) - 1) / 2)
+    s = scale.float().unsqueeze(-1)
+    z = zero.float().unsqueeze(-1) if zero is not None else ((1 << spec.bits) - 1) / 2
     w = ((codes - z) * s).view(rows, g * gs)
     return w[:, :n] if pad else w
 

@@ -99,7 +99,7 @@ def _solve_line(plan: Plan) -> str:
 
 
 def _header(plan: Plan, profile: Profile, problem: AllocationProblem) -> list[str]:
-    total_params = problem.total_linear_params
+    total_params = problem.basis.params
     budget = plan.budget if plan.budget is not None else problem.budget
     if budget:
         share = _pct(plan.total_bytes, budget, floor=True)
@@ -110,10 +110,10 @@ def _header(plan: Plan, profile: Profile, problem: AllocationProblem) -> list[st
     kept = (f"{format_bytes(plan.fixed_bytes)} ({plan.fixed_bytes:,} B, "
             f"{_pct(plan.fixed_bytes, plan.total_bytes)} of the total)")
     return [
-        f"plan for {profile.model_ref}: {len(plan.assignments)} linears, "
+        f"plan for {profile.model_ref}: {len(plan.assignments)} tensors planned, "
         f"{total_params:,} params",
         _line("bytes", used),
-        _line("bits/param", f"{plan.bits_per_param(total_params):.4f} (linears; fixed excluded)"),
+        _line("bits/param", f"{plan.bits_per_param(total_params):.4f} (every parameter, kept ones included)"),
         _line("fixed (kept)", kept),
         _line("solve", _solve_line(plan)),
         _line("predicted KL", f"{plan.predicted_error:.4g}"),

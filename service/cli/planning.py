@@ -143,7 +143,7 @@ def cmd_plan(args) -> int:
         print(plan_to_yaml(plan))
     elif args.json:
         out = {"total_bytes": plan.total_bytes, "budget": plan.budget,
-               "bits_per_param": round(plan.bits_per_param(problem.total_linear_params), 4),
+               "bits_per_param": round(plan.bits_per_param(problem.basis.params), 4),
                "predicted_kl": plan.predicted_error, "optimal": plan.optimal, "gap": plan.gap,
                "solve_ms": plan.solve_ms, "notes": plan.notes,
                "linears": {n: o.to_dict() for n, o in plan.assignments.items()}}
@@ -235,8 +235,8 @@ def cmd_demo(args) -> int:
     # torch: the demo measures uniform beside the optimal plan
     from compressor.checkpoint.data import Split, token_sequences
     from compressor.checkpoint.loading import load_model, load_tokenizer
+    from compressor.pipeline.compress import calibration_hessians
     from compressor.pipeline.profile import ProfileConfig, calibration
-    from compressor.quant.hessian import collect_hessians
     from compressor.research.experiment import baseline_plan
     from compressor.research.plan_eval import PlanEvaluator
 
@@ -260,7 +260,7 @@ def cmd_demo(args) -> int:
     cfg = ProfileConfig.from_dict(prof.config)
     model, tok = load_model(model_ref), load_tokenizer(model_ref)
     names = list(plan.assignments)
-    ev = PlanEvaluator(model, collect_hessians(model, calibration(tok, cfg), names),
+    ev = PlanEvaluator(model, calibration_hessians(model, calibration(tok, cfg), names),
                        token_sequences(tok, Split.TEST, settings.eval_seq_len,
                                        n_seqs=settings.eval_seqs), config=cfg.decomposition,
                        cache_dir=settings.data_dir / "cache" / prof.key)

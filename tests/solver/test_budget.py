@@ -6,7 +6,7 @@ import pytest
 from solver import AllocationProblem, BudgetError, InfeasibleBudget, parse_budget, solve
 from solver.synthetic import random_problem
 
-SIZES = {"total_linear_params": 1000, "fp16_bytes": 4000}
+SIZES = {"fp16_bytes": 4000}   # a model of 2000 parameters
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -14,16 +14,17 @@ SIZES = {"total_linear_params": 1000, "fp16_bytes": 4000}
     ("1.2 GB", 1_200_000_000), ("1.2gb", 1_200_000_000), ("850MiB", 850 * 2**20),
     ("1.5KiB", 1536), ("2KB", 2000), ("3B", 3), ("1e3", 1000), ("2.5TB", 2_500_000_000_000),
     ("0.1GiB", math.floor(0.1 * 2**30)), ("1_000", 1000),
-    ("3.25bpp", 406), ("0.22x", 880), ("0.2201x", 880), ("1x", 4000),
+    ("3.25bpp", 812), ("0.22x", 880), ("0.2201x", 880), ("1x", 4000),
 ])
 def test_parse_budget_accepts(text, expected):
     assert parse_budget(text, **SIZES) == expected
 
 
-def test_bpp_adds_fixed_bytes_and_floors():
-    # 3.25 bits x 1000 params = 406.25 bytes -> 406, plus the fixed bytes
-    assert parse_budget("3.25bpp", fixed_bytes=77, **SIZES) == 77 + 406
-    assert parse_budget("8bpp", total_linear_params=3, fp16_bytes=1, fixed_bytes=0) == 3
+def test_bpp_counts_every_parameter_and_floors():
+    # 3.25 bits x 2000 params (fp16_bytes / 2) = 812.5 bytes -> 812; 16bpp is the fp16 size
+    assert parse_budget("3.25bpp", **SIZES) == 812
+    assert parse_budget("16bpp", **SIZES) == 4000
+    assert parse_budget("8bpp", fp16_bytes=6) == 3
 
 
 def test_decimal_sizes_are_exact():
@@ -61,7 +62,8 @@ def test_infeasible_budget_states_the_minimum():
 def test_problem_parse_budget_uses_its_sizes():
     problem = random_problem(np.random.default_rng(1), 3, 2)
     params = problem.total_linear_params
-    assert problem.parse_budget("4bpp") == problem.fixed_bytes + params * 4 // 8
+    # every parameter: the linears' and the fixed bytes' (at 2 bytes each in the fp16 reference)
+    assert problem.parse_budget("4bpp") == (params + problem.fixed_bytes // 2) * 4 // 8
     assert problem.parse_budget("0.5x") == (2 * params + problem.fixed_bytes) // 2
     assert AllocationProblem(problem.linears, problem.fixed_bytes, fp16_bytes=1000).parse_budget("0.5x") == 500
     assert problem.with_budget("1KB").budget == 1000

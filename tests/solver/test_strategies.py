@@ -38,7 +38,11 @@ def test_shapes_follow_the_note(model):
     top, rest = order[:2], order[4:]
     assert min(block_rank(ultra, b) for b in top) > max(block_rank(ultra, b) for b in rest)
     uniform = baseline("uniform", problem, list(scores.values()), block_of)
-    assert len({o.rank for o in uniform.assignments.values()}) <= 2  # one rank, plus top-up
+    block_ranks = {uniform.assignments[n].rank for n in block_of}
+    assert len(block_ranks) <= 2  # one rank, plus top-up
+    # the embedding is outside the blocks: the strategy's 3-bit Q, rank 0
+    assert uniform.assignments["model.embed_tokens"].bits == 3
+    assert uniform.assignments["model.embed_tokens"].rank == 0
 
 
 def test_block_weights_generalise_to_any_block_count():
@@ -57,7 +61,7 @@ def test_baseline_errors(model):
     with pytest.raises(ValueError, match="unknown strategy"):
         baseline("clever", problem, scores, block_of)
     with pytest.raises(ValueError, match="no block score"):
-        baseline("uniform", problem, scores, {})
+        baseline("uniform", problem, scores, dict.fromkeys(block_of, 99))
     with pytest.raises(ValueError, match="need a budget"):
         baseline("uniform", problem.with_budget(None), scores, block_of)
     lo, _ = problem.feasibility()

@@ -34,8 +34,7 @@ class BudgetRange:
 def budget_range(inventory: dict, min_bytes: int, max_bytes: int, source: str) -> BudgetRange:
     """The same basis the budget parse uses (planning.inventory_basis), inverted."""
     basis = planning.inventory_basis(inventory)
-    bpp = (lambda b: 8 * (b - basis.fixed_bytes) / basis.linear_params) \
-        if basis.linear_params else (lambda b: 0.0)
+    bpp = (lambda b: 8 * b / basis.params) if basis.params else (lambda b: 0.0)
     x = (lambda b: b / basis.fp16_bytes) if basis.fp16_bytes else (lambda b: 0.0)
     return BudgetRange(min_bytes, max_bytes, bpp(min_bytes), bpp(max_bytes), x(min_bytes),
                        x(max_bytes), source)

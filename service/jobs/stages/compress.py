@@ -3,7 +3,7 @@ measure it, and store predicted and measured side by side.
 
 Layer-resumable: every finished linear is written to the job's work directory
 (<data_dir>/artifacts/<artifact id>.partial/) before the next starts; a redelivered job loads
-those and decomposes only the rest. The artifact itself is written atomically by save_artifact.
+those and decomposes only the rest. The artifact itself is written atomically by the ArtifactWriter.
 """
 
 from __future__ import annotations

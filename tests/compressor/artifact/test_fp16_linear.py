@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from compressor.artifact.native import COMPRESSED, load_compressed, save_artifact
+from compressor.artifact.in_memory import save_artifact
+from compressor.artifact.native import COMPRESSED, load_compressed
 from compressor.checkpoint.loading import discover
 from compressor.pipeline.compress import compress_model
 from compressor.quant.decomposed import DecompositionConfig
@@ -22,7 +23,7 @@ def test_fp16_assignment_keeps_the_linear_dense(tmp_path) -> None:
     model = tiny_qwen2()
     inv = discover(model)
     original = linear_weight(model.get_submodule(DENSE)).detach().clone()
-    assignments = {li.name: Option(4, 8, 4, 32) for li in inv.linears}
+    assignments = {li.name: Option(4, 0 if li.is_vocab else 8, 4, 32) for li in inv.linears}
     assignments[DENSE] = Option(16, 0)
     seqs = tokens(4, 16)
     decs = compress_model(model, assignments, seqs, DecompositionConfig(lr_iters=1))

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from compressor.artifact.in_memory import save_artifact
 from compressor.artifact.native import (
     COMPRESSED,
     KEPT,
     MANIFEST,
     ArtifactError,
     load_compressed,
-    save_artifact,
 )
 from compressor.checkpoint.loading import discover
 from compressor.pipeline.compress import compress_model
@@ -32,7 +33,8 @@ FAST = DecompositionConfig(outer_iters=1, lr_iters=1)
 
 def _mixed_options(inv) -> dict[str, Option]:
     opts = [Option(4, 8, 4, 32), Option(3, 0), Option(2, 13, 8, 128, True), Option(8, 5, 16, 16)]
-    return {li.name: opts[i % len(opts)] for i, li in enumerate(inv.linears)}
+    return {li.name: replace(opts[i % len(opts)], rank=0) if li.is_vocab else opts[i % len(opts)]
+            for i, li in enumerate(inv.linears)}
 
 
 @pytest.fixture(scope="module", params=["qwen2", "gpt2"])
@@ -171,7 +173,7 @@ def test_overwrite_is_atomic_and_idempotent(tmp_path) -> None:
     seqs = tokens(4, 16)
     H = collect_hessians(model, seqs)
     inv = discover(model)
-    assign = {li.name: Option(4, 4, 4, 64) for li in inv.linears}
+    assign = {li.name: Option(4, 0 if li.is_vocab else 4, 4, 64) for li in inv.linears}
     decs = compress_model(model, assign, seqs, FAST, hessians=H)
     out = tmp_path / "a"
     first = save_artifact(model, None, decs, out)
@@ -179,7 +181,9 @@ def test_overwrite_is_atomic_and_idempotent(tmp_path) -> None:
     assert first.files == second.files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     loaded, _ = load_compressed(out)
-    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    # the tied embedding is compressed once; the head reads the same packed tensor
+    assert loaded.lm_head.q is loaded.model.embed_tokens.q
+    assert first.linears["model.embed_tokens"]["kind"] == "tied"
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=seqs).logits, model(input_ids=seqs).logits,
                               atol=1e-5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -95,8 +96,8 @@ def _tiny_plan(path) -> tuple[solver.Plan, Profile]:
 
     inv = stream_inventory(StreamedModel(str(path)))
     opts = [Option(2, 0, 4, 128), Option(3, 5, 4, 32), Option(4, 0, 4, 64)]
-    plan = solver.Plan({li.name: opts[i % 3] for i, li in enumerate(inv.linears)}, 0, 0.0,
-                       "fixed", False)
+    plan = solver.Plan({li.name: replace(opts[i % 3], rank=0) if li.is_vocab else opts[i % 3]
+                        for i, li in enumerate(inv.linears)}, 0, 0.0, "fixed", False)
     plan.total_bytes = inv.kept_bytes + sum(
         option_bytes(li.out_features, li.in_features, plan.assignments[li.name])
         for li in inv.linears)
@@ -126,7 +127,8 @@ def test_execute_holds_one_block_of_linears_and_writes_reference_files(tmp_path,
     # tensors are the artifact's
     again = execute_plan(str(path), prof, plan, tmp_path / "b",
                          ExecuteConfig(eval_seq_len=32, eval_seqs=2), store=store)
-    assert most["blocks"] == 3 and len(store.names()) == len(plan.assignments)
+    # the store holds three blocks' linears and the vocabulary tensor (no block)
+    assert most["blocks"] == 4 and len(store.names()) == len(plan.assignments)
     for f in (COMPRESSED, KEPT, "config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     packed = load_file(tmp_path / "a" / COMPRESSED)

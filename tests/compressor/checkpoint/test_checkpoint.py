@@ -70,20 +70,41 @@ def test_header_inventory_details(tmp_path):
     c_attn = gpt2["transformer.h.0.attn.c_attn"]   # stored [in, out] = [32, 96]
     assert (c_attn.kind, c_attn.out_features, c_attn.in_features, c_attn.has_bias) == (
         "conv1d", 96, 32, True)
+    assert "transformer.wte" in gpt2 and gpt2["transformer.wte"].kind == "tied"
+    assert gpt2["transformer.wte"].block is None
     qwen = header_inventory(_qwen2_tied(tmp_path / "q"))
     kept = {k.name for k in qwen.kept}
-    assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
-    assert qwen.num_blocks == 3 and len(qwen.linears) == 21
+    # the tied embedding is one planned item (named by the embedding), the head no other one
+    assert "model.embed_tokens.weight" not in kept and "lm_head.weight" not in kept
+    assert qwen.num_blocks == 3 and len(qwen.linears) == 21 + 1
+    emb = qwen.linears[0]
+    assert (emb.name, emb.kind, emb.block, emb.out_features, emb.in_features, emb.has_bias,
+            emb.is_vocab) == ("model.embed_tokens", "tied", None, 300, 64, False, True)
+    assert not any(li.is_vocab for li in qwen.linears[1:])
+    assert "lm_head" not in {li.name for li in qwen.linears}
     odd = header_inventory(_odd_width(tmp_path / "o"))
     assert {k.dtype for k in odd.kept} == {"bfloat16"}
     assert odd.kept_bytes == 2 * sum(k.nbytes // 2 for k in odd.kept)
-    assert "lm_head.weight" in {k.name for k in odd.kept}   # untied: head kept on its own
+    # untied: the embedding first, the head last, each its own planned item
+    assert [(li.name, li.kind, li.out_features, li.in_features)
+            for li in (odd.linears[0], odd.linears[-1])] == [
+        ("model.embed_tokens", "embedding", 131, 42), ("lm_head", "head", 131, 42)]
+    assert sum(li.is_vocab for li in odd.linears) == 2
+    assert not {"lm_head.weight", "model.embed_tokens.weight"} & {k.name for k in odd.kept}
 
 
-def test_demo_inventory_numbers_unchanged():
+def test_demo_inventory_numbers():
+    """The demo (tied 4096 × 192 embedding): 84 block linears plus the tied embedding, planned;
+    what is kept is the norms and q/k/v biases alone (34,560 bytes, float32)."""
     inv = header_inventory(DEMO_MODEL)
-    assert inv.num_blocks == 12 and len(inv.linears) == 84
-    assert inv.kept_bytes == inventory(DEMO_MODEL).kept_bytes
+    assert inv.num_blocks == 12 and len(inv.linears) == 84 + 1
+    emb = inv.linears[0]
+    assert (emb.name, emb.kind, emb.block, emb.out_features, emb.in_features) == (
+        "model.embed_tokens", "tied", None, 4096, 192)
+    assert [li.name for li in inv.linears if li.is_vocab] == ["model.embed_tokens"]
+    assert inv.linear_params == 4096 * 192 + sum(li.numel for li in inv.linears[1:])
+    assert inv.kept_bytes == 34_560 == inventory(DEMO_MODEL).kept_bytes
+    assert not any("embed" in k.name or "lm_head" in k.name for k in inv.kept)
 
 
 def test_checkpoint_module_imports_neither_torch_nor_transformers():

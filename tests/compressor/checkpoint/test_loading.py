@@ -24,8 +24,13 @@ def _qwen2():
 def test_discover_qwen2_gqa_and_tied_head():
     inv = discover(_qwen2())
     names = [li.name for li in inv.linears]
-    assert len(names) == 3 * 7
-    assert names[:7] == [f"model.layers.0.{s}" for s in (
+    # the block linears plus the tied embedding (first; one item for the embedding and head)
+    assert len(names) == 3 * 7 + 1
+    emb = inv.linears[0]
+    assert (emb.name, emb.out_features, emb.in_features, emb.block, emb.kind, emb.has_bias) == (
+        "model.embed_tokens", 300, 64, None, "tied", False)
+    assert "lm_head" not in names and [li.is_vocab for li in inv.linears].count(True) == 1
+    assert names[1:8] == [f"model.layers.0.{s}" for s in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
     k = next(li for li in inv.linears if li.name == "model.layers.2.self_attn.k_proj")
@@ -33,9 +38,9 @@ def test_discover_qwen2_gqa_and_tied_head():
     down = next(li for li in inv.linears if li.name.endswith("1.mlp.down_proj"))
     assert (down.out_features, down.in_features) == (64, 136)
     kept = {p.name: p for p in inv.kept}
-    # tied embedding and head are stored once; q/k/v biases and norms are kept
-    assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
-    assert kept["model.embed_tokens.weight"].nbytes == 300 * 64 * 4
+    # the tied embedding / head tensor is planned (once), not kept; q/k/v biases, norms are
+    assert "model.embed_tokens.weight" not in kept and "lm_head.weight" not in kept
+    assert inv.linear_params == 300 * 64 + sum(li.numel for li in inv.linears[1:])
     assert "model.layers.0.self_attn.q_proj.bias" in kept
     assert "model.norm.weight" in kept
     assert inv.num_blocks == 3
@@ -44,10 +49,17 @@ def test_discover_qwen2_gqa_and_tied_head():
 def test_discover_llama():
     cfg = tiny_config("llama", vocab=200, hidden=48, intermediate=100, kv_heads=4)
     inv = discover(LlamaForCausalLM(cfg))
-    assert len(inv.linears) == 14
+    # 2 blocks × 7 linears, plus the untied embedding (first) and head (last)
+    assert len(inv.linears) == 14 + 2
     assert all(not li.has_bias for li in inv.linears)
+    ends = [(li.name, li.kind, li.block, li.out_features, li.in_features)
+            for li in (inv.linears[0], inv.linears[-1])]
+    assert ends == [("model.embed_tokens", "embedding", None, 200, 48),
+                    ("lm_head", "head", None, 200, 48)]
+    assert not any(li.is_vocab for li in inv.linears[1:-1])
     kept = {p.name for p in inv.kept}
-    assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= kept
+    assert "model.norm.weight" in kept
+    assert not {"lm_head.weight", "model.embed_tokens.weight"} & kept
     total = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     assert inv.linear_params + sum(p.nbytes for p in inv.kept) // 4 == total
 
@@ -55,8 +67,16 @@ def test_discover_llama():
 def test_discover_gpt2_conv1d():
     inv = discover(tiny_lm("gpt2", None, vocab=100, hidden=32))
     by_name = {li.name: li for li in inv.linears}
+    # the block Conv1Ds plus the tied token embedding (wte; the position embedding stays kept)
     assert set(by_name) == {f"transformer.h.{i}.{s}" for i in range(2)
-                            for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+                            for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+                            } | {"transformer.wte"}
+    wte = by_name["transformer.wte"]
+    assert (wte.kind, wte.block, wte.out_features, wte.in_features) == ("tied", None, 100, 32)
+    assert inv.linears[0] is wte
+    kept = {p.name for p in inv.kept}
+    assert "transformer.wpe.weight" in kept and "transformer.wte.weight" not in kept
+    assert "lm_head.weight" not in kept
     c_attn = by_name["transformer.h.0.attn.c_attn"]
     assert (c_attn.kind, c_attn.out_features, c_attn.in_features) == ("conv1d", 96, 32)
     assert by_name["transformer.h.1.mlp.c_fc"].out_features == 128

@@ -5,6 +5,8 @@ tolerance on another), α within float noise; every block is read once per profi
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,18 +14,51 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import solver
-from bench.streaming_baseline import CONFIG, FIXTURE, compare, measure
+from bench.streaming_baseline import CONFIG, EXECUTE, FIXTURE, compare, mixed_plan
+from compressor import api
+from compressor.artifact.native import COMPRESSED, KEPT, tensors_sha256
 from bench.synthetic import Shape, write_checkpoint
 from compressor.checkpoint import stream
-from compressor.checkpoint.loading import load_model
+from compressor.checkpoint.headers import config_dtype
+from compressor.checkpoint.loading import load_config, load_model
 from compressor.checkpoint.stream import StreamedModel
 from compressor.pipeline.execute import ExecuteConfig, execute_plan
 from compressor.pipeline.profile import run_profile, stream_inventory
-from compressor.pipeline.profile_store import FileProfileStore, Profile
+from compressor.pipeline.profile_store import FileProfileStore, Profile, profile_key
 from solver.bytes import Option, option_bytes
 from tests.helpers.models import write_tiny_model
 
 BASELINE = json.loads(FIXTURE.read_text())
+
+
+def measure(model_ref: str, work) -> tuple[dict, list]:
+    """bench.streaming_baseline.measure as the baseline ran: the fixed mixed plan over the
+    blocks' linears, the embedding (a profiled item since PROFILE_CODE_VERSION 3, which the
+    baseline kept) left out of the plan, so it is kept at its stored dtype as it was then.
+    Returns the baseline's figures (over the block linears) and the vocabulary records."""
+    prof = api.profile(model_ref, CONFIG, store=work / "profiles")
+    blocks = [lp for lp in prof.linears if lp.block is not None]
+    vocab = [lp for lp in prof.linears if lp.block is None]
+    assert config_dtype(load_config(model_ref)) in (None, "float32")   # kept at 4 bytes
+    vocab_kept = sum(4 * lp.out_features * lp.in_features for lp in vocab)
+    plan = mixed_plan([lp.name for lp in blocks])
+    plan.total_bytes = prof.fixed_bytes + vocab_kept + sum(
+        option_bytes(lp.out_features, lp.in_features, plan.assignments[lp.name])
+        for lp in blocks)
+    # compressed against the profile the baseline had (its linears): predicted_kl sums over
+    # every profiled item and needs each one assigned
+    done = api.compress(model_ref, replace(prof, linears=blocks), plan, work / "artifact",
+                        config=EXECUTE)
+    # the same inputs as the baseline's: its key is this profile's under code version 2
+    old_key = profile_key(prof.weights_hash, prof.calib_hash, prof.config, code_version="2")
+    assert prof.key == profile_key(prof.weights_hash, prof.calib_hash, prof.config)
+    assert prof.key != old_key
+    return {"key": old_key, "fixed_bytes": prof.fixed_bytes + vocab_kept,
+            "linears": [lp.to_dict() for lp in blocks],
+            "block_sensitivity": prof.block_sensitivity, "block_proxy": prof.block_proxy,
+            "tensors_sha256": {f: tensors_sha256(work / "artifact" / f)
+                               for f in (COMPRESSED, KEPT)},
+            "metrics": done.metrics}, vocab
 
 
 def assert_matches(got: dict, want: dict, alpha_tol: float) -> None:
@@ -33,14 +68,30 @@ def assert_matches(got: dict, want: dict, alpha_tol: float) -> None:
     assert c["within_tolerance"], c
     assert got["key"] == want["key"] and got["fixed_bytes"] == want["fixed_bytes"]
     assert got["metrics"]["artifact_tensor_bytes"] == want["metrics"]["artifact_tensor_bytes"]
+    assert got["metrics"]["planned_bytes"] == got["metrics"]["artifact_tensor_bytes"]
     if got["linears"][0]["samples"] == want["linears"][0]["samples"]:   # the recording CPU
         assert c["bit_identical"], c
 
 
+def assert_vocab_record(vocab: list, name: str, shape: tuple[int, int], want: dict) -> None:
+    """The one tied embedding record: no block, Q-only samples at the profile's bits, α > 0;
+    it is what the baseline's fixed bytes held at float32."""
+    assert [(lp.name, lp.block, lp.out_features, lp.in_features) for lp in vocab] == [
+        (name, None, *shape)]
+    (lp,) = vocab
+    assert {s[1] for s in lp.samples} == {0}
+    assert sorted({s[0] for s in lp.samples}) == list(CONFIG.q_bits)
+    assert all(0 < s[2] < 1 for s in lp.samples)
+    assert math.isfinite(lp.alpha) and lp.alpha > 0
+    assert want["fixed_bytes"] - 4 * shape[0] * shape[1] > 0
+
+
 def test_tiny_streamed_equals_inmemory_baseline(tmp_path):
     tiny = write_tiny_model(tmp_path / "tiny", layers=2)
+    got, vocab = measure(str(tiny), tmp_path / "w")
+    assert_vocab_record(vocab, "model.embed_tokens", (264, 32), BASELINE["tiny"])
     # a random tiny model's KL is ~1e-7: α agrees to float noise relative to the largest α
-    assert_matches(measure(str(tiny), tmp_path / "w"), BASELINE["tiny"], alpha_tol=0.02)
+    assert_matches(got, BASELINE["tiny"], alpha_tol=0.02)
 
 
 @pytest.mark.slow
@@ -50,9 +101,10 @@ def test_demo_streamed_equals_inmemory_baseline(demo_model_path, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        got = measure(str(demo_model_path), tmp_path / "w")
+        got, vocab = measure(str(demo_model_path), tmp_path / "w")
     finally:
         torch.set_num_threads(threads)
+    assert_vocab_record(vocab, "model.embed_tokens", (4096, 192), BASELINE["demo"])
     assert_matches(got, BASELINE["demo"], alpha_tol=1e-3)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.artifact.native import load_compressed, save_artifact
+from compressor.artifact.in_memory import save_artifact
+from compressor.artifact.native import load_compressed
 from compressor.checkpoint.data import Split, token_sequences
 from compressor.checkpoint.loading import discover, load_model, load_tokenizer
 from compressor.pipeline.compress import compress_model

@@ -27,12 +27,20 @@ def test_profile_contents(tiny_model, tmp_path):
     stages = []
     prof = run_profile(str(tiny_model), FileProfileStore(tmp_path), config=CFG,
                        progress=lambda s, f: stages.append((s, f)))
-    assert len(prof.linears) == 14 and prof.stats["num_blocks"] == 2
+    # 2 blocks × 7 linears, and the tied embedding (first: one item, embedding and head)
+    assert len(prof.linears) == 14 + 1 and prof.stats["num_blocks"] == 2
+    emb = prof.linears[0]
+    assert (emb.name, emb.block, emb.out_features, emb.in_features) == (
+        "model.embed_tokens", None, 264, 32)
+    assert all(lp.block is not None for lp in prof.linears[1:])
     assert stages[-1] == ("done", 1.0)
     assert all(0 <= f <= 1 for _, f in stages)
     assert [f for _, f in stages] == sorted(f for _, f in stages)  # progress never goes back
     for lp in prof.linears:
-        assert lp.alpha >= 0 and len(lp.samples) == 5
+        # 4 Q-only samples, and the blocks' linears one anchor (3 bits, rank 0.5·min dim);
+        # the embedding is Q alone (a lookup takes no L·R)
+        assert lp.alpha >= 0 and len(lp.samples) == (5 if lp.block is not None else 4)
+        assert [s[:2] for s in lp.samples if s[1] == 0] == [[b, 0] for b in CFG.q_bits]
         model = ErrorModel.from_dict(lp.fit)
         assert model.predict(2, 0) > model.predict(4, 0) > model.predict(8, 0)
         # group sizes the planner may choose: the profiled one (κ = 1) and the larger ones,
@@ -44,14 +52,23 @@ def test_profile_contents(tiny_model, tmp_path):
     # the planner's menu offers every profiled group; errors scale by κ_g(b)
     from compressor.pipeline.planning import MenuConfig, build_problem, predicted_kl
 
-    menu = build_problem(prof).linears[0]
+    menus = build_problem(prof).linears
+    assert [m.name for m in menus] == [lp.name for lp in prof.linears]
+    assert {o.rank for o in menus[0].options} == {0}          # the embedding: Q alone
+    assert max(o.rank for o in menus[1].options) > 0
+    menu = menus[1]
     lp = prof.linear(menu.name)
     err = {(o.bits, o.rank, o.group_size): e for o, e in zip(menu.options, menu.errors, strict=True)}
     assert {g for _, _, g in err} == {128, 256, 512}
     k = ErrorModel.from_dict(lp.fit).group_factor(2, 512)
     assert err[(2, 0, 512)] == pytest.approx(err[(2, 0, 128)] * k)
-    only = build_problem(prof, menu=MenuConfig(all_groups=False)).linears[0]
-    assert {o.group_size for o in only.options} == {128}
+    emb_err = {(o.bits, o.group_size): e for o, e in zip(menus[0].options, menus[0].errors,
+                                                         strict=True)}
+    assert {g for _, g in emb_err} == {128, 256, 512}
+    assert emb_err[(2, 512)] == pytest.approx(
+        emb_err[(2, 128)] * ErrorModel.from_dict(emb.fit).group_factor(2, 512))
+    only = build_problem(prof, menu=MenuConfig(all_groups=False)).linears
+    assert {o.group_size for m in only[:2] for o in m.options} == {128}
     wide = {x.name: Option(2, 0, 4, 512) for x in prof.linears}
     narrow = {x.name: Option(2, 0, 4, 128) for x in prof.linears}
     assert predicted_kl(prof, wide) == pytest.approx(sum(

@@ -41,13 +41,18 @@ def test_sharded_profile_equals_one_sweep(tmp_path):
         sweep = sweep_blocks(src.sm, src.calib, CONFIG, src.key, store, src.inventory, blocks)
         for j in blocks:
             influence[j] = sweep.block_influence[j]
-        # a shard measures only its own linears
+        # a shard measures only its own linears; the one holding the last block also the
+        # embedding (tied here: one item), exactly once over the shards
         added = store.linear_records(src.key).keys() - before
-        assert {store.linear_records(src.key)[n].block for n in added} == set(blocks)
+        vocab = {"model.embed_tokens"} if blocks.stop == 3 else set()
+        assert {store.linear_records(src.key)[n].block for n in added - vocab} == set(blocks)
+        assert added & vocab == vocab
+        assert all(store.linear_records(src.key)[n].block is not None for n in added - vocab)
     sharded = assemble_profile(open_profile(tiny, CONFIG), store, influence, {"shards": 2})
 
     assert sharded.key == whole.key
     assert [lp.to_dict() for lp in sharded.linears] == [lp.to_dict() for lp in whole.linears]
+    assert sharded.linears[0].name == "model.embed_tokens" and sharded.linears[0].alpha > 0
     assert sharded.block_proxy == whole.block_proxy
     assert sharded.block_sensitivity == whole.block_sensitivity
     assert sharded.fixed_bytes == whole.fixed_bytes
@@ -58,8 +63,15 @@ def test_assembling_with_a_shard_missing_names_it(tmp_path):
     store = FileProfileStore(tmp_path / "p")
     src = open_profile(tiny, CONFIG)
     sweep_blocks(src.sm, src.calib, CONFIG, src.key, store, src.inventory, range(0, 1))
-    with pytest.raises(ValueError, match=r"lacks 7 linears \(first: model\.layers\.1\."):
+    # block 1's 7 linears and the embedding, which the shard holding the last block profiles
+    # (the inventory lists the embedding first)
+    with pytest.raises(ValueError, match=r"lacks 8 linears \(first: model\.embed_tokens\)"):
         assemble_profile(src, store, [0.0, 0.0], {})
+    records = store.linear_records(src.key)
+    assert "model.embed_tokens" not in records and not any(
+        n.startswith("model.layers.1.") for n in records)
+    sweep_blocks(src.sm, src.calib, CONFIG, src.key, store, src.inventory, range(1, 2))
+    assert len(assemble_profile(src, store, [0.0, 0.0], {}).linears) == 14 + 1
 
 
 def test_kl_of_many_streams_is_head_stats_kl_exactly(tmp_path):

@@ -8,16 +8,18 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
-from compressor.artifact.native import load_compressed, read_manifest, save_artifact
+from compressor.artifact.in_memory import save_artifact
+from compressor.artifact.native import load_compressed, read_manifest
 from compressor.checkpoint.loading import discover
 from compressor.pipeline.compress import compress_model
 from compressor.quant.decomposed import Decomposed, DecompositionConfig, Rounding
 from compressor.quant.grids import QuantizedTensor, pack
-from compressor.runtime.modules import CompressedLinear, Runtime
+from compressor.runtime.modules import CompressedEmbedding, CompressedLinear, Runtime
 from compressor.runtime.packed import PackedSpec, dequantize_rows, torch_packed_matmul, unpack_run
 from service.settings import REPO_ROOT
 from solver.bytes import Option, option_bytes
@@ -62,7 +64,9 @@ def _artifact(family: str, tmp_path, tie: bool = False):
     model = tiny_lm(family, seed=3, tie=tie, **SIZES[family]) if family != "gpt2" else \
         tiny_lm(family, seed=3, **SIZES[family])
     inv = discover(model)
-    assign = {li.name: OPTIONS[i % len(OPTIONS)] for i, li in enumerate(inv.linears)}
+    # the embedding (and an untied head) are planned too: Q alone for a lookup
+    assign = {li.name: replace(OPTIONS[i % len(OPTIONS)], rank=0) if li.is_vocab
+              else OPTIONS[i % len(OPTIONS)] for i, li in enumerate(inv.linears)}
     seqs = tokens(4, 16)
     decs = compress_model(model, assign, seqs, RTN)
     out = tmp_path / family
@@ -71,7 +75,13 @@ def _artifact(family: str, tmp_path, tie: bool = False):
 
 
 def _resident(model) -> dict[str, int]:
-    return {n: m.nbytes for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    """Packed bytes per compressed module; a tied head reads the embedding's: counted once."""
+    out, seen = {}, set()
+    for n, m in model.named_modules():
+        if isinstance(m, CompressedLinear | CompressedEmbedding) and id(m.q) not in seen:
+            seen.add(id(m.q))
+            out[n] = m.nbytes
+    return out
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2"])
@@ -106,10 +116,13 @@ def test_bf16_model_keeps_fp16_scales(tmp_path) -> None:
     import compressor.runtime.hf  # noqa: F401  (registers the quantization method)
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    # the compressed tied embedding looks up in the model's dtype; its head reads the same bytes
+    assert model.model.embed_tokens(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+    assert model.lm_head.q is model.model.embed_tokens.q
     assert sum(_resident(model).values()) == manifest.compressed_bytes
     ref, _ = load_compressed(out)
-    name = next(iter(manifest.linears))
+    name = list(manifest.linears)[1]   # a block's linear (the first is the embedding)
     a, b = model.get_submodule(name), ref.get_submodule(name)
     for part in ("q", "l", "r"):
         for key, buf in getattr(a, part).named_buffers():
