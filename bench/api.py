@@ -40,6 +40,7 @@ from service.jobs.modelrefs import resolve_model
 from service.jobs.submit import get_or_create_model
 from service.server_process import ServerDidNotStart, serve_subprocess
 from service.settings import DEMO_MODEL, Settings
+from solver.budget import fp16_reference_bytes
 from solver.errormodel import ErrorModel
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,24 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def synthetic_profile_for(inventory, key: str):
-    """A profile with one fitted error model per real linear (numbers, not measurements)."""
+    """A profile with one fitted error model per planned item (numbers, not measurements), shaped
+    like a real one: the blocks' linears, and the embedding / head (`is_vocab`: no block, rank-0
+    samples and a flat rank curve, as compressor.pipeline.vocab profiles them). Fixed bytes are
+    the kept tensors at their stored size; the fp16 reference is every parameter at 2 bytes."""
 
     linears = []
     for i, li in enumerate(inventory.linears):
+        tail = ([0], [1.0]) if li.is_vocab else ([0, 8, 32, 64], [1.0, 0.7, 0.45, 0.3])
         em = ErrorModel(theta=(math.log(0.01) + 0.1 * (i % 7), -math.log(4), 0.05), c=0.1,
-                        tail_ranks=[0, 8, 32, 64], tail=[1.0, 0.7, 0.45, 0.3], r2_fit=0.99)
+                        tail_ranks=tail[0], tail=tail[1], r2_fit=0.99)
         fit = json.loads(json.dumps(em.to_dict()))
-        samples = [[b, r, float(em.predict(b, r))] for b in (2, 3, 4, 6, 8) for r in (0, 32)]
+        samples = [[b, r, float(em.predict(b, r))] for b in (2, 3, 4, 6, 8)
+                   for r in ((0,) if li.is_vocab else (0, 32))]
         linears.append(LinearProfile(li.name, li.block, li.out_features, li.in_features,
                                      alpha=1.0 + (li.block or 0) % 5, proxy=1.0,
                                      samples=samples, fit=fit))
-    fp16 = 2 * inventory.linear_params + inventory.kept_bytes
+    fp16 = fp16_reference_bytes(inventory.linear_params,
+                                sum(math.prod(k.shape) for k in inventory.kept))
     return Profile(key=key, model_ref="bench", weights_hash="bench", calib_hash="bench",
                    config={"bench": True}, fixed_bytes=inventory.kept_bytes, linears=linears,
                    stats={"linear_params": inventory.linear_params, "fp16_bytes": fp16})

@@ -1,6 +1,6 @@
 """`bitplan bench e2e --json`: the experiment on the demo model (profile reused when stored).
 
-`--quick`: one budget (3.25bpp), 4 evaluation sequences and no refinement, for a smoke run; the
+`--quick`: one budget (3.5bpp), 4 evaluation sequences and no refinement, for a smoke run; the
 figures are computed as in the full run. BITPLAN_BENCH_MODEL runs it on another model (e.g. a
 tiny one, profiled first when no profile is stored).
 """
@@ -13,7 +13,10 @@ from compressor.research.experiment import run_experiment
 from service.cli.planning import ensure_profile
 from service.settings import DEMO_MODEL, get_settings
 
-QUICK = {"budgets": ("3.25bpp",), "eval_seqs": 4, "refine_rounds": 0}
+# a bpp budget counts every parameter (the embedding is planned, no longer kept on top): on a
+# tiny model (32-wide rows: one group scale per 32 weights) 3.25bpp sits 1.5 % above the 2-bit
+# floor and leaves the optimum nothing to allocate; 3.5bpp leaves it ~9 % (the demo: 3-bit room)
+QUICK = {"budgets": ("3.5bpp",), "eval_seqs": 4, "refine_rounds": 0}
 
 
 def run(args) -> dict:  # argparse namespace

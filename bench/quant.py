@@ -1,5 +1,8 @@
 """`bitplan bench quant`: Q-only vs CALDERA Q + L·R on the demo model's linears.
 
+The blocks' linears only: the token embedding and the LM head are planned Q alone (rank 0, a
+lookup has no L·R; compressor.pipeline.vocab), so a rank sweep says nothing about them.
+
 For b_Q ∈ {2, 3, 4} at a fixed rank: mean relative output error ‖(W − Ŵ)Xᵀ‖/‖WXᵀ‖ of Q alone
 (the decomposition's rank-0 start, same rounding) and of Q + L·R, their plain Frobenius
 counterparts, and the mean per-linear output cosine; plus the wall time of one decomposition as
@@ -65,7 +68,7 @@ def run(args) -> dict:
     tokenizer = load_tokenizer(model_ref)
     calib = token_sequences(tokenizer, Split.TRAIN, 128 if quick else 256,
                             n_seqs=8 if quick else 32, seed=0)
-    linears = discover(model).linears
+    linears = [li for li in discover(model).linears if not li.is_vocab]   # module docstring
     if quick:
         linears = linears[:3]
     t0 = time.perf_counter()

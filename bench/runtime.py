@@ -6,18 +6,23 @@ another model), the artifact is loaded twice, each time in its own fresh interpr
 default runtime), once with the dense-Ŵ cache. Each child loads, warms up, generates 64 tokens
 greedily (decode tok/s), records its peak RSS, then times a prefill forward (prefill tok/s)
 and saves its logits. Reported:
-- planned_bytes (Σ option_bytes of the plan's linears) vs resident_linear_bytes (every buffer
-  the packed linears hold, measured in the packed child) — equal when nothing else is held;
+- planned_bytes (Σ option_bytes of the plan's items: the blocks' linears, the token embedding
+  and the head, or the one tied tensor) vs resident_linear_bytes (every buffer the packed
+  linears and the packed embedding hold, a tensor shared by a tied pair once, measured in the
+  packed child) — equal when nothing else is held;
 - peak_rss_packed vs peak_rss_dense, their difference against the plan's prediction (the
-  dense cache adds Σ m·n·itemsize; `predicted_rss_saving`);
+  dense cache adds Σ m·n·itemsize over the linears, the head included, plus the embedding's
+  float32 Ŵ, its own cache even when tied; `predicted_rss_saving`, checked against the caches
+  the dense child really holds, `dense_cache_held_bytes`);
 - max_rel_logit_diff = max|packed − dense| / max|dense| over the prefill logits;
 - decode/prefill tok/s of both, timed in the same run on this device.
 Both children run with the same torch intra-op thread count, BITPLAN_BENCH_THREADS (default 1):
 on a shared 2-core box, 2 OpenMP threads made the packed path's many small elementwise
 unpacking ops ~17× slower from spin contention (1.36 s vs 0.08 s a token, measured) while
 the dense GEMV barely noticed — a scheduling artifact, not the runtime's cost.
-`--quick`: a uniform 3-bit rank-8 plan with round-to-nearest rounding (no profile needed) and 16
-generated tokens — the same figures, computed the same way, on less.
+`--quick`: a uniform 3-bit rank-8 plan with round-to-nearest rounding (no profile needed; the
+embedding and head at rank 0, a lookup being Q alone) and 16 generated tokens — the same
+figures, computed the same way, on less.
 """
 
 from __future__ import annotations
@@ -51,9 +56,11 @@ def _artifact(model_ref: str, quick: bool) -> tuple[Path, dict, str]:
     settings = get_settings()
     if quick:
         model = load_model(model_ref, device="cpu")
-        assign = {li.name: Option(3, 8, 4, 32) for li in discover(model).linears}
+        assign = {li.name: Option(3, 0 if li.is_vocab else 8, 4, 32)   # a lookup: Q alone
+                  for li in discover(model).linears}
         config = DecompositionConfig(q_rounding=Rounding.RTN, factor_rounding=Rounding.RTN)
-        label, key, calib_cfg = "uniform b3 r8 g32 (quick, RTN)", "quick", ProfileConfig()
+        label, key = "uniform b3 r8 g32, vocabulary r0 (quick, RTN)", "quick"
+        calib_cfg = ProfileConfig()
     else:
         from compressor import api
         from service.cli.planning import ensure_profile
@@ -84,13 +91,20 @@ def _child(artifact: str, runtime: str, new_tokens: int, logits_out: str) -> dic
     from transformers import AutoModelForCausalLM
 
     import compressor.runtime.hf  # noqa: F401  (registers bitplan's quantization method)
-    from compressor.checkpoint.memory import dense_linear_bytes, packed_linear_bytes, peak_rss_bytes
-    from compressor.runtime.modules import CompressedLinear, Runtime, set_runtime
+    from compressor.checkpoint.memory import peak_rss_bytes
+    from compressor.runtime.modules import (
+        CompressedEmbedding,
+        CompressedLinear,
+        Runtime,
+        set_runtime,
+    )
 
     torch.manual_seed(0)
     torch.set_num_threads(int(os.environ.get("BITPLAN_BENCH_THREADS", "1")))
     model = AutoModelForCausalLM.from_pretrained(artifact).eval()
     packed = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    embeds = [m for m in model.modules() if isinstance(m, CompressedEmbedding)]
+    shared = {id(e.q) for e in embeds}     # a tied head reads its embedding's packed tensor
     set_runtime(model, Runtime(runtime))
     vocab, positions = model.config.vocab_size, model.config.max_position_embeddings
     g = torch.Generator().manual_seed(0)
@@ -112,12 +126,18 @@ def _child(artifact: str, runtime: str, new_tokens: int, logits_out: str) -> dic
             times.append(time.perf_counter() - t0)
     save_file({"logits": logits[0].float().contiguous()}, logits_out)
     cls = type(model)
+    itemsize = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    buffers = {id(b): b.nbytes for m in packed + embeds for b in m.buffers()}
+    held = {id(m._w): m._w.nbytes for m in packed + embeds if m._w is not None}
     return {"runtime": runtime, "generated": int(out.shape[1] - PROMPT_LEN),
             "decode_tok_s": new_tokens / decode_s,
             "prefill_tok_s": plen / statistics.median(times), "prefill_tokens": plen,
-            "peak_rss": peak, "packed_linears": len(packed),
-            "resident_linear_bytes": packed_linear_bytes(model),
-            "dense_cache_bytes": dense_linear_bytes(model),
+            "peak_rss": peak, "packed_linears": len(packed), "packed_embeddings": len(embeds),
+            "packed_items": len(embeds) + sum(id(m.q) not in shared for m in packed),
+            "resident_linear_bytes": sum(buffers.values()),
+            "dense_cache_bytes": sum(m.out_features * m.in_features * itemsize for m in packed)
+            + sum(4 * e.num_embeddings * e.embedding_dim for e in embeds),   # float32 Ŵ
+            "dense_cache_held_bytes": sum(held.values()),
             "rotation_sign_bytes": 4 * sum(m.in_features + m.out_features for m in packed
                                            if m.hadamard),
             "loaded_by": f"AutoModelForCausalLM.from_pretrained -> {cls.__name__}",
@@ -167,6 +187,8 @@ def run(args) -> dict:
         "peak_rss_packed": p["peak_rss"], "peak_rss_dense": d["peak_rss"],
         "rss_saving": d["peak_rss"] - p["peak_rss"],
         "predicted_rss_saving": d["dense_cache_bytes"],
+        "dense_cache_held_bytes": d["dense_cache_held_bytes"],
+        "packed_embeddings": p["packed_embeddings"],
         "rotation_sign_bytes": p["rotation_sign_bytes"],
         "decode_tok_s_packed": p["decode_tok_s"], "decode_tok_s_dense": d["decode_tok_s"],
         "decode_packed_over_dense": p["decode_tok_s"] / d["decode_tok_s"],
@@ -174,7 +196,7 @@ def run(args) -> dict:
         "prefill_packed_over_dense": p["prefill_tok_s"] / d["prefill_tok_s"],
         "generated_tokens": p["generated"], "prefill_tokens": p["prefill_tokens"],
         "max_rel_logit_diff": ((a - b).abs().max() / b.abs().max()).item(),
-        "from_pretrained": all(k["packed_linears"] == len(assign) and k["is_quantized"]
+        "from_pretrained": all(k["packed_items"] == len(assign) and k["is_quantized"]
                                and k["loaded_by"].startswith("AutoModelForCausalLM")
                                for k in kids.values()),
         "loaded_by": p["loaded_by"], "device": "cpu", "torch_threads": p["torch_threads"],

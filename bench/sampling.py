@@ -11,8 +11,9 @@ Per shape (a synthetic W with heavy-tailed columns and a correlated H, as calibr
 - `block_sweep`: `ldlq_many` time per lazy-batch block size B (the device default is
   `rounding.LAZY_BLOCK`).
 `profile_over_compress`: `run_profile` of the demo model into an empty store (everything
-measured, nothing reused) over loading + `compress_model` of a uniform 3-bit Q-only plan
-(`compress_bpp` says its bits per linear parameter), both timed in this run on this device.
+measured, nothing reused) over loading + `compress_model` of a uniform 3-bit Q-only plan over
+every item the profile covers, the token embedding and head included (`compress_bpp` says its
+bits per planned parameter), both timed in this run on this device.
 `--quick`: small widths, one block size pair. BITPLAN_BENCH_MODEL profiles another model.
 """
 
@@ -108,7 +109,7 @@ def profile_over_compress(ref: str, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     model = load_model(ref, device=device)
     calib = calibration(load_tokenizer(ref), cfg)
-    linears = discover(model).linears
+    linears = discover(model).linears    # with the embedding and head: rank 0 suits them
     compress_model(model, {li.name: option for li in linears}, calib, config=cfg.decomposition)
     compress_s = time.perf_counter() - t0
     params = sum(li.out_features * li.in_features for li in linears)

@@ -5,17 +5,22 @@ widths in bounded memory, streamed block by block (compressor.checkpoint.stream)
   `--quick`: 4 blocks of hidden 256 / intermediate 688, vocab 4096 (same code, smaller);
 - ONE child process profiles it (cheap CPU configuration `SCALE_PROFILE`: 4 calibration and 2
   probe sequences of 64 tokens, Q-only samples at 2/3/4 bits, no anchors, extra groups or
-  residual SVD, RTN rounding without Hadamard), compresses it with a uniform 2-bit plan and evaluates the artifact, so its peak RSS
+  residual SVD, RTN rounding without Hadamard), compresses it with a uniform 2-bit plan (every
+  profiled item: the blocks' linears and the embedding / head) and evaluates the artifact, so
+  its peak RSS
   (getrusage) is that work's alone; `baseline_rss_bytes` is its RSS after imports and the
   tokenizer, before any weight is read (the interpreter, torch and transformers);
 - streamed_matches_inmemory: the streamed profile records and artifact against the ones the
   in-memory code recorded (bench/streaming_baseline.py; the demo model, or with --quick
   the tiny model): byte for byte on the recording CPU, within float-order tolerance on another
-  (`streamed_vs_inmemory` says which, with the largest gaps);
+  (`streamed_vs_inmemory` says which, with the largest gaps; the baseline predates planned
+  vocabulary items, so it is compared over the blocks' linears with the embedding kept, as
+  then, and the vocabulary records profiled now are listed beside it, `vocab_items`);
 - peak RSS per stage (compressor.checkpoint.memory.StageClock: a VmHWM window per stage) of the profile
   and of execute_plan, so where the memory goes is in the figures;
 - profile_over_compress: a full default-config profile over one compression pass (execute_plan's
-  compress stage, uniform 4-bit rank-16) of the demo model (--quick: the tiny model), both now.
+  compress stage, uniform 4-bit rank-16, the embedding / head 4-bit Q alone) of the demo model
+  (--quick: the tiny model), both now.
 """
 
 from __future__ import annotations
@@ -92,12 +97,15 @@ def child(model: str, out: str) -> None:
 
 
 def _streamed_matches(quick: bool) -> dict:
-    from bench.streaming_baseline import FIXTURE, compare, measure, measure_tiny
+    from bench.streaming_baseline import FIXTURE, compare, measure_with_vocab, tiny_model
 
     want = json.loads(FIXTURE.read_text())["tiny" if quick else "demo"]
     with tempfile.TemporaryDirectory() as tmp:
-        got = measure_tiny(Path(tmp)) if quick else measure(str(DEMO_MODEL), Path(tmp))
-    return compare(got, want, alpha_tol=0.02 if quick else 1e-3)
+        ref = tiny_model(Path(tmp)) if quick else str(DEMO_MODEL)
+        got, vocab = measure_with_vocab(ref, Path(tmp) / "t")
+    return compare(got, want, alpha_tol=0.02 if quick else 1e-3) | {
+        "vocab_items": [[lp.name, lp.out_features, lp.in_features, round(lp.alpha, 8)]
+                        for lp in vocab]}
 
 
 def _profile_over_compress(quick: bool) -> dict:
@@ -117,8 +125,9 @@ def _profile_over_compress(quick: bool) -> dict:
         # (same key) and return it unmeasured; this figure needs the profile computed now
         prof = run_profile(ref, FileProfileStore(Path(tmp) / "p"))
         profile_s = time.perf_counter() - t0
-        plan = solver.Plan({lp.name: solver.Option(4, 16) for lp in prof.linears}, 0, 0.0,
-                           "uniform", False)
+        # the embedding / head (no block) are Q alone: rank 0
+        plan = solver.Plan({lp.name: solver.Option(4, 16 if lp.block is not None else 0)
+                            for lp in prof.linears}, 0, 0.0, "uniform", False)
         done = api.compress(ref, prof, plan, Path(tmp) / "a",
                             config=ExecuteConfig(eval_seq_len=64, eval_seqs=2))
     compress_s = done.metrics["stage_s"]["compress"]
@@ -149,7 +158,7 @@ def run(args) -> dict:
                   "kv_heads": shape.kv_heads, "vocab": shape.vocab, "params": shape.params(),
                   "weights_bytes": weights_bytes, "dtype": "float16"},
         "profile_config": "4 calib + 2 probe seqs × 64 tokens, Q-only 2/3/4 bits, RTN, no SVD",
-        "plan": "uniform 2-bit, group 128, rank 0",
+        "plan": "uniform 2-bit, group 128, rank 0 (embedding included)",
         **fig,
         "peak_over_baseline_bytes": over,
         "peak_rss_over_weights": round(fig["peak_rss_bytes"] / weights_bytes, 3),

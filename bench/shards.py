@@ -41,7 +41,8 @@ from service.settings import DEMO_MODEL, REPO_ROOT, Settings
 POSTGRES = os.environ.get("BITPLAN_BENCH_POSTGRES_URL",
                           "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("BITPLAN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-QUICK_PROFILE = {"calib_seqs": 4, "probe_seqs": 2, "seq_len": 64, "q_bits": [2, 4],
+# 3 Q bits: the embedding / head are fitted from their Q-only samples alone (no anchors)
+QUICK_PROFILE = {"calib_seqs": 4, "probe_seqs": 2, "seq_len": 64, "q_bits": [2, 3, 4],
                  "anchors": [[3, 0.5]], "extra_groups": [], "group_bits": [2],
                  "decomposition": {"outer_iters": 1, "lr_iters": 1, "hadamard": False}}
 

@@ -56,8 +56,8 @@ def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
     """Σ α_i · E_i(option_i): the profile's prediction of KL to the original model."""
     total = 0.0
     for lp in profile.linears:
-        opt = assignments[lp.name]
-        if opt.bits == FP16_BITS:   # kept dense: no error, as on the solver's menu
+        opt = assignments.get(lp.name)
+        if opt is None or opt.bits == FP16_BITS:   # kept as stored / dense: no error
             continue
         model = ErrorModel.from_dict(lp.fit)
         total += lp.alpha * float(model.predict(opt.bits, opt.rank, opt.group_size))

@@ -29,11 +29,23 @@ def positive(*xs: float) -> bool:
     return all(isinstance(x, int | float) and math.isfinite(x) and x > 0 for x in xs)
 
 
-def linear_shapes(model: Path) -> list[tuple[int, int]]:
-    """(out, in) of every compressible linear of a checkpoint, from its config alone."""
+def linear_shapes(model: Path, vocab: bool = True) -> list[tuple[int, int]]:
+    """(out, in) of every planned item of a checkpoint, from its config alone: the blocks'
+    linears and (unless `vocab` is False) the token embedding and LM head, which are planned
+    too (a tied pair is one item)."""
     from compressor.checkpoint.loading import inventory  # torch: only the tests that ask
 
-    return [(li.out_features, li.in_features) for li in inventory(str(model)).linears]
+    return [(li.out_features, li.in_features) for li in inventory(str(model)).linears
+            if vocab or not li.is_vocab]
+
+
+def model_params(model: Path) -> int:
+    """Every parameter of a checkpoint (planned items and kept tensors, a tied one once): what
+    a bpp budget is per."""
+    from compressor.checkpoint.loading import inventory
+
+    inv = inventory(str(model))
+    return inv.linear_params + sum(math.prod(k.shape) for k in inv.kept)
 
 
 def rate_fits_latency(rps: float, p50_ms: float, clients: int) -> bool:

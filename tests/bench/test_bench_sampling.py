@@ -44,7 +44,8 @@ def test_bench_sampling_quick(tmp_path, tiny_model):
                         rel_tol=0.01)
     shapes = linear_shapes(tiny_model)
     opt = Option.from_dict(prof["compress_option"])
-    assert (opt.bits, opt.rank) == (3, 0) and prof["linears"] == len(shapes) == 14
+    # 2 blocks × 7 linears and the tied embedding: every item the profile covers
+    assert (opt.bits, opt.rank) == (3, 0) and prof["linears"] == len(shapes) == 2 * 7 + 1
     bits = 8 * sum(option_bytes(m, n, opt) for m, n in shapes)
     assert prof["compress_bpp"] == pytest.approx(bits / sum(m * n for m, n in shapes), abs=1e-3)
     assert 3 < prof["compress_bpp"] < 4

@@ -5,7 +5,7 @@ positive times printed beside it."""
 
 import pytest
 
-from bench.solver import BUDGET_BPP, SWEEP_BPP
+from bench.solver import BUDGET_BPP, QUICK_LAYERS, QUICK_SHAPE, SWEEP_BPP
 from solver import Method, solve
 from solver.strategies import all_baselines
 from solver.synthetic import QWEN2_1_5B, synthetic_problem
@@ -16,10 +16,16 @@ def test_bench_solver_quick(tmp_path):
     fig = bench("solver", tmp_path, "--quick", "--cpsat-time-limit", "20")
     assert fig["quick"] is True and set(fig) >= {"a", "cpu_count"} and "b" not in fig
     a = fig["a"]
-    # the quick instance: Qwen2-1.5B's widths cut to 2 blocks × 7 linears, 16 options each
-    problem, scores, block_of = synthetic_problem(QWEN2_1_5B, 16, seed=0, layers=2,
+    # the quick instance: Qwen2-1.5B's widths cut to 2 blocks × 7 linears, 16 options each,
+    # and the tied embedding (a planned item since issue 22, its menu the Q-only options), its
+    # vocabulary cut by the same 2/28
+    assert QUICK_LAYERS == 2 and QUICK_SHAPE.vocab == QWEN2_1_5B.vocab * 2 // 28
+    assert (QUICK_SHAPE.hidden, QUICK_SHAPE.intermediate) == (1536, 8960)
+    problem, scores, block_of = synthetic_problem(QUICK_SHAPE, 16, seed=0, layers=QUICK_LAYERS,
                                                   bits_per_param=BUDGET_BPP)
-    assert (a["linears"], a["options"]) == (len(problem.linears), 16) == (14, 16)
+    assert (a["linears"], a["options"]) == (len(problem.linears), 16) == (2 * 7 + 1, 16)
+    assert [lin.name for lin in problem.linears if lin.name not in block_of] == [
+        "model.embed_tokens"]
     assert a["budget_bytes"] == problem.budget and a["budget_bpp"] == BUDGET_BPP
     assert a["cpsat_time_limit_s"] == 20
     assert a["cpsat_optimal"] and a["exact_matches_cpsat"] and a["exact_consistent_with_cpsat_bound"]

@@ -203,7 +203,9 @@ def test_feasibility_from_inventory(env):
         inv = s.get(ModelRow, model["id"]).inventory
     shapes = [(li["out_features"], li["in_features"]) for li in inv["linears"]]
     kept = sum(k["nbytes"] for k in inv["kept"])
-    assert len(shapes) == 2 * 7 and f["source"] == "inventory"
+    # 2 blocks × 7 linears and the tied embedding, planned like them
+    assert len(shapes) == 2 * 7 + 1 and f["source"] == "inventory"
+    assert inv["linears"][0]["kind"] == "tied"
     assert f["min_bytes"] == kept + sum(option_bytes(m, n, Option(2)) for m, n in shapes)
     assert f["max_bytes"] == kept + sum(fp16_bytes(m, n) for m, n in shapes)
     r = env.client.get(f"/v1/models/{model['id']}/profile", headers=env.h("alpha"))

@@ -27,7 +27,7 @@ assert r.status_code == 202, r.text
 bad = env.client.post("/v1/plans", json=body | {"budget": "lots"}, headers=env.h("alpha"))
 assert bad.status_code == 422, bad.text
 models = env.client.get("/v1/models", headers=env.h("alpha"))
-assert models.status_code == 200 and models.json()[0]["num_linears"] == 14, models.text
+assert models.status_code == 200 and models.json()[0]["num_linears"] == 15, models.text
 # with a profile in the store, budgets are checked by the solver's problem: still no torch
 store = DbProfileStore(env.db)
 prof = synthetic_profile(n_blocks=2)

@@ -61,8 +61,9 @@ def _solved(prof):
 
 
 def _bits_per_weight(plan: Plan, prof) -> dict[int, float]:
+    """Per block (the embedding, in no block, has its own line)."""
     nbytes, params = Counter(), Counter()
-    for lp in prof.linears:
+    for lp in (lp for lp in prof.linears if lp.block is not None):
         nbytes[lp.block] += plan.linear_bytes[lp.name]
         params[lp.block] += lp.out_features * lp.in_features
     return {b: 8 * nbytes[b] / params[b] for b in params}
@@ -76,7 +77,7 @@ def test_summary_figures_are_the_plans(demo):
     assert 12 <= len(lines) <= 30, out
     assert not out.lstrip().startswith("{")
     assert f"{plan.total_bytes:,} of {plan.budget:,} B" in out
-    assert f"{plan.bits_per_param(problem.total_linear_params):.4f}" in out
+    assert f"{plan.bits_per_param(problem.basis.params):.4f}" in out
     assert f"{plan.fixed_bytes:,} B" in out
     assert f"{plan.predicted_error:.4g}" in out
     assert ("optimal (exact)" if plan.optimal else "not proven optimal") in out
@@ -93,6 +94,7 @@ def test_summary_figures_are_the_plans(demo):
     named = [(m[1], int(m[2]), float(m[3])) for m in map(BLOCK.match, lines) if m]
     assert len(named) == 6 and len(bpw) == 12            # top 3 and bottom 3 of 12 blocks
     assert named[0][0] == "most protected" and named[3][0] == "least protected"
+    assert "no block         model.embed_tokens" in out      # the tied embedding, planned
     top, bottom = [b for _, b, _ in named[:3]], [b for _, b, _ in named[3:]]
     rest = [v for b, v in bpw.items() if b not in top]
     assert min(bpw[b] for b in top) >= max(rest)
@@ -110,7 +112,7 @@ def test_json_prints_the_previous_object(demo):
     problem, plan = _solved(prof)
     assert set(got) == JSON_KEYS
     assert got["total_bytes"] == plan.total_bytes and got["budget"] == plan.budget
-    assert got["bits_per_param"] == round(plan.bits_per_param(problem.total_linear_params), 4)
+    assert got["bits_per_param"] == round(plan.bits_per_param(problem.basis.params), 4)
     assert got["linears"] == {n: o.to_dict() for n, o in plan.assignments.items()}
     assert got["notes"] == plan.notes and got["optimal"] == plan.optimal
 
@@ -150,8 +152,10 @@ def _synthetic(blockless: str | None = None):
     if blockless:     # e.g. a head that becomes plannable: a linear outside every block
         last = prof.linears[-1]
         prof.linears[-1] = dataclasses.replace(last, name=blockless, block=None)
-    problem = api.problem(prof, "3bpp")
-    return prof, problem, api.plan(prof, "3bpp", base=problem)
+    lo, hi = api.problem(prof).feasibility()
+    budget = lo + (hi - lo) // 4          # a quarter of the way up the feasible range
+    problem = api.problem(prof, budget)
+    return prof, problem, api.plan(prof, budget, base=problem)
 
 
 def test_a_linear_outside_every_block_gets_its_own_line():

@@ -71,5 +71,5 @@ def test_a_model_row_is_never_served_from_a_stale_copy(tmp_path, sqlite_url, mod
     r = env.client.post("/v1/models", json={"model": "tiny-qwen"}, headers=h)
     assert r.status_code == 201, r.text
     new = r.json()["id"]
-    assert new != old and r.json()["num_linears"] == 14
+    assert new != old and r.json()["num_linears"] == 15
     assert env.client.get(f"/v1/models/{new}", headers=h).status_code == 200

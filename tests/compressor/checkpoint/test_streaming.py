@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 import solver
 from bench.streaming_baseline import CONFIG, EXECUTE, FIXTURE, compare, mixed_plan
+from bench.synthetic import Shape, write_checkpoint
 from compressor import api
 from compressor.artifact.native import COMPRESSED, KEPT, tensors_sha256
-from bench.synthetic import Shape, write_checkpoint
 from compressor.checkpoint import stream
 from compressor.checkpoint.headers import config_dtype
 from compressor.checkpoint.loading import load_config, load_model
