@@ -70,7 +70,7 @@ def test_cancel_stops_running_compress_at_next_linear(tmp_path, sqlite_url, mode
             state.cancel(db, jid)
         monkeypatch.setattr(compress_stage, "check_cancelled", cancel_right_after)
         assert run_task(Task.COMPRESS, job2, settings, queue) == "cancelled"
-        assert len(calls) == 14                       # the other 11 linears, done and kept
+        assert len(calls) == 15                       # the other 12 (the embedding too), kept
         with env.db.session() as s:
             assert s.get(Artifact, art_id).status == "pending"
         assert not (root / art_id).exists()
@@ -79,7 +79,7 @@ def test_cancel_stops_running_compress_at_next_linear(tmp_path, sqlite_url, mode
         art3, job3 = request_compress(env.db, queue, team_id, a["plan_id"], settings)
         assert art3 == art_id and job3 not in (job_id, job2)
         assert run_task(Task.COMPRESS, job3, settings, queue) == "succeeded"
-        assert len(calls) == 14                       # every linear resumed from the store
+        assert len(calls) == 15                       # every linear resumed from the store
         art = env.client.get(f"/v1/artifacts/{art_id}", headers=env.h("alpha")).json()
         assert art["status"] == "ready"
         assert art["metrics"]["artifact_tensor_bytes"] == art["metrics"]["planned_bytes"]

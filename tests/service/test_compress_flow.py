@@ -97,7 +97,7 @@ def test_killed_compress_job_resumes_per_linear(tmp_path, sqlite_url, model_root
         monkeypatch.setattr(cc, "decompose",
                             lambda W, H, o, cfg=None: counted.append(o) or real(W, H, o, cfg))
         result = compress_stage(ctx)
-        assert len(counted) == 14 - 4              # only the unfinished linears
+        assert len(counted) == 15 - 4              # only the unfinished ones (embedding included)
         assert not partial.exists()
         m = result.result
         assert m["artifact_tensor_bytes"] == m["planned_bytes"]

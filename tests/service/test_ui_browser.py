@@ -123,9 +123,11 @@ def test_dashboard_plan_compress_download_and_isolation(tmp_path, model_root, ti
         _shot(d, "plan_progress")
         _wait(lambda: d.find_elements(By.ID, "linears"), 180, "the solved plan (JS reload)")
         rows = d.find_elements(By.CSS_SELECTOR, "#linears tbody tr")
-        assert len(rows) == 14                                   # 2 blocks × 7 linears
-        assert "model.layers.0.self_attn.q_proj" in rows[0].text
-        assert len(d.find_elements(By.CSS_SELECTOR, "#heatmap tbody tr")) == 2
+        assert len(rows) == 15                       # the tied embedding, 2 blocks × 7 linears
+        assert "model.embed_tokens" in rows[0].text
+        assert "model.layers.0.self_attn.q_proj" in rows[1].text
+        # a row per block, and one for what is in no block (the embedding)
+        assert len(d.find_elements(By.CSS_SELECTOR, "#heatmap tbody tr")) == 3
         assert d.find_element(By.ID, "plan-status").text == "solved"
         assert "of the budget" in d.find_element(By.ID, "plan-bytes").text
 

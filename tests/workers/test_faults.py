@@ -146,7 +146,7 @@ def test_worker_sigkilled_mid_profile_and_mid_compress(tmp_path, pg_url, redis_u
         prof = _job(env.db, acc["profile_job_id"])
         assert prof.status == "succeeded" and prof.attempts == 2
         counts = row_counts(env.db, prof.model_id)
-        n_linears = 7 * layers                         # the tiny model: 7 linears per block
+        n_linears = 7 * layers + 1                     # 7 linears per block + the embedding
         assert counts["profiles"] == 1 and counts["profile_jobs"] == 1
         assert counts["sensitivities"] == counts["samples"] == counts["error_models"] \
             == n_linears
