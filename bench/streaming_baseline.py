@@ -63,7 +63,7 @@ def measure_with_vocab(model_ref: str, work: Path) -> tuple[dict, list[LinearPro
     plan.total_bytes = prof.fixed_bytes + vocab_kept + sum(
         option_bytes(lp.out_features, lp.in_features, plan.assignments[lp.name])
         for lp in blocks)
-    # against the profile the baseline had (its linears): predicted_kl needs every item assigned
+    # against the profile the baseline had (its linears), so the metrics are over the same items
     done = api.compress(model_ref, replace(prof, linears=blocks), plan, work / "artifact",
                         config=EXECUTE)
     key = profile_key(prof.weights_hash, prof.calib_hash, prof.config,

@@ -59,8 +59,9 @@ class PlanCreate(BaseModel):
     model: str = Field(min_length=1, max_length=500,
                        description="a model name or path under the server's model roots")
     budget: str | int | float = Field(
-        description='bytes ("1.2GB", "850MiB", 123456789), bits per parameter ("3.25bpp") or a '
-                    'fraction of the fp16 size ("0.22x")')
+        description='bytes ("1.2GB", "850MiB", 123456789), bits per parameter ("3.25bpp", '
+                    'over every parameter: the embedding, head and norms too) or a fraction '
+                    'of the whole model at fp16 ("0.22x"); every stored byte counts')
     constraints: ConstraintsIn | None = Field(default=None, description="solver constraints")
     method: Method = "exact"
     compress: bool = False
