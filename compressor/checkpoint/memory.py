@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from compressor.runtime.modules import CompressedLinear
+from compressor.runtime.modules import CompressedEmbedding, CompressedLinear
 
 
 def rss_bytes() -> int:
@@ -151,14 +151,24 @@ class StageClock:
 
 
 def packed_linear_bytes(model: nn.Module) -> int:
-    """Bytes of every buffer the model's CompressedLinears hold (their packed q/l/r tensors):
-    the plan's option_bytes when nothing else is resident."""
-    return sum(b.nbytes for m in model.modules() if isinstance(m, CompressedLinear)
-               for b in m.buffers())
+    """Bytes of every buffer the model's compressed modules hold (packed q/l/r tensors, the
+    packed embedding; a tensor shared by a tied head counted once): the plan's option_bytes
+    when nothing else is resident."""
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        if isinstance(m, CompressedLinear | CompressedEmbedding):
+            for b in m.buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    total += b.nbytes
+    return total
 
 
 def dense_linear_bytes(model: nn.Module) -> int:
-    """Bytes a dense-Ŵ cache of every CompressedLinear takes in the model's float dtype."""
+    """Bytes a dense-Ŵ cache of every compressed module takes in the model's float dtype."""
     itemsize = next(p for p in model.parameters() if p.is_floating_point()).element_size()
     return sum(m.out_features * m.in_features * itemsize for m in model.modules()
-               if isinstance(m, CompressedLinear))
+               if isinstance(m, CompressedLinear)) + sum(
+        m.num_embeddings * m.embedding_dim * itemsize for m in model.modules()
+        if isinstance(m, CompressedEmbedding))

@@ -68,6 +68,8 @@ class ProfileConfig:
     decomposition: DecompositionConfig = field(default_factory=lambda: FAST_DECOMPOSITION)
 
     def __post_init__(self) -> None:
+        if len(set(self.q_bits)) < 3:   # the fit of Q alone (the embedding's) needs 3 points
+            raise ValueError(f"q_bits needs at least 3 bit widths, got {list(self.q_bits)}")
         if self.extra_groups and not set(self.group_bits) <= set(self.q_bits):
             raise ValueError(f"group_bits {self.group_bits} must be among q_bits {self.q_bits}")
 

@@ -240,9 +240,10 @@ class CompressedEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.runtime is Runtime.DENSE:
-            if self._w is None or self._w.device != ids.device:
-                self._w = self.weight_hat().to(ids.device)
-            return self._w[ids].to(self._dtype.dtype)
+            dtype = self._dtype.dtype   # cached in the model's dtype (fp16: half of fp32)
+            if self._w is None or self._w.device != ids.device or self._w.dtype != dtype:
+                self._w = self.weight_hat().to(ids.device, dtype)
+            return self._w[ids]
         q = self.q
         uniq, inverse = torch.unique(ids, return_inverse=True)
         tiles, in_tile = torch.unique(uniq // 8, return_inverse=True)
