@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,13 +13,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import solver
-from bench.streaming_baseline import CONFIG, EXECUTE, FIXTURE, compare, mixed_plan
+from bench.streaming_baseline import (
+    CONFIG,
+    FIXTURE,
+    compare,
+    measure_with_vocab,
+)
 from bench.synthetic import Shape, write_checkpoint
 from compressor import api
-from compressor.artifact.native import COMPRESSED, KEPT, tensors_sha256
 from compressor.checkpoint import stream
-from compressor.checkpoint.headers import config_dtype
-from compressor.checkpoint.loading import load_config, load_model
+from compressor.checkpoint.loading import load_model
 from compressor.checkpoint.stream import StreamedModel
 from compressor.pipeline.execute import ExecuteConfig, execute_plan
 from compressor.pipeline.profile import run_profile, stream_inventory
@@ -32,33 +34,14 @@ BASELINE = json.loads(FIXTURE.read_text())
 
 
 def measure(model_ref: str, work) -> tuple[dict, list]:
-    """bench.streaming_baseline.measure as the baseline ran: the fixed mixed plan over the
-    blocks' linears, the embedding (a profiled item since PROFILE_CODE_VERSION 3, which the
-    baseline kept) left out of the plan, so it is kept at its stored dtype as it was then.
-    Returns the baseline's figures (over the block linears) and the vocabulary records."""
-    prof = api.profile(model_ref, CONFIG, store=work / "profiles")
-    blocks = [lp for lp in prof.linears if lp.block is not None]
-    vocab = [lp for lp in prof.linears if lp.block is None]
-    assert config_dtype(load_config(model_ref)) in (None, "float32")   # kept at 4 bytes
-    vocab_kept = sum(4 * lp.out_features * lp.in_features for lp in vocab)
-    plan = mixed_plan([lp.name for lp in blocks])
-    plan.total_bytes = prof.fixed_bytes + vocab_kept + sum(
-        option_bytes(lp.out_features, lp.in_features, plan.assignments[lp.name])
-        for lp in blocks)
-    # compressed against the profile the baseline had (its linears): predicted_kl sums over
-    # every profiled item and needs each one assigned
-    done = api.compress(model_ref, replace(prof, linears=blocks), plan, work / "artifact",
-                        config=EXECUTE)
-    # the same inputs as the baseline's: its key is this profile's under code version 2
-    old_key = profile_key(prof.weights_hash, prof.calib_hash, prof.config, code_version="2")
+    """bench.streaming_baseline's measurement as the baseline ran (the embedding, a profiled
+    item since PROFILE_CODE_VERSION 3, kept out of the plan as it was then), and the key of
+    the same inputs under both code versions."""
+    got, vocab = measure_with_vocab(model_ref, work)
+    prof = api.profile(model_ref, CONFIG, store=work / "profiles")   # stored: read back
     assert prof.key == profile_key(prof.weights_hash, prof.calib_hash, prof.config)
-    assert prof.key != old_key
-    return {"key": old_key, "fixed_bytes": prof.fixed_bytes + vocab_kept,
-            "linears": [lp.to_dict() for lp in blocks],
-            "block_sensitivity": prof.block_sensitivity, "block_proxy": prof.block_proxy,
-            "tensors_sha256": {f: tensors_sha256(work / "artifact" / f)
-                               for f in (COMPRESSED, KEPT)},
-            "metrics": done.metrics}, vocab
+    assert prof.key != got["key"]          # the baseline's, under code version 2
+    return got, vocab
 
 
 def assert_matches(got: dict, want: dict, alpha_tol: float) -> None:
