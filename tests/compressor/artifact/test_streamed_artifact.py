@@ -142,7 +142,11 @@ def test_execute_holds_one_block_of_linears_and_writes_reference_files(tmp_path,
     src = Checkpoint(path)
     assert all(torch.equal(t, src.get(n)) for n, t in kept.items() if n in src)
     manifest = verify_artifact(tmp_path / "a")
-    assert manifest.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    # the tied embedding is compressed: one packed tensor the head reads too, no kept alias
+    assert manifest.tied == {}
+    rec = manifest.linears["model.embed_tokens"]
+    assert rec["kind"] == "tied" and rec["head"] == "lm_head"
+    assert "lm_head.weight" not in kept and "model.embed_tokens.weight" not in kept
     assert list(manifest.linears) == list(plan.assignments)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == \
         sorted([*manifest.files, "bitplan_manifest.json"])   # no spool or temp files
