@@ -20,7 +20,9 @@ def test_profile_key_is_stable_and_sensitive():
     assert a != profile_key("w1", "c1", dataclasses.replace(CFG, seed=1).to_dict())
     assert a != profile_key("w1", "c1", dataclasses.replace(CFG, extra_groups=()).to_dict())
     with pytest.raises(ValueError, match="group_bits"):
-        ProfileConfig(q_bits=(2, 3), group_bits=(2, 4))
+        ProfileConfig(q_bits=(2, 3, 6), group_bits=(2, 4))
+    with pytest.raises(ValueError, match="at least 3 bit widths"):   # a Q-alone fit needs 3
+        ProfileConfig(q_bits=(2, 4), group_bits=(2, 4))
 
 
 def test_profile_contents(tiny_model, tmp_path):
