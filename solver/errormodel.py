@@ -141,3 +141,15 @@ def fit(samples: Sequence[Sequence[float]], tail_ranks: Sequence[int],
                        list(tail_ranks), list(tail))
     model.r2_fit = r2_log(y, model.predict(b, r))
     return model
+
+
+def group_factor_samples(group_size: int, group_bits: Sequence[int], extra_groups: Sequence[int],
+                         base: dict[int, float], extra: Sequence[float]) -> dict:
+    """`ErrorModel.group_factors` from Q-only samples: κ_g(b) = t²(b, g) / t²(b, g₀), with `base`
+    the t² at the profiled group g₀ per bit width and `extra` the t² at every (g, b) of
+    extra_groups × group_bits in that order (κ_{g₀} = 1)."""
+    out = {str(group_size): [[b, 1.0] for b in group_bits]}
+    errors = iter(extra)
+    for g in extra_groups:
+        out[str(g)] = [[b, next(errors) / max(base[b], 1e-30)] for b in group_bits]
+    return out

@@ -38,7 +38,7 @@ from compressor.quant.hessian import HessianHooks, linear_weight
 from compressor.quant.problem import lowrank_error_curve, prepare
 from solver.budget import fp16_reference_bytes
 from solver.bytes import Option
-from solver.errormodel import ErrorModel, fit, sample_tail
+from solver.errormodel import ErrorModel, fit, group_factor_samples, sample_tail
 
 Progress = Callable[[str, float], None]
 
@@ -145,14 +145,10 @@ def sample_linear(W: torch.Tensor, H: torch.Tensor,
         d = decompose(W, H, Option(b, r, cfg.factor_bits, cfg.group_size), dcfg,
                       problem=problem, q_start=starts.get(b))
         samples.append([b, r, d.rel_h_err ** 2])
-    groups: dict[str, list[list[float]]] = {}
-    if cfg.extra_groups:
-        base = {int(b): t2 for b, r, t2 in samples if r == 0}
-        groups[str(cfg.group_size)] = [[b, 1.0] for b in cfg.group_bits]
-        g_only = iter(q_only[len(cfg.q_bits):])
-        for g in cfg.extra_groups:
-            groups[str(g)] = [[b, next(g_only).rel_h_err ** 2 / max(base[b], 1e-30)]
-                              for b in cfg.group_bits]
+    groups = group_factor_samples(
+        cfg.group_size, cfg.group_bits, cfg.extra_groups,
+        {int(b): t2 for b, r, t2 in samples if r == 0},
+        [d.rel_h_err ** 2 for d in q_only[len(cfg.q_bits):]]) if cfg.extra_groups else {}
     return samples, tail_ranks, tail, groups
 
 

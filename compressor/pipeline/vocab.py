@@ -30,7 +30,7 @@ from compressor.pipeline.profile_store import LinearProfile
 from compressor.pipeline.sensitivity import StreamedProbes, noise, noise_scale
 from compressor.quant.decompose import q_only_many
 from compressor.quant.decomposed import DecompositionConfig, Rounding
-from solver.errormodel import fit
+from solver.errormodel import fit, group_factor_samples
 
 
 def vocab_config(config: DecompositionConfig, kind: str) -> DecompositionConfig:
@@ -67,17 +67,14 @@ def sample_vocab(li: LinearInfo, W: Tensor, H: Tensor, cfg) -> LinearProfile:
         raise ValueError(f"{li.name} has NaN/inf weights; cannot profile this model")
     options = cfg.q_only_options()
     q_only = q_only_many(W, H, options, vocab_config(cfg.decomposition, li.kind))
-    samples = [[o.bits, 0, d.rel_h_err ** 2] for o, d in zip(options, q_only, strict=True)
-               if o.group_size == cfg.group_size]
+    n = len(cfg.q_bits)   # q_only_options: q_bits at group_size first, then the extra groups
+    samples = [[o.bits, 0, d.rel_h_err ** 2] for o, d in zip(options[:n], q_only[:n],
+                                                             strict=True)]
     model = fit(samples, [0], [1.0])
     if cfg.extra_groups:
-        base = {int(b): t2 for b, _, t2 in samples}
-        groups = {str(cfg.group_size): [[b, 1.0] for b in cfg.group_bits]}
-        for o, d in zip(options, q_only, strict=True):
-            if o.group_size != cfg.group_size:
-                groups.setdefault(str(o.group_size), []).append(
-                    [o.bits, d.rel_h_err ** 2 / max(base[o.bits], 1e-30)])
-        model.group_factors = groups
+        model.group_factors = group_factor_samples(
+            cfg.group_size, cfg.group_bits, cfg.extra_groups,
+            {int(b): t2 for b, _, t2 in samples}, [d.rel_h_err ** 2 for d in q_only[n:]])
     return LinearProfile(li.name, None, li.out_features, li.in_features, samples=samples,
                          fit=json.loads(json.dumps(model.to_dict())))
 
