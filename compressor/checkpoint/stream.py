@@ -240,10 +240,12 @@ class StreamedModel:
     def _rows(self, name: str) -> int:
         return self.ckpt.entry(name).shape[0]
 
-    def inputs(self, ids: Tensor, table: Tensor | None = None) -> tuple[Tensor, dict]:
+    def inputs(self, ids: Tensor, table: Tensor | None = None,
+               embeds: Tensor | None = None) -> tuple[Tensor, dict]:
         """Block 0's input for the token ids [B, T] and the keyword arguments every block gets
-        (`table`: as `embed`'s)."""
-        emb = self.embed(ids.to(self.device), table)
+        (`table`: as `embed`'s; `embeds`: the token embeddings themselves, e.g. a tensor that
+        requires grad, for the Fisher probe's lookup gradient)."""
+        emb = embeds if embeds is not None else self.embed(ids.to(self.device), table)
         key = (tuple(ids.shape), emb.dtype)
         got: dict = {}
 

@@ -29,8 +29,9 @@ from compressor.checkpoint.data import Split, token_sequences
 from compressor.checkpoint.loading import Inventory, KeptParam, discover, load_tokenizer
 from compressor.checkpoint.memory import StageClock
 from compressor.checkpoint.stream import BATCH, StreamedModel
+from compressor.pipeline.fisher import make_probes
 from compressor.pipeline.profile_store import LinearProfile, Profile, ProfileStore, profile_key
-from compressor.pipeline.sensitivity import StreamedProbes, summarize
+from compressor.pipeline.sensitivity import summarize
 from compressor.pipeline.vocab import sample_vocab_items, start_vocab_probes
 from compressor.quant.decompose import decompose, q_only_many
 from compressor.quant.decomposed import DecompositionConfig
@@ -41,6 +42,7 @@ from solver.bytes import Option
 from solver.errormodel import ErrorModel, fit, group_factor_samples, sample_tail
 
 Progress = Callable[[str, float], None]
+FISHER = ("sensitivity", "fisher_seqs", "fisher_samples")   # fields a probe profile omits
 
 # One outer CALDERA iteration with two L/R alternations: about a third of the default's time.
 # Plans are executed with the same config they were profiled with, so predictions match.
@@ -50,7 +52,12 @@ FAST_DECOMPOSITION = DecompositionConfig(outer_iters=1, lr_iters=2)
 @dataclass(frozen=True)
 class ProfileConfig:
     calib_seqs: int = 32                 # Hessians: 32 × 256 tokens
+    # α per linear: "probe" (sensitivity.py: noise carried to the head on probe_seqs) or
+    # "fisher" (fisher.py: the Fisher trace, fisher_samples label draws on fisher_seqs)
+    sensitivity: str = "probe"
     probe_seqs: int = 2                  # sensitivity probes replay the first 2 of them
+    fisher_seqs: int = 8
+    fisher_samples: int = 2
     seq_len: int = 256
     seed: int = 0
     probe_t: float = 0.1                 # relative error of the sensitivity noise probe
@@ -68,17 +75,21 @@ class ProfileConfig:
     decomposition: DecompositionConfig = field(default_factory=lambda: FAST_DECOMPOSITION)
 
     def __post_init__(self) -> None:
+        if self.sensitivity not in ("probe", "fisher"):
+            raise ValueError(f"sensitivity must be probe or fisher, got {self.sensitivity!r}")
         if len(set(self.q_bits)) < 3:   # the fit of Q alone (the embedding's) needs 3 points
             raise ValueError(f"q_bits needs at least 3 bit widths, got {list(self.q_bits)}")
         if self.extra_groups and not set(self.group_bits) <= set(self.q_bits):
             raise ValueError(f"group_bits {self.group_bits} must be among q_bits {self.q_bits}")
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"decomposition": self.decomposition.to_dict(),
-                               "q_bits": list(self.q_bits),
-                               "extra_groups": list(self.extra_groups),
-                               "group_bits": list(self.group_bits),
-                               "anchors": [list(a) for a in self.anchors]}
+        d = asdict(self) | {"decomposition": self.decomposition.to_dict(),
+                            "q_bits": list(self.q_bits),
+                            "extra_groups": list(self.extra_groups),
+                            "group_bits": list(self.group_bits),
+                            "anchors": [list(a) for a in self.anchors]}
+        # a probe profile keeps the dict (and so the key) it had before the Fisher option
+        return {k: v for k, v in d.items() if self.sensitivity != "probe" or k not in FISHER}
 
     @classmethod
     def from_dict(cls, d: dict) -> ProfileConfig:
@@ -89,6 +100,7 @@ class ProfileConfig:
         d["extra_groups"] = tuple(d.get("extra_groups", ()))
         d["group_bits"] = tuple(d.get("group_bits", cls.group_bits))
         d["anchors"] = tuple(tuple(a) for a in d.get("anchors", cls.anchors))
+        d.setdefault("sensitivity", "probe")     # profiles made before the Fisher option
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def q_only_options(self) -> list[Option]:
@@ -113,7 +125,6 @@ def tensor_hash(t: torch.Tensor) -> str:
 def weights_hash_of(model_ref: str) -> str:
     """sha256 of the safetensors files (streaming reads them, so they are always at hand)."""
     from compressor.artifact.native import source_sha256
-
     return source_sha256(model_ref) or "unknown"
 
 
@@ -220,7 +231,7 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
         parts = [sm.inputs(calib[i:i + BATCH])[0] for i in range(0, len(calib), BATCH)]
         X = torch.cat(parts)
         del parts
-        probes = StreamedProbes(sm, calib[: cfg.probe_seqs], cfg.probe_t, cfg.seed)
+        probes = make_probes(sm, calib, cfg)
         # the embedding and head: profiled by the sweep holding the last block (vocab.py)
         vocab = [li for li in inv.linears if li.is_vocab and li.name not in records
                  ] if blocks.stop == L else []

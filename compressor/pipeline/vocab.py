@@ -26,6 +26,7 @@ from torch import Tensor
 
 from compressor.checkpoint.headers import LinearInfo
 from compressor.checkpoint.stream import StreamedModel
+from compressor.pipeline.fisher import FisherProbes
 from compressor.pipeline.profile_store import LinearProfile
 from compressor.pipeline.sensitivity import StreamedProbes, noise, noise_scale
 from compressor.quant.decompose import q_only_many
@@ -85,12 +86,16 @@ def perturbed_table(W: Tensor, H: Tensor, t: float, seed: int) -> Tensor:
     return noise(tuple(W.shape), seed, W.device).mul_(scale).add_(W)
 
 
-def start_vocab_probes(sm: StreamedModel, probes: StreamedProbes, items: list[LinearInfo],
-                       t: float, seed: int) -> None:
+def start_vocab_probes(sm: StreamedModel, probes: StreamedProbes | FisherProbes,
+                       items: list[LinearInfo], t: float, seed: int) -> None:
     """Before block 0: the embedding's (or tied tensor's) perturbed stream; a tied tensor's
-    perturbed head is noted for the end. Lookups are scaled against H = I."""
+    perturbed head is noted for the end. Lookups are scaled against H = I. Fisher probes
+    (fisher.py) only note the lookup's weight ratio."""
     for li in items:
-        if li.kind in ("embedding", "tied"):
+        if li.kind in ("embedding", "tied") and isinstance(probes, FisherProbes):
+            W = sm.vocab_weight(li.name)
+            probes.vocab(li.name, li.kind, W, torch.eye(li.in_features, device=W.device))
+        elif li.kind in ("embedding", "tied"):
             W = sm.vocab_weight(li.name)
             table = perturbed_table(W, torch.eye(li.in_features, device=W.device), t, seed)
             del W
@@ -100,15 +105,18 @@ def start_vocab_probes(sm: StreamedModel, probes: StreamedProbes, items: list[Li
             del table
 
 
-def finish_head_probe(sm: StreamedModel, probes: StreamedProbes, li: LinearInfo, H: Tensor,
-                      t: float, seed: int) -> None:
+def finish_head_probe(sm: StreamedModel, probes: StreamedProbes | FisherProbes,
+                      li: LinearInfo, H: Tensor, t: float, seed: int) -> None:
     """After the last block: an untied head's probe (its noise scaled against its H)."""
+    if isinstance(probes, FisherProbes):
+        probes.vocab(li.name, li.kind, sm.vocab_weight(li.name), H)
+        return
     probes.perturb_head(li.name, perturbed_table(sm.vocab_weight(li.name), H, t, seed))
 
 
 @torch.no_grad()
-def sample_vocab_items(sm: StreamedModel, probes: StreamedProbes, items: list[LinearInfo],
-                       final: Tensor, cfg, partial: dict, put) -> None:
+def sample_vocab_items(sm: StreamedModel, probes: StreamedProbes | FisherProbes,
+                       items: list[LinearInfo], final: Tensor, cfg, partial: dict, put) -> None:
     """After the last block (`final`: the calibration's final hidden states): sample every
     vocabulary item not yet in `partial` (each handed to `put` as it is done) and start an
     untied head's probe."""
