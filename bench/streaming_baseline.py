@@ -33,8 +33,9 @@ from solver.bytes import Option, option_bytes
 
 # the bench's own data: shipped with the package, read by bench scale and the tests
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "streaming_baseline.json"
-CONFIG = ProfileConfig(calib_seqs=8, probe_seqs=4, seq_len=64, q_bits=(2, 3, 4),
-                       anchors=((3, 0.5),), extra_groups=(256,), group_bits=(2, 4))
+CONFIG = ProfileConfig(sensitivity="probe", calib_seqs=8, probe_seqs=4, seq_len=64,
+                       q_bits=(2, 3, 4), anchors=((3, 0.5),), extra_groups=(256,),
+                       group_bits=(2, 4))
 EXECUTE = ExecuteConfig(eval_seq_len=64, eval_seqs=6)
 # cycled over the linears: Q-only and Q + LR, two group sizes, a rank that is not a multiple
 OPTIONS = (Option(2, 0, 4, 128), Option(3, 5, 4, 128), Option(4, 0, 4, 256), Option(2, 16, 3, 64))

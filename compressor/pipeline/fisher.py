@@ -43,10 +43,12 @@ from compressor.quant.problem import h_inner
 GRAD_BATCH = 8   # probe sequences recomputed with autograd per block call
 
 
-def make_probes(sm: StreamedModel, calib: Tensor, cfg) -> FisherProbes | StreamedProbes:
-    """The sensitivity estimator a ProfileConfig names, on its first calibration sequences."""
+def make_probes(sm: StreamedModel, calib: Tensor, cfg,
+                report=None) -> FisherProbes | StreamedProbes:
+    """The sensitivity estimator a ProfileConfig names, on its first calibration sequences
+    (`report(stage, fraction)`: the Fisher backward sweep's progress)."""
     if cfg.sensitivity == "fisher":
-        return FisherProbes(sm, calib[: cfg.fisher_seqs], cfg.fisher_samples, cfg.seed)
+        return FisherProbes(sm, calib[: cfg.fisher_seqs], cfg.fisher_samples, cfg.seed, report)
     return StreamedProbes(sm, calib[: cfg.probe_seqs], cfg.probe_t, cfg.seed)
 
 
@@ -54,8 +56,10 @@ class FisherProbes:
     """The protocol of sensitivity.StreamedProbes (`scale`, `block`, `finish`, `pending`,
     `block_influence`) with α from the Fisher trace; vocabulary items join through `vocab`."""
 
-    def __init__(self, sm: StreamedModel, probe_ids: Tensor, samples: int, seed: int) -> None:
+    def __init__(self, sm: StreamedModel, probe_ids: Tensor, samples: int, seed: int,
+                 report=None) -> None:
         self.sm, self.ids, self.samples, self.seed = sm, probe_ids, samples, seed
+        self.report = report or (lambda stage, frac: None)
         self.h, _ = sm.inputs(probe_ids)
         self.inputs: dict[int, Tensor] = {}          # block → its clean input, kept for finish
         self.keep = torch.float32 if sm.stored_dtype == torch.float32 else sm.stored_dtype
@@ -104,8 +108,11 @@ class FisherProbes:
         # back to the first probed block (block 0 when a lookup is probed); none when only an
         # untied head is (its ‖G‖² is the head's alone)
         first = 0 if lookups else min(self.by_block, default=self.sm.num_blocks)
-        for j in range(self.sm.num_blocks - 1, first - 1, -1):
+        L = self.sm.num_blocks
+        for j in range(L - 1, first - 1, -1):
             grads = self._backward_block(j, grads, sq)
+            # the profile's last 5 %: its blocks' sweep reports up to 0.95
+            self.report(f"sensitivity block {j + 1}", 0.95 + 0.05 * (L - j) / max(L - first, 1))
         for name in lookups:
             self._lookup(name, grads, head if self.vocab_kind[name] == "tied" else None, sq)
         positions = self.samples * self.ids.numel()

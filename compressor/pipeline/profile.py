@@ -54,7 +54,7 @@ class ProfileConfig:
     calib_seqs: int = 32                 # Hessians: 32 × 256 tokens
     # α per linear: "probe" (sensitivity.py: noise carried to the head on probe_seqs) or
     # "fisher" (fisher.py: the Fisher trace, fisher_samples label draws on fisher_seqs)
-    sensitivity: str = "probe"
+    sensitivity: str = "fisher"
     probe_seqs: int = 2                  # sensitivity probes replay the first 2 of them
     fisher_seqs: int = 8
     fisher_samples: int = 2
@@ -231,7 +231,7 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
         parts = [sm.inputs(calib[i:i + BATCH])[0] for i in range(0, len(calib), BATCH)]
         X = torch.cat(parts)
         del parts
-        probes = make_probes(sm, calib, cfg)
+        probes = make_probes(sm, calib, cfg, report)
         # the embedding and head: profiled by the sweep holding the last block (vocab.py)
         vocab = [li for li in inv.linears if li.is_vocab and li.name not in records
                  ] if blocks.stop == L else []

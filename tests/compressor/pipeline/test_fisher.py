@@ -106,8 +106,9 @@ def test_fisher_profile_records_every_alpha_and_keeps_the_probe_key(tmp_path) ->
     save_model(model, tmp_path / "m")
     write_word_tokenizer(tmp_path / "m")
     base = dict(calib_seqs=4, seq_len=16, q_bits=(2, 3, 4), anchors=(), extra_groups=())
-    probe = ProfileConfig(**base)
-    fisher = ProfileConfig(**base, sensitivity="fisher", fisher_seqs=4, fisher_samples=4)
+    probe = ProfileConfig(**base, sensitivity="probe")
+    fisher = ProfileConfig(**base, fisher_seqs=4, fisher_samples=4)
+    assert fisher.sensitivity == "fisher"                # the default
     assert "sensitivity" not in probe.to_dict()          # the probe profiles' keys unchanged
     assert ProfileConfig.from_dict(fisher.to_dict()) == fisher
     assert ProfileConfig.from_dict(probe.to_dict()).sensitivity == "probe"

@@ -105,7 +105,7 @@ def test_half_precision_probe_streams_held_as_differences(tmp_path, monkeypatch)
     model = str(write_checkpoint(tmp_path / "m", Shape("llama", 3, 64, 96, 4, 2, 4096)))
     # probe_t 1: this untrained model's output barely moves, and at t = 0.1 its KL (~1e-6) is
     # float32 noise of the head's log-sum-exp
-    cfg = ProfileConfig(calib_seqs=4, probe_seqs=2, seq_len=32, q_bits=(2, 3, 4), anchors=(),
+    cfg = ProfileConfig(sensitivity="probe", calib_seqs=4, probe_seqs=2, seq_len=32, q_bits=(2, 3, 4), anchors=(),
                         probe_t=1.0,
                         tail_bits=0, extra_groups=(),
                         decomposition=DecompositionConfig(q_rounding=Rounding.RTN,
