@@ -10,7 +10,8 @@ import json
 
 # name -> module under bench exposing `run(args)`. Options live here, not in the bench modules:
 # registering them must not import torch for every CLI call.
-BENCHES = ["quant", "solver", "profile", "api", "e2e", "load", "runtime", "sampling", "scale"]
+BENCHES = ["quant", "solver", "profile", "api", "e2e", "load", "runtime", "sampling", "scale",
+           "real"]
 
 
 def register(sub) -> None:

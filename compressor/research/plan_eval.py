@@ -2,8 +2,10 @@
 its dense Ŵ, and evaluate a plan by swapping the cached weights in.
 
 The weights a plan is evaluated with are exactly the ones its artifact would hold (Ŵ = Q + L·R
-dequantized), so measured KL and perplexity are real; only repeated work is avoided. Used by
-the profile benchmark (predicted vs measured), the experiment and the non-additivity guard.
+dequantized), so measured KL and perplexity are real; only repeated work is avoided. Holds the
+model and every Hessian in memory: used by the profile benchmark (predicted vs measured) and
+the demo on small models; the experiment streams instead (streamed_eval.StreamedPlanEvaluator,
+the same API in bounded memory).
 
 `tune_seqs` (optional, e.g. the validation split) is a second evaluation set for decisions —
 refining a plan on measured KL — so that the reported figures (on `eval_seqs`, the test split)
@@ -12,7 +14,7 @@ never come from the data the decisions were tuned on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -102,3 +104,8 @@ class PlanEvaluator:
     def baseline(self) -> EvalResult:
         return evaluate(self.model, self.seqs, reference=self.reference,
                         batch_size=self.batch_size)
+
+    def measure_many(self, plans: Sequence[Mapping[str, Option]], tune: bool = False
+                     ) -> list[EvalResult]:
+        """`measure` of each plan in turn (StreamedPlanEvaluator's API: there one pass)."""
+        return [self.measure(p, tune) for p in plans]

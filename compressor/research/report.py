@@ -78,7 +78,7 @@ def write_report(result: dict, prof: Profile, out: Path) -> Path:
                if n not in in_blocks]
     if outside:   # the embedding and head: planned, but in no block of the heat maps
         lines += ["", f"Outside the blocks at {mid['budget']}: " + "; ".join(outside) + "."]
-    sec = result["section2"]
+    sec = result["section2"] or {"rank": 32, "num_blocks": 0, "bits": {}}
     lines += ["", f"## The note's section 2 on this model (uniform plans, rank {sec['rank']})",
               "", f"Output cosine: per linear, pooled over the calibration tokens; compounded "
               f"= cos^{sec['num_blocks']} (the note's estimate), beside the measured top-1.", "",

@@ -1,5 +1,7 @@
-"""The experiment end to end on a tiny real model: every plan at matched bytes, measured for
-real, the non-additivity guard tuned on the validation split, report and figures written."""
+"""The experiment end to end on a tiny real model, streamed: every plan at matched bytes,
+measured for real, the non-additivity guard tuned on the validation split, report and figures
+written; a budget's plans share a pass, progress only moves forward, and a rerun over the same
+cache decomposes nothing."""
 
 import dataclasses
 
@@ -21,8 +23,11 @@ def experiment(tiny_model, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     prof = run_profile(str(tiny_model), FileProfileStore(data / "profiles"), config=CFG)
     out = data / "report"
+    reports: list[tuple[str, float]] = []
     result = run_experiment(str(tiny_model), prof, budgets=("4.5bpp", "6bpp"), out_dir=out,
-                            eval_seqs=4, refine_rounds=1, cache_dir=data / "cache" / prof.key)
+                            eval_seqs=4, refine_rounds=1, cache_dir=data / "cache" / prof.key,
+                            progress=lambda s, f: reports.append((s, f)))
+    result["_reports"], result["_cache"] = reports, data / "cache" / prof.key
     return prof, result, out
 
 
@@ -98,40 +103,26 @@ def test_headline_arithmetic():
     assert h["optimal_never_worse_than_uniform_kl_solver_plan"] is False  # 0.02 > 0.01 at b
 
 
-def test_experiment_refuses_a_model_it_cannot_hold(monkeypatch):
-    """A 7B-shaped profile (32 blocks of 4096 / 11008): the whole model at float32 with its
-    Hessians needs ≥ 40 GiB; with less available the experiment stops before loading, with
-    the figures and the streamed commands to use instead."""
-    from compressor.checkpoint.memory import available_bytes
-    from compressor.pipeline.profile_store import LinearProfile, Profile
-    from compressor.research import experiment
-
-    shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
-              "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
-              "down_proj": (4096, 11008)}
-    linears = [LinearProfile(f"model.layers.{j}.{k}", j, m, n)
-               for j in range(32) for k, (m, n) in shapes.items()]
-    prof = Profile("k", "m", "", "", {}, 0, linears)
-    per_block = 4 * sum(m * n for m, n in shapes.values()) + 4 * (4096 ** 2 + 11008 ** 2)
-    assert experiment.whole_model_bytes(prof) == 32 * per_block
-    assert 40 * 2**30 < experiment.whole_model_bytes(prof) < 41 * 2**30
-    # this host's MemAvailable, in bytes: positive, within MemTotal, near a fresh reading
-    with open("/proc/meminfo") as fh:
-        info = {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in fh)}
-    free = available_bytes("cpu")
-    assert type(free) is int and 0 < free <= info["MemTotal"]
-    assert abs(free - info["MemAvailable"]) <= info["MemTotal"] // 10
-    need = experiment.whole_model_bytes(prof)
-    monkeypatch.setattr(experiment, "available_bytes", lambda device: need)   # just fits
-    experiment.check_fits(prof, "cpu")
-    monkeypatch.setattr(experiment, "available_bytes", lambda device: need - 1)
-    with pytest.raises(ValueError, match="holds the whole model"):
-        experiment.check_fits(prof, "cpu")
-    monkeypatch.setattr(experiment, "available_bytes", lambda device: 24 * 2**30)
-    with pytest.raises(ValueError, match=r"at least 40\.6 GiB.*24\.0 GiB.*bitplan plan"):
-        experiment.check_fits(prof, "cpu")
-    with pytest.raises(ValueError, match="holds the whole model"):
-        experiment.run_experiment("no/such/model", prof)   # refused before any load
-    experiment.check_fits(Profile("k", "m", "", "", {}, 0, linears[:7]), "cpu")  # 1.3 GiB
-    monkeypatch.setattr(experiment, "available_bytes", lambda device: None)   # unknown
-    experiment.check_fits(prof, "cpu")
+def test_passes_progress_and_cache(experiment, tiny_model):
+    prof, result, _ = experiment
+    # per budget: its 8 plans in one pass, the guard's round (plan + each block) in one, the
+    # re-solve on the validation split, the refined plan on the test split; then section 2
+    assert result["passes"] == 2 * 4 + 1
+    fracs = [f for _, f in result["_reports"]]
+    assert fracs == sorted(fracs) and 0 < fracs[0] and fracs[-1] == pytest.approx(1.0)
+    assert len(fracs) == result["passes"] * prof.stats["num_blocks"]   # one per block a pass
+    again = run_experiment(str(tiny_model), prof, budgets=("4.5bpp",), eval_seqs=4,
+                           refine_rounds=0, cache_dir=result["_cache"])
+    assert again["decompositions"] == 0 and again["passes"] == 2
+    assert again["budgets"][0]["strategies"] == {
+        k: v for k, v in result["budgets"][0]["strategies"].items() if k != "refined"}
+    assert again["original_ppl"] == result["original_ppl"]
+    assert again["section2"] == result["section2"]
+    # without section 2: one pass fewer, its figures absent, the progress still ends at 1
+    reports: list[float] = []
+    bare = run_experiment(str(tiny_model), prof, budgets=("4.5bpp",), eval_seqs=4,
+                          refine_rounds=0, cache_dir=result["_cache"], with_section2=False,
+                          progress=lambda stage, frac: reports.append(frac))
+    assert bare["section2"] is None and bare["passes"] == 1
+    assert bare["budgets"][0]["strategies"] == again["budgets"][0]["strategies"]
+    assert reports[-1] == pytest.approx(1.0)
