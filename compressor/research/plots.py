@@ -23,7 +23,7 @@ def _png(fig) -> bytes:
 
 
 def profile_png(block_alpha: Sequence[float], block_proxy: Sequence[float], title: str,
-                spearman: float | None = None) -> bytes:
+                spearman: float | None = None, alpha_from: str = "Fisher trace") -> bytes:
     """Per-block sensitivity (Σ α over the block's linears) beside Block Influence, each scaled
     to its mean so both share one axis."""
     n = len(block_alpha)
@@ -32,7 +32,7 @@ def profile_png(block_alpha: Sequence[float], block_proxy: Sequence[float], titl
     fig, ax = plt.subplots(figsize=(7, 3.6))
     xs = range(n)
     ax.bar([x - 0.2 for x in xs], [a / a_mean for a in block_alpha], width=0.4,
-           label="end-to-end α (KL per t², noise probe)")
+           label=f"end-to-end α (KL per t², {alpha_from})")
     ax.bar([x + 0.2 for x in xs], [p / p_mean for p in block_proxy], width=0.4,
            label="Block Influence (1 − cos)")
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
@@ -94,6 +94,8 @@ def scatter_png(points: Mapping[str, Sequence[tuple[float, float]]], xlabel: str
 
 def profile_plot_png(profile: Profile) -> bytes:
     """Per-block sensitivity (end-to-end α) beside the Block Influence proxy."""
+    fisher = profile.config.get("sensitivity", "probe") == "fisher"
     return profile_png(profile.block_sensitivity, profile.block_proxy,
                        f"sensitivity per block — {profile.model_ref}",
-                       profile.stats.get("spearman_alpha_vs_proxy"))
+                       profile.stats.get("spearman_alpha_vs_proxy"),
+                       "Fisher trace" if fisher else "noise probe")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from compressor.checkpoint.headers import block_index
 from compressor.pipeline.profile_store import Profile
-from compressor.research.plots import frontier_png, heatmap_png, profile_png, scatter_png
+from compressor.research.plots import frontier_png, heatmap_png, profile_plot_png, scatter_png
 
 
 def _fmt(v, nd=3) -> str:
@@ -31,9 +31,7 @@ def write_report(result: dict, prof: Profile, out: Path) -> Path:
         kl_curves, "stored bytes (MB)", "KL to original (nats/token)", "KL vs bytes", logy=True))
     (out / "predicted_vs_measured.png").write_bytes(scatter_png(
         scatter, "predicted ΔKL (Σ α·E)", "measured KL", "predicted vs measured"))
-    (out / "profile.png").write_bytes(profile_png(
-        prof.block_sensitivity, prof.block_proxy, "sensitivity per block",
-        prof.stats.get("spearman_alpha_vs_proxy")))
+    (out / "profile.png").write_bytes(profile_plot_png(prof))
     mid = result["budgets"][len(result["budgets"]) // 2]
     in_blocks = {n: v for n, v in mid["heatmap"].items() if block_index(n) is not None}
     kinds = sorted({n.split(".", 3)[-1].split(".", 1)[-1] for n in in_blocks})

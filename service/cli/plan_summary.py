@@ -1,7 +1,8 @@
 """The plain-text summary `bitplan plan` prints: bytes against the budget, the mix of formats, the
-most and least protected blocks beside their measured sensitivity, and the plan's notes.
+most and least protected blocks beside their measured sensitivity, and the plan's notes; and
+the one `bitplan profile` prints (`summarize_profile`).
 
-Pure formatting of a solved plan (`bitplan plan --json` / `--out` give the plan itself)."""
+Pure formatting of a solved plan or a profile (`--json` / `--out` give the data itself)."""
 
 from __future__ import annotations
 
@@ -178,4 +179,38 @@ def summarize_plan(plan: Plan, profile: Profile, problem: AllocationProblem) -> 
         lines += ["notes"] + [f"  - {note}" for note in plan.notes]
     else:
         lines.append(_line("notes", "none"))
+    return "\n".join(lines)
+
+
+def summarize_profile(profile: Profile, peak_rss: int | None = None) -> str:
+    """`bitplan profile`'s plain text: what was measured, what it cost, and where the model is
+    sensitive (the blocks' α, the items outside every block, the proxy's agreement)."""
+    st, cfg = profile.stats, profile.config
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(
+        (st.get("stage_s") or {}).items(), key=lambda kv: -kv[1]) if v >= 0.5)
+    how = ("Fisher trace" if cfg.get("sensitivity") == "fisher" else "noise probe")
+    lines = [f"profile of {profile.model_ref}: {len(profile.linears)} tensors, "
+             f"{st.get('num_blocks', '?')} blocks (key {profile.key})",
+             _line("measured", f"{st.get('wall_s', 0):.1f} s ({stages})"),
+             _line("sensitivity", f"α from the {how}; fitted E_i R² "
+                                  f"{st.get('fit_r2_mean', math.nan):.4f}")]
+    if peak_rss:
+        lines.append(_line("peak memory", f"{format_bytes(peak_rss)} (this process)"))
+    blocks = profile.block_sensitivity
+    if blocks:
+        mean = sum(blocks) / len(blocks) or 1.0
+        ranked = sorted(range(len(blocks)), key=lambda j: -blocks[j])
+
+        def show(js: list[int]) -> str:
+            return ", ".join(f"{j} ({blocks[j] / mean:.1f}×)" for j in js)
+
+        lines += [_line("highest α", "blocks " + show(ranked[:TOP]) + " of the mean"),
+                  _line("lowest α", "blocks " + show(ranked[-TOP:]))]
+    outside = [lp for lp in profile.linears if lp.block is None]
+    if outside:
+        lines.append(_line("outside blocks", "; ".join(f"{lp.name} α {lp.alpha:.3g}"
+                                                       for lp in outside)))
+    if (rho := st.get("spearman_alpha_vs_proxy")) is not None:
+        lines.append(_line("proxy", f"Block Influence agrees with α at Spearman {rho:.2f}"))
+    lines.append("(--json: the whole summary, per-block figures included; --plot FILE: a chart)")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import solver
 from compressor import api
 from compressor.checkpoint.headers import check_model_dir
 from compressor.pipeline.profile_store import FileProfileStore
-from service.cli.plan_summary import summarize_plan
+from service.cli.plan_summary import summarize_plan, summarize_profile
 from service.errors import UserError
 from service.settings import DEMO_MODEL, get_settings
 from solver.recipes import plan_to_yaml
@@ -124,7 +124,10 @@ def cmd_profile(args) -> int:
                "block_sensitivity": prof.block_sensitivity, "block_proxy": prof.block_proxy,
                "process": {"peak_rss_bytes": peak_rss_bytes(),
                            "peak_gpu_bytes": peak_gpu_bytes(get_settings().device)}}
-    print(json.dumps(summary, indent=None if args.json else 2))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(summarize_profile(prof, summary["process"]["peak_rss_bytes"]))
     return 0
 
 

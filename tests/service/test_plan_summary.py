@@ -183,3 +183,21 @@ def test_few_blocks_are_all_listed_and_notes_one_per_line():
     assert named[0][1] == "most protected" and named[-1][1] == "least protected"
     assert lines[-3:] == ["notes", "  - first note", "  - second note"]
     assert any("not proven optimal, gap 1.23 %" in line for line in lines)
+
+
+def test_profile_prints_a_summary_and_json_only_when_asked(demo, demo_model_path, capsys):
+    from service.cli import main
+
+    _, _, prof = demo
+    assert main(["profile", str(demo_model_path)]) == 0
+    out = capsys.readouterr().out
+    assert not out.lstrip().startswith("{") and len(out.splitlines()) < 15
+    assert f"key {prof.key}" in out and f"{len(prof.linears)} tensors" in out
+    blocks = prof.block_sensitivity
+    top = max(range(len(blocks)), key=blocks.__getitem__)
+    line = next(x for x in out.splitlines() if x.startswith("highest α"))
+    assert line.split("blocks ")[1].startswith(
+        f"{top} ({blocks[top] / (sum(blocks) / len(blocks)):.1f}×)")
+    assert "Fisher trace" in out
+    assert main(["profile", str(demo_model_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["key"] == prof.key
