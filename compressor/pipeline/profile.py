@@ -57,13 +57,13 @@ class ProfileConfig:
     sensitivity: str = "fisher"
     probe_seqs: int = 2                  # sensitivity probes replay the first 2 of them
     fisher_seqs: int = 8
-    fisher_samples: int = 2
+    fisher_samples: int = 1
     seq_len: int = 256
     seed: int = 0
     probe_t: float = 0.1                 # relative error of the sensitivity noise probe
     q_bits: tuple[int, ...] = (2, 3, 4, 6)             # Q-only samples (rank 0)
-    # full decompositions at (bits, rank as a fraction of max_rank)
-    anchors: tuple[tuple[int, float], ...] = ((2, 0.5), (4, 0.25))
+    # full decompositions at (bits, rank / max_rank): one identifies the fit's factor floor c
+    anchors: tuple[tuple[int, float], ...] = ((2, 0.25),)
     tail_bits: int = 3                   # bits of the residual whose spectrum gives S(r)
     max_rank_fraction: float = 0.5       # ranks considered: 0 … fraction · min(m, n)
     factor_bits: int = 4

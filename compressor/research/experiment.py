@@ -147,8 +147,11 @@ def _passes(plans: int, per_pass: int) -> int:
 def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAULT_BUDGETS,
                    out_dir: Path | None = None, eval_seqs: int = 32, refine_rounds: int = 2,
                    progress: Callable[[str, float], None] | None = None, device: str = "cpu",
-                   cache_dir: Path | None = None, with_section2: bool = True) -> dict:
+                   cache_dir: Path | None = None, with_section2: bool = True,
+                   strategies: Sequence[str] = STRATEGIES) -> dict:
     """Every plan of every budget measured on `model_ref` streamed from its checkpoint.
+    `strategies`: the note's baselines measured beside the optimal plan and the best single
+    format (each decomposes every linear at its own options).
     `with_section2`: also the note's section 2 (its Q+LR plans decompose every linear at rank
     32 three times: on a real model most of the experiment's decompositions).
     `cache_dir`: where decompositions are kept across runs over the same profile (None: a
@@ -171,7 +174,7 @@ def run_experiment(model_ref: str, prof: Profile, budgets: Sequence[str] = DEFAU
     for k, budget in enumerate(budgets):
         problem = base.with_budget(budget)
         plans = {"optimal": solver.solve(problem)}
-        for name in STRATEGIES:
+        for name in strategies:
             if (p := baseline_plan(name, problem, prof)) is not None:
                 plans[name] = p
         if (p := best_uniform_plan(problem, prof)) is not None:
