@@ -125,23 +125,34 @@ def stream_evaluate(
                 h = sm.run(blk, h, batch_size)
         if on_block:
             on_block((j + 1) / sm.num_blocks)
+    return head_result(sm, seqs, h, ref, head, batch_size)
+
+
+@torch.no_grad()
+def head_result(sm: StreamedModel, seqs: torch.Tensor, h: torch.Tensor,
+                ref: torch.Tensor | None, head: torch.Tensor | None,
+                batch_size: int = 8) -> EvalResult:
+    """EvalResult of final hidden states h [N, T, D] on the token ids `seqs` [N, T]: perplexity
+    of the next tokens, and with the reference's final states `ref` the mean token
+    KL(ref ‖ model) and top-1 agreement over every position (`head`: a dense compressed head,
+    or None for the checkpoint's). Shared by stream_evaluate and the streamed experiment."""
     nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
     for i in range(0, len(seqs), batch_size):
         batch = seqs[i:i + batch_size].to(h.device)
         targets = torch.cat([batch[:, 1:], batch[:, :1]], 1)   # the last column is unused
         st = sm.head_stats(h[i:i + batch_size], targets,
-                           ref[i:i + batch_size] if with_ref else None, head)
+                           ref[i:i + batch_size] if ref is not None else None, head)
         nll_sum += -st.target_logp()[:, :-1].sum().item()
         count += batch[:, 1:].numel()
-        if with_ref:
+        if ref is not None:
             kl_sum += st.kl.sum().item()
             agree += (st.ref_argmax == st.argmax).sum().item()
     positions = seqs.numel()
     nll = nll_sum / count
     return EvalResult(
         ppl=math.exp(nll), nll=nll, tokens=count, sequences=len(seqs), seq_len=seqs.shape[1],
-        kl=kl_sum / positions if with_ref else None,
-        top1=agree / positions if with_ref else None,
+        kl=kl_sum / positions if ref is not None else None,
+        top1=agree / positions if ref is not None else None,
     )
 
 

@@ -75,16 +75,12 @@ class FisherProbes:
 
     def scale(self, name: str, W: Tensor, H: Tensor) -> None:
         """Note linear `name`'s tr(W H Wᵀ) / (m tr H) while its Hessian is at hand."""
-        Hf = H.float().to(W.device)
-        self.ratio[name] = h_inner(W, W, Hf) / max(W.shape[0] * float(Hf.diagonal().sum()),
-                                                   1e-30)
+        self.ratio[name] = _ratio(W, H)
         self.by_block[block_index(name)].append(name)
 
-    def vocab(self, name: str, kind: str, W: Tensor, H: Tensor) -> None:
-        """A vocabulary item of `kind`: its ratio under its H (I for a lookup)."""
-        Hf = H.float().to(W.device)
-        self.ratio[name] = h_inner(W, W, Hf) / max(W.shape[0] * float(Hf.diagonal().sum()),
-                                                   1e-30)
+    def vocab(self, name: str, kind: str, W: Tensor, H: Tensor | None) -> None:
+        """A vocabulary item of `kind`: its ratio under its H (None: a lookup's H = I)."""
+        self.ratio[name] = _ratio(W, H)
         self.vocab_kind[name] = kind
 
     @torch.no_grad()
@@ -231,6 +227,15 @@ class FisherProbes:
                 if head is not None:
                     M = ge @ head[s]["x"].T                  # [t (lookup), t' (head)]
                     sq[name] += 2 * float((M * head[s]["cross"][k].T).sum())
+
+
+def _ratio(W: Tensor, H: Tensor | None) -> float:
+    """tr(W H Wᵀ) / (m · tr H): α's weight factor (module docstring); H = None means I, where it
+    is the mean squared weight (no [n, n] identity, no matmul: an embedding is 49152 rows)."""
+    if H is None:
+        return float(W.float().pow(2).mean())
+    Hf = H.float().to(W.device)
+    return h_inner(W, W, Hf) / max(W.shape[0] * float(Hf.diagonal().sum()), 1e-30)
 
 
 def _gram_hook(name: str, stats: dict):

@@ -93,8 +93,7 @@ def start_vocab_probes(sm: StreamedModel, probes: StreamedProbes | FisherProbes,
     (fisher.py) only note the lookup's weight ratio."""
     for li in items:
         if li.kind in ("embedding", "tied") and isinstance(probes, FisherProbes):
-            W = sm.vocab_weight(li.name)
-            probes.vocab(li.name, li.kind, W, torch.eye(li.in_features, device=W.device))
+            probes.vocab(li.name, li.kind, sm.vocab_weight(li.name), None)   # H = I
         elif li.kind in ("embedding", "tied"):
             W = sm.vocab_weight(li.name)
             table = perturbed_table(W, torch.eye(li.in_features, device=W.device), t, seed)

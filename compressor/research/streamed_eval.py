@@ -26,7 +26,6 @@ decomposes nothing it finds there.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 from compressor.checkpoint.headers import block_index
 from compressor.checkpoint.loading import vocab_modules
 from compressor.checkpoint.stream import BATCH, StreamedModel
-from compressor.pipeline.evaluate import EvalResult, swapped
+from compressor.pipeline.evaluate import EvalResult, head_result, swapped
 from compressor.pipeline.execute import DirCompressStore
 from compressor.pipeline.vocab import check_vocab_option, vocab_config, vocab_hessian
 from compressor.quant.decompose import decompose
@@ -256,25 +255,3 @@ def _order(key: Key) -> tuple:
     name, o = key
     return (block_index(name) if block_index(name) is not None else -1, name,
             (o.bits, o.rank, o.factor_bits, o.group_size, o.symmetric))
-
-
-@torch.no_grad()
-def head_result(sm: StreamedModel, seqs: Tensor, h: Tensor, ref: Tensor,
-                head: Tensor | None, batch_size: int = BATCH) -> EvalResult:
-    """EvalResult of final hidden states h [N, T, D] on the token ids `seqs` [N, T] against the
-    reference's final states `ref`: perplexity of the next tokens, mean token KL(ref ‖ model)
-    and top-1 agreement over every position — stream_evaluate's aggregation (`head`: a dense
-    compressed head, or None for the checkpoint's)."""
-    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
-    for i in range(0, len(seqs), batch_size):
-        batch = seqs[i:i + batch_size].to(h.device)
-        targets = torch.cat([batch[:, 1:], batch[:, :1]], 1)   # the last column is unused
-        st = sm.head_stats(h[i:i + batch_size], targets, ref[i:i + batch_size], head)
-        nll_sum += -st.target_logp()[:, :-1].sum().item()
-        count += batch[:, 1:].numel()
-        kl_sum += st.kl.sum().item()
-        agree += (st.ref_argmax == st.argmax).sum().item()
-    positions = seqs.numel()
-    nll = nll_sum / count
-    return EvalResult(ppl=math.exp(nll), nll=nll, tokens=count, sequences=len(seqs),
-                      seq_len=seqs.shape[1], kl=kl_sum / positions, top1=agree / positions)
