@@ -8,6 +8,8 @@ Storage format (the compressor's packer writes exactly this, and tests hold it t
 - each group stores an fp16 scale and, when asymmetric, an fp16 zero point;
 - a "16-bit" tensor is stored as plain fp16 (2 bytes an element, no scales).
 A CALDERA option stores Q [m, n] at `bits`, L [m, r] and R [r, n] at `factor_bits`.
+A GGUF option (`gguf_type` set: the llama.cpp target) stores the tensor in that ggml block type,
+its bytes given by solver.gguf_types (no rank, no factors).
 
 `check_option_fields` is the one validator of option fields a user writes (a constraint pin, a
 recipe entry): what each field accepts, and the words every such error uses.
@@ -19,6 +21,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from solver.gguf_types import GGUF_TYPES, gguf_tensor_bytes, gguf_type
 
 SCALE_BYTES = 2  # fp16 scale (and fp16 zero point when asymmetric)
 MIN_BITS, MAX_BITS = 2, 8
@@ -34,8 +38,14 @@ class Option:
     factor_bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    gguf_type: str = ""        # a llama.cpp block type (Q4_K …): the GGUF target's options
 
     def __post_init__(self) -> None:
+        if self.gguf_type:
+            t = gguf_type(self.gguf_type)
+            if (self.bits, self.rank, self.group_size) != (t.bits, 0, t.block):
+                raise ValueError(f"a {t.name} option is bits={t.bits}, rank=0, "
+                                 f"group_size={t.block} (use gguf_option)")
         if not (MIN_BITS <= self.bits <= MAX_BITS or self.bits == FP16_BITS):
             raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS} or 16, got {self.bits}")
         if not (MIN_BITS <= self.factor_bits <= MAX_BITS or self.factor_bits == FP16_BITS):
@@ -47,7 +57,18 @@ class Option:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.gguf_type:   # native options keep the dict (and profile keys) they had
+            del d["gguf_type"]
+        return d
+
+    @property
+    def label(self) -> str:
+        """How a plan table names the option: ``Q4_K`` or ``3b/r40/fb4/g128[/sym]``."""
+        if self.gguf_type:
+            return self.gguf_type
+        return (f"{self.bits}b/r{self.rank}/fb{self.factor_bits}/g{self.group_size}"
+                + ("/sym" if self.symmetric else ""))
 
     @classmethod
     def from_dict(cls, d: dict) -> Option:
@@ -55,6 +76,12 @@ class Option:
 
 
 OPTION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Option))
+
+
+def gguf_option(name: str) -> Option:
+    """The option storing a tensor as GGUF type `name` (Q4_K, Q8_0, …)."""
+    t = gguf_type(name)
+    return Option(t.bits, 0, group_size=t.block, gguf_type=t.name)
 MAX_RANK = 1 << 16        # the largest rank and group size a request may ask for
 MAX_GROUP_SIZE = 1 << 16
 
@@ -74,6 +101,8 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "factor_bits": _BITS_RULE,
     "group_size": (_int_in(1, MAX_GROUP_SIZE), f"in 1..{MAX_GROUP_SIZE} (an integer)"),
     "symmetric": (lambda v: isinstance(v, bool), "true or false"),
+    "gguf_type": (lambda v: isinstance(v, str) and (v == "" or v in GGUF_TYPES),
+                  f"one of {', '.join(GGUF_TYPES)}"),
 }
 
 
@@ -116,6 +145,8 @@ def quantized_bytes(rows: int, cols: int, bits: int, group_size: int,
 
 def option_bytes(out_features: int, in_features: int, opt: Option) -> int:
     """Exact bytes of one compressed linear (weights only; biases are kept parameters)."""
+    if opt.gguf_type:
+        return gguf_tensor_bytes(opt.gguf_type, out_features, in_features)
     rank = min(opt.rank, out_features, in_features)
     q = quantized_bytes(out_features, in_features, opt.bits, opt.group_size, opt.symmetric)
     left = quantized_bytes(out_features, rank, opt.factor_bits, opt.group_size, opt.symmetric)

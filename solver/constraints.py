@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from solver.bytes import FP16_BITS, Option, check_option_fields, field_problem
+from solver.bytes import FP16_BITS, Option, check_option_fields, field_problem, gguf_option
 
 CONSTRAINT_KEYS = ("min_bits", "max_bits", "pinned", "allowed_ranks", "ties")
 
@@ -126,13 +126,17 @@ class Constraints:
         min_bits 16. Partial pins fill in from `template` (rank 0). None when none is asked."""
         if not self._asks_fp16:
             return None
+        if template.gguf_type:   # a GGUF menu's dense option is the F16 type
+            template = gguf_option("F16")
         for glob, pin in self.pinned.items():
             if _pin_bits(pin) == FP16_BITS and fnmatch.fnmatchcase(name, glob):
                 if isinstance(pin, Option):
                     return pin
+                if template.gguf_type:
+                    return template
                 return replace(template, **({"bits": FP16_BITS, "rank": 0} | dict(pin)))
         if any(v >= FP16_BITS for g, v in self.min_bits.items() if fnmatch.fnmatchcase(name, g)):
-            return replace(template, bits=FP16_BITS, rank=0)
+            return template if template.gguf_type else replace(template, bits=FP16_BITS, rank=0)
         return None
 
     def globs(self) -> list[tuple[str, str]]:
@@ -148,8 +152,7 @@ def _pin_bits(pin: Option | Mapping[str, Any]) -> Any:
 
 
 def _option_text(o: Option) -> str:
-    return f"{o.bits}b/r{o.rank}/fb{o.factor_bits}/g{o.group_size}" + ("/sym" if o.symmetric
-                                                                       else "")
+    return o.label
 
 
 def describe_options(options: Sequence[Option], first: int = 4) -> str:
