@@ -96,7 +96,14 @@ def compress(model_ref: str | Path, profile: Profile, plan: Plan, out: str | Pat
     """Compress `model_ref` by `plan` into the artifact directory `out` (streamed, one block
     resident; written atomically), then measure it against the original on the test split.
     The result holds the artifact's path, its manifest (tensor bytes = planned bytes) and the
-    metrics: ppl, kl, top1, predicted_kl. `store` keeps finished linears so a rerun resumes."""
+    metrics: ppl, kl, top1, predicted_kl. `store` keeps finished linears so a rerun resumes.
+    A GGUF profile's plan (target gguf) is written as `out`/model.gguf instead, for llama.cpp
+    (compressor.pipeline.gguf_execute; no store: encoding a tensor costs less than storing
+    it)."""
+    if profile.config.get("target") == "gguf":
+        from compressor.pipeline.gguf_execute import execute_gguf  # torch
+
+        return execute_gguf(str(model_ref), profile, plan, Path(out), config, progress)
     from compressor.pipeline.execute import execute_plan  # torch
 
     return execute_plan(str(model_ref), profile, plan, Path(out), config, store, progress)

@@ -14,7 +14,11 @@ naming the file.
 Two things transformers gets wrong for GGUF tokenizers are set right from the file's own
 metadata: its Llama converter names the BOS token as EOS too, and it ignores
 `tokenizer.ggml.add_bos_token` (SmolLM2's GGUF says False; transformers would prepend
-<|im_start|> to every text).
+<|im_start|> to every text). A third: for a byte-level BPE (`tokenizer.ggml.model = "gpt2"`) it
+writes a SentencePiece-style tokenizer.json (byte fallback, a Sequence decoder) without the
+pre-tokenizer `tokenizer.ggml.pre` names; `_byte_level_bpe` writes it as the model's own is
+(llama.cpp's converter reads the former back as a "llama" vocabulary that llama.cpp cannot
+run, and SmolLM2's digits are split one by one).
 
 The output is written into a temporary sibling directory and renamed to DIR at the end; an
 existing non-empty DIR is refused unless `force`.
@@ -23,6 +27,7 @@ existing non-empty DIR is refused unless `force`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -175,6 +180,36 @@ def _gguf_tokenizer_flags(path: Path) -> dict:
     return out
 
 
+# tokenizer.ggml.pre -> the Hugging Face pre-tokenizers before the byte-level split (llama.cpp's
+# llama-vocab.cpp regexes per pre-type: "smollm" splits every digit first, \p{N})
+_PRE_SPLITS = {"smollm": [{"type": "Digits", "individual_digits": True}], "gpt2": [],
+               "default": []}
+
+
+def _byte_level_bpe(tokenizer_json: Path, path: Path) -> None:
+    """Rewrite a byte-level BPE's tokenizer.json as such (module docstring); other tokenizers
+    and pre-types without a known split are left as transformers wrote them."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    model = fields.get("tokenizer.ggml.model")
+    pre = fields.get("tokenizer.ggml.pre")
+    pre = pre.contents() if pre is not None else "default"
+    if model is None or model.contents() != "gpt2" or pre not in _PRE_SPLITS:
+        return
+    # with sentencepiece installed, the slow tokenizer's save copies its vocab file — here the
+    # GGUF itself — to tokenizer.model; a byte-level BPE has no SentencePiece model
+    (tokenizer_json.parent / "tokenizer.model").unlink(missing_ok=True)
+    tok = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    tok["normalizer"] = None
+    tok["model"]["byte_fallback"] = False     # every byte is a token of a byte-level BPE
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": True}
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [*_PRE_SPLITS[pre], level]}
+    tok["decoder"] = {**level, "use_regex": True}
+    tokenizer_json.write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+
+
 def _fix_special_tokens(tokenizer, flags: dict) -> None:
     """Special tokens and add-BOS/EOS as the GGUF states them (see the module docstring)."""
     names = {"bos_token_id": "bos_token", "eos_token_id": "eos_token",
@@ -286,6 +321,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: str =
         tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _byte_level_bpe(tmp / "tokenizer.json", path)
         _readable(tmp)
         weight_bytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         _move_into_place(tmp, out)

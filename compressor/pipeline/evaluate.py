@@ -95,7 +95,7 @@ def evaluate(
 def stream_evaluate(
     sm: StreamedModel,
     seqs: torch.Tensor,
-    decomposed: Mapping[str, Decomposed] | None = None,
+    decomposed: Mapping[str, Decomposed | Tensor] | None = None,
     batch_size: int = 8,
     on_block: Callable[[float], None] | None = None,
 ) -> EvalResult:
@@ -104,7 +104,8 @@ def stream_evaluate(
     KL(original ‖ compressed) and top-1 agreement against the original, whose stream is carried
     through the same resident block. Each block is read once; the head runs in vocab chunks.
     `decomposed` is read one block's linears at a time (it may load them lazily:
-    artifact.ArtifactLinears), each as its dense Ŵ while the block is resident (the packed
+    artifact.ArtifactLinears; a value may be a dense Ŵ tensor, as a GGUF's decoded tensors
+    are), each as its dense Ŵ while the block is resident (the packed
     kernels are for serving; a block's Ŵ is bounded like the block itself). A compressed
     embedding or head is held dense for the pass (`_vocab_weights`)."""
     decomposed = decomposed or {}
@@ -166,13 +167,28 @@ def swapped(sm: StreamedModel, j: int, blk: nn.Module,
     for name, dec in decomposed.items():
         local = name[len(prefix):]
         old[local] = blk.get_submodule(local)
-        replace_linear(blk, local, dec, Runtime.DENSE)   # Ŵ while resident: bounded anyway
+        if isinstance(dec, Tensor):   # a dense Ŵ (a GGUF's decoded tensor)
+            _set_module(blk, local, _dense_linear(old[local], dec.to(sm.device, sm.dtype)))
+        else:
+            replace_linear(blk, local, dec, Runtime.DENSE)   # Ŵ while resident: bounded anyway
     try:
         yield blk
     finally:
         for local, mod in old.items():
-            parent, _, child = local.rpartition(".")
-            setattr(blk.get_submodule(parent) if parent else blk, child, mod)
+            _set_module(blk, local, mod)
+
+
+def _set_module(root: nn.Module, local: str, mod: nn.Module) -> None:
+    parent, _, child = local.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, mod)
+
+
+def _dense_linear(old: nn.Module, w_hat: Tensor) -> nn.Linear:
+    """An nn.Linear computing with `w_hat` [out, in] (in the stream's dtype) and `old`'s bias."""
+    new = nn.Linear(w_hat.shape[1], w_hat.shape[0], bias=False, device="meta")
+    new.weight = nn.Parameter(w_hat, requires_grad=False)
+    new.bias = old.bias
+    return new
 
 
 def _vocab_weights(sm: StreamedModel, decomposed: Mapping[str, Decomposed]
@@ -182,7 +198,8 @@ def _vocab_weights(sm: StreamedModel, decomposed: Mapping[str, Decomposed]
     table = head = None
     for li in vocab_modules(sm.model):
         if li.name in decomposed:
-            w = decomposed[li.name].w_hat().to(sm.device)
+            v = decomposed[li.name]
+            w = (v if isinstance(v, Tensor) else v.w_hat()).float().to(sm.device)
             if li.kind in ("embedding", "tied"):
                 table = w
             if li.kind in ("head", "tied"):

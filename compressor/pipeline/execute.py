@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -124,10 +124,11 @@ class ExecuteConfig:
 
 @dataclass(frozen=True)
 class Executed:
-    artifact: Path
-    manifest: Manifest
+    artifact: Path          # the artifact directory (native) or the .gguf file (gguf)
+    manifest: Manifest | None   # native only
     resumed: int            # linears taken from the store instead of decomposed
     metrics: dict           # ppl, kl, top1, eval_tokens, predicted_kl, planned/artifact bytes
+    tensor_bytes: int = 0   # every tensor as written (= the plan's total bytes)
 
 
 def execute_plan(model_ref: str, profile: Profile, plan: solver.Plan, out_dir: Path,
@@ -183,19 +184,17 @@ def execute_plan(model_ref: str, profile: Profile, plan: solver.Plan, out_dir: P
                "predicted_kl": predicted_kl(profile, plan.assignments),
                "planned_bytes": plan.total_bytes, "artifact_tensor_bytes": manifest.total_bytes,
                **clock.report(config.device)}
-    return Executed(Path(out_dir), manifest, len(stored), metrics)
+    return Executed(Path(out_dir), manifest, len(stored), metrics, manifest.total_bytes)
 
 
 @torch.no_grad()
-def _compress(sm: StreamedModel, calib: torch.Tensor, plan: solver.Plan, todo: list[str],
-              cfg: ProfileConfig, store: CompressStore | None, writer: ArtifactWriter,
-              on_linear: Callable[[], None]) -> None:
-    """Decompose `todo` block by block (the calibration stream is the original model's); each
-    linear goes to the store and the artifact as it is done, and is not kept."""
+def planned_weights(sm: StreamedModel, calib: torch.Tensor, todo: list[str]
+                    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, str | None]]:
+    """(name, W, H, vocabulary kind or None) of every linear in `todo`, block by block: the
+    calibration stream is the original model's, each block's Hessians exist while it is
+    resident, the embedding and head come last (vocab.py). What every target's compression
+    loop walks."""
     vocab = {li.name: li for li in vocab_modules(sm.model)}
-    for name in todo:
-        if name in vocab:
-            check_vocab_option(name, vocab[name].kind, plan.assignments[name])
     X = torch.cat([sm.inputs(calib[i:i + BATCH])[0] for i in range(0, len(calib), BATCH)])
     # an untied head's Hessian needs the final hidden states: then every block runs
     head = any(vocab[n].kind == "head" for n in todo if n in vocab)
@@ -209,18 +208,29 @@ def _compress(sm: StreamedModel, calib: torch.Tensor, plan: solver.Plan, todo: l
             X = sm.run(blk, X)
             hessians = hooks.result(calib.numel()) if hooks else {}
             for name in mine:
-                t0 = time.perf_counter()
                 W = linear_weight(blk.get_submodule(name[len(prefix):])).detach().float()
-                dec = decompose(W, hessians.pop(name), plan.assignments[name],
-                                cfg.decomposition)
+                yield name, W, hessians.pop(name), None
                 del W
-                _done(name, dec, plan, store, writer, t0)
-                del dec
-                on_linear()
     for name in (n for n in todo if n in vocab):   # the embedding and head (vocab.py)
-        t0, li = time.perf_counter(), vocab[name]
-        dec = decompose(sm.vocab_weight(name), vocab_hessian(sm, li, X), plan.assignments[name],
-                        vocab_config(cfg.decomposition, li.kind))
+        li = vocab[name]
+        yield name, sm.vocab_weight(name), vocab_hessian(sm, li, X), li.kind
+
+
+@torch.no_grad()
+def _compress(sm: StreamedModel, calib: torch.Tensor, plan: solver.Plan, todo: list[str],
+              cfg: ProfileConfig, store: CompressStore | None, writer: ArtifactWriter,
+              on_linear: Callable[[], None]) -> None:
+    """Decompose `todo` block by block (the calibration stream is the original model's); each
+    linear goes to the store and the artifact as it is done, and is not kept."""
+    vocab = {li.name: li for li in vocab_modules(sm.model)}
+    for name in todo:
+        if name in vocab:
+            check_vocab_option(name, vocab[name].kind, plan.assignments[name])
+    for name, W, H, kind in planned_weights(sm, calib, todo):
+        t0 = time.perf_counter()
+        config = cfg.decomposition if kind is None else vocab_config(cfg.decomposition, kind)
+        dec = decompose(W, H, plan.assignments[name], config)
+        del W, H
         _done(name, dec, plan, store, writer, t0)
         del dec
         on_linear()

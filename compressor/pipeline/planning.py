@@ -1,11 +1,13 @@
 """From a stored profile to the solver's problem: each linear's option menu with exact bytes
-and predicted damage α_i · E_i(b, r), plus the predicted ΔKL of any plan."""
+and predicted damage α_i · E_i(b, r) (or α_i · t²_i(type) for a GGUF profile, whose every type
+was measured), plus the predicted ΔKL of any plan."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from compressor.pipeline.gguf_target import gguf_error, gguf_options, is_gguf_fit
 from compressor.pipeline.profile_store import LinearProfile, Profile
 from solver import AllocationProblem, Constraints, LinearMenu, Option
 from solver.bytes import FP16_BITS
@@ -34,6 +36,10 @@ def menu_options(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> list[
 
 
 def linear_menu(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> LinearMenu:
+    if is_gguf_fit(lp.fit):   # a GGUF profile: every type measured, no model to evaluate
+        options, t2 = gguf_options(lp.fit)
+        return LinearMenu(lp.name, lp.out_features, lp.in_features, options,
+                          errors=[lp.alpha * e for e in t2])
     model = ErrorModel.from_dict(lp.fit)
     options = menu_options(lp, profile, menu)
     errors = [lp.alpha * float(model.predict(o.bits, o.rank, o.group_size)) for o in options]
@@ -58,6 +64,9 @@ def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
     for lp in profile.linears:
         opt = assignments.get(lp.name)
         if opt is None or opt.bits == FP16_BITS:   # kept as stored / dense: no error
+            continue
+        if is_gguf_fit(lp.fit):
+            total += lp.alpha * gguf_error(lp.fit, opt)
             continue
         model = ErrorModel.from_dict(lp.fit)
         total += lp.alpha * float(model.predict(opt.bits, opt.rank, opt.group_size))

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
-import numpy as np
 import torch
 
 from compressor.checkpoint.data import Split, token_sequences
@@ -30,8 +29,9 @@ from compressor.checkpoint.loading import Inventory, KeptParam, discover, load_t
 from compressor.checkpoint.memory import StageClock
 from compressor.checkpoint.stream import BATCH, StreamedModel
 from compressor.pipeline.fisher import make_probes
+from compressor.pipeline.gguf_target import GGUF_MENU, check_target, is_gguf_fit, sample_gguf
 from compressor.pipeline.profile_store import LinearProfile, Profile, ProfileStore, profile_key
-from compressor.pipeline.sensitivity import summarize
+from compressor.pipeline.sensitivity import spearman, summarize
 from compressor.pipeline.vocab import sample_vocab_items, start_vocab_probes
 from compressor.quant.decompose import decompose, q_only_many
 from compressor.quant.decomposed import DecompositionConfig
@@ -43,6 +43,7 @@ from solver.errormodel import ErrorModel, fit, group_factor_samples, sample_tail
 
 Progress = Callable[[str, float], None]
 FISHER = ("sensitivity", "fisher_seqs", "fisher_samples")   # fields a probe profile omits
+GGUF = ("target", "gguf_types")                              # fields a native profile omits
 
 # One outer CALDERA iteration with two L/R alternations: about a third of the default's time.
 # Plans are executed with the same config they were profiled with, so predictions match.
@@ -73,8 +74,13 @@ class ProfileConfig:
     extra_groups: tuple[int, ...] = (256, 512)
     group_bits: tuple[int, ...] = (2, 4)
     decomposition: DecompositionConfig = field(default_factory=lambda: FAST_DECOMPOSITION)
+    # what the plan is served by: "native" (CALDERA, our runtime) or "gguf" (llama.cpp types,
+    # gguf_target.py: every type of gguf_types a tensor's rows fit is sampled)
+    target: str = "native"
+    gguf_types: tuple[str, ...] = GGUF_MENU
 
     def __post_init__(self) -> None:
+        check_target(self.target)
         if self.sensitivity not in ("probe", "fisher"):
             raise ValueError(f"sensitivity must be probe or fisher, got {self.sensitivity!r}")
         if len(set(self.q_bits)) < 3:   # the fit of Q alone (the embedding's) needs 3 points
@@ -87,9 +93,12 @@ class ProfileConfig:
                             "q_bits": list(self.q_bits),
                             "extra_groups": list(self.extra_groups),
                             "group_bits": list(self.group_bits),
-                            "anchors": [list(a) for a in self.anchors]}
-        # a probe profile keeps the dict (and so the key) it had before the Fisher option
-        return {k: v for k, v in d.items() if self.sensitivity != "probe" or k not in FISHER}
+                            "anchors": [list(a) for a in self.anchors],
+                            "gguf_types": list(self.gguf_types)}
+        # a probe (or native) profile keeps the dict, so the key, it had before the Fisher
+        # (or GGUF) option
+        return {k: v for k, v in d.items() if (self.sensitivity != "probe" or k not in FISHER)
+                and (self.target != "native" or k not in GGUF)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ProfileConfig:
@@ -100,6 +109,7 @@ class ProfileConfig:
         d["extra_groups"] = tuple(d.get("extra_groups", ()))
         d["group_bits"] = tuple(d.get("group_bits", cls.group_bits))
         d["anchors"] = tuple(tuple(a) for a in d.get("anchors", cls.anchors))
+        d["gguf_types"] = tuple(d.get("gguf_types", GGUF_MENU))
         d.setdefault("sensitivity", "probe")     # profiles made before the Fisher option
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
@@ -169,6 +179,10 @@ def _sample_record(li, mod: torch.nn.Module, H: torch.Tensor,
     W = linear_weight(mod).detach().float()
     if not torch.isfinite(W).all():
         raise ValueError(f"linear {li.name} has NaN/inf weights; cannot profile this model")
+    if cfg.target == "gguf":
+        samples, gguf_fit = sample_gguf(W, H, cfg.gguf_types, lookup=False)
+        return LinearProfile(li.name, li.block, li.out_features, li.in_features,
+                             samples=samples, fit=gguf_fit)
     samples, tail_ranks, tail, groups = sample_linear(W, H, cfg)
     model_fit = fit(samples, tail_ranks, tail)
     model_fit.group_factors = groups
@@ -316,6 +330,14 @@ def shard_ranges(num_blocks: int, shards: int) -> list[range]:
     return [range(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
+def kept_bytes(inv: Inventory, cfg: ProfileConfig) -> int:
+    """Bytes of the tensors a plan keeps: at their stored dtype in our artifact; in a GGUF,
+    F32, as llama.cpp's converter writes every 1-D tensor (norms, biases)."""
+    if cfg.target == "gguf":
+        return 4 * sum(math.prod(k.shape) for k in inv.kept)
+    return inv.kept_bytes
+
+
 def assemble_profile(src: ProfileSource, store: ProfileStore, block_influence: list[float],
                      stats: dict) -> Profile:
     """The stored profile from every linear's record (each with its α) and the per-block
@@ -330,11 +352,11 @@ def assemble_profile(src: ProfileSource, store: ProfileStore, block_influence: l
     sens = summarize({lp.name: lp.alpha for lp in linears}, block_influence)
     for lp in linears:
         lp.proxy = sens.block_influence[lp.block] if lp.block is not None else 0.0
-    fits = [ErrorModel.from_dict(lp.fit) for lp in linears]
+    fits = [ErrorModel.from_dict(lp.fit) for lp in linears if not is_gguf_fit(lp.fit)]
     profile = Profile(
         key=src.key, model_ref=src.model_ref, weights_hash=src.weights_hash,
         calib_hash=tensor_hash(src.calib), config=src.cfg.to_dict(),
-        fixed_bytes=inv.kept_bytes, linears=linears, block_sensitivity=sens.block_alpha,
+        fixed_bytes=kept_bytes(inv, src.cfg), linears=linears, block_sensitivity=sens.block_alpha,
         block_proxy=sens.block_influence,
         stats={"fit_r2_mean": sum(f.r2_fit or 0 for f in fits) / max(len(fits), 1),
                "spearman_alpha_vs_proxy": spearman(sens.block_alpha, sens.block_influence),
@@ -375,26 +397,3 @@ def run_profile(model_ref: str, store: ProfileStore, *, device: str = "cpu",
         "probe_s": round(clock.seconds.get("probes", 0.0), 2), **mem})
     report("done", 1.0)
     return profile
-
-
-def _average_ranks(x) -> np.ndarray:
-    """Ranks 0 … n − 1 of x, ties given their mean rank (as Spearman's ρ needs)."""
-    x = np.asarray(x, dtype=float)
-    ranks = np.empty(len(x))
-    ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(inverse, weights=ranks) / counts)[inverse]
-
-
-def spearman(a, b) -> float | None:
-    """Spearman's ρ: the Pearson correlation of average ranks (numpy only: importing
-    scipy.stats for this cost ~0.2 s per profile)."""
-    if len(a) < 3:
-        return None  # undefined; None (not NaN) so the value survives JSON and SQL round trips
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    rho = float(np.corrcoef(ra, rb)[0, 1])
-    return rho if math.isfinite(rho) else None
-
-

@@ -27,6 +27,7 @@ from torch import Tensor
 from compressor.checkpoint.headers import LinearInfo
 from compressor.checkpoint.stream import StreamedModel
 from compressor.pipeline.fisher import FisherProbes
+from compressor.pipeline.gguf_target import sample_gguf
 from compressor.pipeline.profile_store import LinearProfile
 from compressor.pipeline.sensitivity import StreamedProbes, noise, noise_scale
 from compressor.quant.decompose import q_only_many
@@ -66,6 +67,10 @@ def sample_vocab(li: LinearInfo, W: Tensor, H: Tensor, cfg) -> LinearProfile:
     size (one stacked sweep), and the error model fitted to them (no rank: S(r) = 1)."""
     if not torch.isfinite(W).all():
         raise ValueError(f"{li.name} has NaN/inf weights; cannot profile this model")
+    if cfg.target == "gguf":   # every GGUF type its rows fit (gguf_target.py)
+        samples, gguf_fit = sample_gguf(W, H, cfg.gguf_types, lookup=li.kind != "head")
+        return LinearProfile(li.name, None, li.out_features, li.in_features, samples=samples,
+                             fit=gguf_fit)
     options = cfg.q_only_options()
     q_only = q_only_many(W, H, options, vocab_config(cfg.decomposition, li.kind))
     n = len(cfg.q_bits)   # q_only_options: q_bits at group_size first, then the extra groups

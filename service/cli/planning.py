@@ -32,6 +32,7 @@ def register(sub) -> None:
     p = sub.add_parser("profile", help="profile a model once: sensitivity + fitted error models")
     p.add_argument("model")
     p.add_argument("--calib-seqs", type=int, default=None)
+    _target_arg(p)
     p.add_argument("--plot", type=Path, default=None, help="write the per-block PNG here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
@@ -40,6 +41,7 @@ def register(sub) -> None:
     p.add_argument("model")
     p.add_argument("--budget", required=True, help='bytes, "850MiB", "3.25bpp" or "0.22x"')
     p.add_argument("--method", default="exact", choices=["exact", "cpsat", "greedy"])
+    _target_arg(p)
     p.add_argument("--constraints", type=Path, default=None, help="constraints JSON file")
     p.add_argument("--out", type=Path, default=None,
                    help="write the full plan JSON here (what `bitplan compress --plan` reads)")
@@ -51,6 +53,12 @@ def register(sub) -> None:
     register_execution(sub)
 
 
+def _target_arg(p) -> None:
+    p.add_argument("--target", default="native", choices=["native", "gguf"],
+                   help="what serves the plan: native (CALDERA W = Q + L·R, bitplan's runtime; "
+                        "default) or gguf (a llama.cpp type per tensor, written as a GGUF file)")
+
+
 def profile_root() -> Path:
     return get_settings().data_dir / "profiles"
 
@@ -59,24 +67,27 @@ def _index_path() -> Path:
     return profile_root() / "index.json"
 
 
-def _ref_key(model: str) -> str:
+def _ref_key(model: str, target: str = "native") -> str:
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
+    ref = str(path.resolve()) if path.exists() else model
+    return ref if target == "native" else f"{ref}#{target}"   # one profile per target
 
 
-def remember(model: str, key: str) -> None:
+def remember(model: str, key: str, target: str = "native") -> None:
     idx = json.loads(_index_path().read_text()) if _index_path().is_file() else {}
-    idx[_ref_key(model)] = key
+    idx[_ref_key(model, target)] = key
     _index_path().parent.mkdir(parents=True, exist_ok=True)
     _index_path().write_text(json.dumps(idx, indent=1))
 
 
-def stored_profile(model: str):
+def stored_profile(model: str, target: str = "native"):
     idx = json.loads(_index_path().read_text()) if _index_path().is_file() else {}
-    key = idx.get(_ref_key(model))
+    key = idx.get(_ref_key(model, target))
     prof = FileProfileStore(profile_root()).get(key) if key else None
     if prof is None:
-        raise UserError(f"no stored profile for {model!r}; run `bitplan profile {model}` first")
+        flag = "" if target == "native" else f" --target {target}"
+        raise UserError(f"no stored {target} profile for {model!r}; run "
+                        f"`bitplan profile {model}{flag}` first")
     return prof
 
 
@@ -88,13 +99,20 @@ def check_model_ref(model: str) -> None:
         check_model_dir(path, model, get_settings().trust_remote_code)
 
 
-def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = False):
-    """The stored profile of `model`, profiling it first when there is none."""
+def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = False,
+                   target: str = "native"):
+    """The stored profile of `model` for `target`, profiling it first when there is none."""
     from compressor.pipeline.profile import ProfileConfig  # torch
 
     check_model_ref(model)
+    if target == "gguf":   # before any work: llama.cpp's converter must know the architecture
+        from compressor.artifact.gguf_convert import check_convertible
+        try:
+            check_convertible(Path(model))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     settings = get_settings()
-    cfg = ProfileConfig()
+    cfg = ProfileConfig(target=target)
     if calib_seqs:
         cfg = dataclasses.replace(cfg, calib_seqs=calib_seqs)
     bar = tqdm(total=100, desc="profile", unit="%", disable=quiet or not sys.stderr.isatty())
@@ -106,12 +124,12 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
     prof = api.profile(model, cfg, store=profile_root(), device=settings.device,
                        trust_remote_code=settings.trust_remote_code, progress=progress)
     bar.close()
-    remember(model, prof.key)
+    remember(model, prof.key, target)
     return prof
 
 
 def cmd_profile(args) -> int:
-    prof = ensure_profile(args.model, args.calib_seqs)
+    prof = ensure_profile(args.model, args.calib_seqs, target=args.target)
     if args.plot:
         from compressor.research.plots import profile_plot_png  # matplotlib
 
@@ -137,7 +155,7 @@ def solve_for(prof, budget: str, method: str = "exact", constraints: dict | None
 
 
 def cmd_plan(args) -> int:
-    prof = stored_profile(args.model)
+    prof = stored_profile(args.model, args.target)
     constraints = json.loads(args.constraints.read_text()) if args.constraints else None
     problem, plan = solve_for(prof, args.budget, args.method, constraints)
     if args.out:
@@ -164,7 +182,10 @@ def register_execution(sub) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--plan", type=Path, help="plan JSON (from `bitplan plan --out`)")
     g.add_argument("--budget", help="solve for this budget from the stored profile first")
-    p.add_argument("--out", type=Path, required=True, help="artifact directory")
+    p.add_argument("--out", type=Path, required=True,
+                   help="artifact directory (gguf: it gets model.gguf, the bf16 reference the "
+                        "converter wrote and tensor-types.txt)")
+    _target_arg(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("experiment", help="optimal vs the note's baselines at several budgets")
@@ -197,13 +218,13 @@ def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = Fa
     bar.close()
     m = done.metrics
     return {"artifact": str(done.artifact), "planned_bytes": plan.total_bytes,
-            "artifact_bytes": done.manifest.total_bytes, "ppl": m["ppl"], "kl": m["kl"],
+            "artifact_bytes": done.tensor_bytes, "ppl": m["ppl"], "kl": m["kl"],
             "top1": m["top1"], "predicted_kl": m["predicted_kl"]}
 
 
 def cmd_compress(args) -> int:
     check_model_ref(args.model)
-    prof = stored_profile(args.model)
+    prof = stored_profile(args.model, args.target)
     if args.plan:
         plan = solver.Plan.from_dict(json.loads(args.plan.read_text()))
     else:

@@ -80,7 +80,7 @@ def _mark_ready(row: Artifact, done: Executed, digest: str) -> None:
     row.status = ArtifactStatus.READY
     row.path = str(done.artifact)
     row.bytes = sum(f.stat().st_size for f in done.artifact.iterdir() if f.is_file())
-    row.tensor_bytes = done.manifest.total_bytes
+    row.tensor_bytes = done.tensor_bytes
     row.sha256 = digest
     row.metrics = done.metrics
     row.finished_at = utcnow()

@@ -1,0 +1,206 @@
+"""`bitplan bench gguf --json`: bitplan's GGUF against llama.cpp's own mixes, measured by
+llama.cpp's own binaries in this run, on SmolLM2-135M (`make smollm2`; `make llama-cpp` builds
+the tools).
+
+For each mix (Q2_K, Q3_K_M, Q4_K_M): llama.cpp's converter writes the bf16 reference GGUF;
+`llama-imatrix` computes the importance matrix on the calibration text (the very sequences the
+bitplan profile calibrates on, decoded to text); `llama-quantize --imatrix` writes the mix;
+bitplan plans a type per tensor (exact solver, target gguf) for the mix's tensor bytes, encodes
+every tensor itself and writes the GGUF (compressor.pipeline.gguf_execute) — re-planned a few
+bytes lower if its file (header, tokenizer, padding) came out above the mix's. Both files are
+scored by `llama-perplexity --kl-divergence` against the reference's logits on held-out text
+(the test split, which neither side calibrated on) and timed by `llama-bench` (decode
+tokens/s, the two interleaved, each the median of its reps). `bitplan_plan_llama_rounding`:
+bitplan's plan handed to llama-quantize as a --tensor-type-file (llama.cpp's rounding of our
+types), which separates what the plan buys from what our rounding buys.
+
+`--quick`: a tiny Llama (bench/tiny_llama.py) and one mix, the same figures computed the same
+way. BITPLAN_BENCH_GGUF_MODEL: another model directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import llama_cpp
+from compressor import api
+from compressor.artifact.gguf_convert import check_convertible, convert_reference
+from compressor.checkpoint.data import Split, load_text
+from compressor.checkpoint.loading import load_tokenizer
+from compressor.pipeline.execute import ExecuteConfig
+from compressor.pipeline.gguf_execute import TYPES_FILE, execute_gguf
+from compressor.pipeline.profile import ProfileConfig, calibration, run_profile
+from compressor.pipeline.profile_store import FileProfileStore
+from service.settings import REPO_ROOT
+
+SMOLLM2 = REPO_ROOT / "models" / "smollm2-135m"
+ENV = "BITPLAN_BENCH_GGUF_MODEL"
+MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")
+CTX, KLD_CHUNKS = 512, 16              # held-out: 16 chunks × 512 tokens scored by llama.cpp
+QUICK = {"mixes": ("Q4_K_M",), "ctx": 64, "chunks": 4, "eval_seqs": 2}
+EVAL_SEQS = 8                           # bitplan's own measurement beside llama.cpp's
+SLACK = 64                              # bytes a re-plan steps down per try below the mix
+
+
+def _say(line: str) -> None:
+    print(f"bench gguf: {line}", file=sys.stderr, flush=True)
+
+
+def _model(quick: bool, tmp: Path) -> tuple[Path | None, str]:
+    given = os.environ.get(ENV)
+    if given:
+        return (Path(given), given) if (Path(given) / "config.json").is_file() else \
+            (None, f"{ENV}={given} is not a model directory (no config.json)")
+    if quick:
+        from bench.tiny_llama import write_tiny_llama
+        return write_tiny_llama(tmp / "tiny"), "bench/tiny_llama.py, written in this run"
+    if (SMOLLM2 / "config.json").is_file():
+        return SMOLLM2, str(SMOLLM2)
+    return None, f"no model at {SMOLLM2}: run `make smollm2` first (~1 min)"
+
+
+def _texts(model: Path, cfg: ProfileConfig, tmp: Path, tokens_needed: int) -> tuple[Path, Path]:
+    """(calibration text, held-out text) files: the profile's calibration sequences decoded,
+    and the test split's start, long enough for `tokens_needed` tokens."""
+    tok = load_tokenizer(str(model))
+    calib = calibration(tok, cfg)
+    calib_file = tmp / "calibration.txt"
+    calib_file.write_text("\n".join(tok.decode(s.tolist()) for s in calib), encoding="utf-8")
+    text = load_text(Split.TEST)
+    ids = tok(text[: 12 * tokens_needed], add_special_tokens=False)["input_ids"]
+    held = tmp / "heldout.txt"
+    held.write_text(tok.decode(ids[: int(1.15 * tokens_needed)]), encoding="utf-8")
+    return calib_file, held
+
+
+def _tensor_data_bytes(path: Path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def run(args) -> dict:
+    quick = bool(getattr(args, "quick", False))
+    with tempfile.TemporaryDirectory(prefix="bitplan-bench-gguf-") as name:
+        tmp = Path(name)
+        model, source = _model(quick, tmp)
+        if model is None:
+            _say(source)
+            return {"error": source}
+        try:
+            check_convertible(model)
+            llama_cpp.llama_cpp_bin("llama-quantize")
+        except (ValueError, FileNotFoundError) as exc:
+            _say(str(exc))
+            return {"error": str(exc)}
+        return _measure(model, source, quick, tmp)
+
+
+def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
+    mixes = QUICK["mixes"] if quick else MIXES
+    ctx, chunks = (QUICK["ctx"], QUICK["chunks"]) if quick else (CTX, KLD_CHUNKS)
+    cfg = ProfileConfig(target="gguf")
+    tool_log = lambda line: None   # noqa: E731 (llama.cpp's own lines: too many to echo)
+    calib_file, held = _texts(model, cfg, tmp, ctx * chunks)
+    _say("converting to the bf16 reference GGUF (llama.cpp's converter)")
+    ref = convert_reference(model, tmp / "reference.gguf")
+    _say("llama-imatrix on the calibration text")
+    imat = llama_cpp.imatrix(ref, calib_file, tmp / "imatrix.gguf", ctx=ctx, progress=tool_log)
+    base = llama_cpp.kld_base(ref, held, tmp / "reference.kld", ctx=ctx, chunks=chunks,
+                              progress=tool_log)
+    _say("profiling for the GGUF target")
+    t0 = time.perf_counter()
+    prof = run_profile(str(model), FileProfileStore(tmp / "profiles"), config=cfg,
+                       progress=lambda stage, frac: None)
+    profile_s = time.perf_counter() - t0
+    problem = api.problem(prof)
+    config = ExecuteConfig(eval_seqs=QUICK["eval_seqs"] if quick else EVAL_SEQS)
+    rows = []
+    for mix in mixes:
+        _say(f"{mix}: llama-quantize with the imatrix")
+        theirs = tmp / f"llama-{mix}.gguf"
+        llama_cpp.quantize(ref, theirs, mix, imatrix=imat, progress=tool_log)
+        their_bytes = theirs.stat().st_size
+        budget = _tensor_data_bytes(theirs)
+        _say(f"{mix}: bitplan's plan at {budget:,} tensor bytes, encoded and written")
+        for _ in range(8):   # the file's overhead may differ by a few padding bytes
+            plan = api.plan(prof, budget, base=problem)
+            done = execute_gguf(str(model), prof, plan, tmp / f"bitplan-{mix}", config,
+                                reference=ref)
+            excess = done.artifact.stat().st_size - their_bytes
+            if excess <= 0:
+                break
+            budget -= excess + SLACK
+        ours = done.artifact
+        ours_llama = tmp / f"bitplan-plan-llama-rounding-{mix}.gguf"
+        llama_cpp.quantize(ref, ours_llama, "Q8_0", imatrix=imat,
+                           tensor_type_file=done.artifact.parent / TYPES_FILE, progress=tool_log)
+        scores = {k: llama_cpp.kld(p, base_file(tmp), ctx=ctx, chunks=chunks, progress=tool_log)
+                  for k, p in (("llama_cpp", theirs), ("bitplan", ours),
+                               ("plan_llama_rounding", ours_llama))}
+        speeds = _decode_speeds({"llama_cpp": theirs, "bitplan": ours}, quick)
+        rows.append(_row(mix, theirs, ours, ours_llama, scores, speeds, plan, done, prof))
+        _say(f"{mix}: KLD llama.cpp {scores['llama_cpp']['kld']:.4f} vs bitplan "
+             f"{scores['bitplan']['kld']:.4f} at {their_bytes:,} / "
+             f"{ours.stat().st_size:,} bytes")
+    return {"model": {"path": str(model), "source": source}, "ctx": ctx, "chunks": chunks,
+            "reference_ppl": base.get("ppl"), "profile_s": round(profile_s, 1),
+            "sizes": rows, "summary": _summary(rows)}
+
+
+def base_file(tmp: Path) -> Path:
+    return tmp / "reference.kld"
+
+
+def _decode_speeds(files: dict[str, Path], quick: bool) -> dict[str, float]:
+    """tokens/s of each file, the runs interleaved (A B A B) so drift hits both alike; the
+    median of each side's rounds."""
+    rounds = 1 if quick else 3
+    got: dict[str, list[float]] = {k: [] for k in files}
+    for _ in range(rounds):
+        for k, p in files.items():
+            got[k].append(llama_cpp.bench_decode(p, n_gen=16 if quick else 64, reps=3))
+    return {k: sorted(v)[len(v) // 2] for k, v in got.items()}
+
+
+def _row(mix, theirs, ours, ours_llama, scores, speeds, plan, done, prof) -> dict:
+    from compressor.artifact.gguf_export import tensor_plan
+
+    names = tensor_plan(prof.model_ref, done.artifact.parent / "reference.gguf") \
+        if (done.artifact.parent / "reference.gguf").is_file() else None
+    types = {(names[n][0] if names else n): o.gguf_type for n, o in plan.assignments.items()}
+    pick = ("kld", "ppl", "same_top", "kld_p99")
+    return {
+        "size": mix,
+        "llama_cpp": {"mix": mix, "file_bytes": theirs.stat().st_size,
+                      **{k: scores["llama_cpp"].get(k) for k in pick},
+                      "tok_s": speeds["llama_cpp"],
+                      "type_counts": _counts(llama_cpp.quantized_types(theirs))},
+        "bitplan": {"file_bytes": ours.stat().st_size,
+                    **{k: scores["bitplan"].get(k) for k in pick}, "tok_s": speeds["bitplan"],
+                    "predicted_kl": plan.predicted_error, "measured_kl_ours": done.metrics["kl"],
+                    "type_counts": _counts(types), "types": types},
+        "bitplan_plan_llama_rounding": {"file_bytes": ours_llama.stat().st_size,
+                                        **{k: scores["plan_llama_rounding"].get(k)
+                                           for k in pick}},
+        "kld_vs_llama_cpp": scores["bitplan"]["kld"] / scores["llama_cpp"]["kld"] - 1,
+    }
+
+
+def _counts(types: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in types.values():
+        out[t] = out.get(t, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _summary(rows: list[dict]) -> dict:
+    ratios = [r["kld_vs_llama_cpp"] for r in rows]
+    return {"kld_vs_llama_cpp": ratios, "never_worse": all(x <= 0 for x in ratios),
+            "never_larger": all(r["bitplan"]["file_bytes"] <= r["llama_cpp"]["file_bytes"]
+                                for r in rows),
+            "decode_ratio": [r["bitplan"]["tok_s"] / r["llama_cpp"]["tok_s"] for r in rows]}

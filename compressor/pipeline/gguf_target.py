@@ -1,0 +1,91 @@
+"""The GGUF target (llama.cpp): a linear's options are llama.cpp tensor types, each sampled by
+our own encoders (compressor.quant.gguf_blocks), so the profile's errors describe exactly the
+weights llama.cpp will run.
+
+Where the native target fits a parametric E_i(b, r) to a few samples (a CALDERA menu has
+hundreds of (bits, rank, group) options), a GGUF menu has at most a dozen types per tensor and
+each encode is cheap: every type the row length allows is measured, and the "fit" is that table
+of t² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) (‖ΔW‖²_F / ‖W‖²_F for a lookup, which has no Hessian). The
+predicted damage of a type is α_i · t²_i(type), the same linear model as the native target's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from compressor.quant.gguf_blocks import GGUFEncoded, encode_gguf
+from compressor.quant.problem import fro_sq, h_sq
+from solver.bytes import Option, gguf_option
+from solver.gguf_types import GGUF_MENU, types_for_row
+
+TARGETS = ("native", "gguf")
+GGUF_FIT = "gguf"   # the `kind` of a GGUF profile record's fit
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    return target
+
+
+def row_types(cols: int, menu: Sequence[str] = GGUF_MENU) -> list[str]:
+    """The types of `menu` a row of `cols` elements fits (k-quants need multiples of 256)."""
+    types = types_for_row(cols, tuple(menu))
+    if not types:
+        raise ValueError(f"no GGUF type of {list(menu)} stores rows of {cols} elements")
+    return types
+
+
+@torch.no_grad()
+def encode_for_plan(W: Tensor, type_name: str, H: Tensor | None, lookup: bool) -> GGUFEncoded:
+    """What a plan's tensor is stored as: LDLQ under H for a linear, nearest rounding with
+    uniform importance for a lookup (its rows are read, never mixed)."""
+    if lookup:
+        return encode_gguf(W, type_name, None, error_feedback=False)
+    return encode_gguf(W, type_name, H)
+
+
+@torch.no_grad()
+def relative_error(W: Tensor, w_hat: Tensor, H: Tensor | None) -> float:
+    """t² of one encode: H-weighted for a linear, Frobenius for a lookup (H None)."""
+    delta = W - w_hat
+    if H is None:
+        return fro_sq(delta) / max(fro_sq(W), 1e-30)
+    return h_sq(delta, H) / max(h_sq(W, H), 1e-30)
+
+
+@torch.no_grad()
+def sample_gguf(W: Tensor, H: Tensor | None, menu: Sequence[str], lookup: bool
+                ) -> tuple[list[list], dict]:
+    """Samples [[type, t²], …] of every type in `menu` that fits W's rows, and the fit record
+    {"kind": "gguf", "errors": {type: t²}} the planner reads."""
+    if not torch.isfinite(W).all():
+        raise ValueError("weights have NaN/inf entries; cannot profile this model")
+    samples = []
+    for t in row_types(W.shape[1], menu):
+        enc = encode_for_plan(W, t, H, lookup)
+        samples.append([t, relative_error(W, enc.w_hat, None if lookup else H)])
+        del enc
+    return samples, {"kind": GGUF_FIT, "errors": {t: e for t, e in samples}}
+
+
+def is_gguf_fit(fit: dict) -> bool:
+    return fit.get("kind") == GGUF_FIT
+
+
+def gguf_options(fit: dict) -> tuple[list[Option], list[float]]:
+    """A GGUF record's options and their t², in the record's order."""
+    errors = fit["errors"]
+    return [gguf_option(t) for t in errors], [float(e) for e in errors.values()]
+
+
+def gguf_error(fit: dict, option: Option) -> float:
+    """t² of `option` in a GGUF record; KeyError naming the types when it was not measured."""
+    try:
+        return float(fit["errors"][option.gguf_type])
+    except KeyError:
+        raise KeyError(f"type {option.gguf_type or option.label} was not profiled "
+                       f"(profiled: {', '.join(fit['errors'])})") from None
