@@ -11,7 +11,7 @@ import json
 # name -> module under bench exposing `run(args)`. Options live here, not in the bench modules:
 # registering them must not import torch for every CLI call.
 BENCHES = ["quant", "solver", "profile", "api", "e2e", "load", "runtime", "sampling", "scale",
-           "real"]
+           "real", "gguf"]
 
 
 def register(sub) -> None:

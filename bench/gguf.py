@@ -35,13 +35,14 @@ from compressor.pipeline.execute import ExecuteConfig
 from compressor.pipeline.gguf_execute import TYPES_FILE, execute_gguf
 from compressor.pipeline.profile import ProfileConfig, calibration, run_profile
 from compressor.pipeline.profile_store import FileProfileStore
-from service.settings import REPO_ROOT
+from service.settings import REPO_ROOT, get_settings
 
 SMOLLM2 = REPO_ROOT / "models" / "smollm2-135m"
 ENV = "BITPLAN_BENCH_GGUF_MODEL"
 MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")
 CTX, KLD_CHUNKS = 512, 16              # held-out: 16 chunks × 512 tokens scored by llama.cpp
-QUICK = {"mixes": ("Q4_K_M",), "ctx": 64, "chunks": 4, "eval_seqs": 2}
+QUICK = {"mixes": ("Q4_K_M",), "ctx": 64, "chunks": 4, "eval_seqs": 2,
+         "profile": {"calib_seqs": 8, "fisher_seqs": 4, "seq_len": 128}}
 EVAL_SEQS = 8                           # bitplan's own measurement beside llama.cpp's
 SLACK = 64                              # bytes a re-plan steps down per try below the mix
 
@@ -87,13 +88,13 @@ def run(args) -> dict:
     quick = bool(getattr(args, "quick", False))
     with tempfile.TemporaryDirectory(prefix="bitplan-bench-gguf-") as name:
         tmp = Path(name)
-        model, source = _model(quick, tmp)
-        if model is None:
-            _say(source)
-            return {"error": source}
         try:
+            for tool in llama_cpp.TOOLS:
+                llama_cpp.llama_cpp_bin(tool)
+            model, source = _model(quick, tmp)
+            if model is None:
+                raise ValueError(source)
             check_convertible(model)
-            llama_cpp.llama_cpp_bin("llama-quantize")
         except (ValueError, FileNotFoundError) as exc:
             _say(str(exc))
             return {"error": str(exc)}
@@ -103,7 +104,7 @@ def run(args) -> dict:
 def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
     mixes = QUICK["mixes"] if quick else MIXES
     ctx, chunks = (QUICK["ctx"], QUICK["chunks"]) if quick else (CTX, KLD_CHUNKS)
-    cfg = ProfileConfig(target="gguf")
+    cfg = ProfileConfig(target="gguf", **(QUICK["profile"] if quick else {}))
     tool_log = lambda line: None   # noqa: E731 (llama.cpp's own lines: too many to echo)
     calib_file, held = _texts(model, cfg, tmp, ctx * chunks)
     _say("converting to the bf16 reference GGUF (llama.cpp's converter)")
@@ -112,10 +113,10 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
     imat = llama_cpp.imatrix(ref, calib_file, tmp / "imatrix.gguf", ctx=ctx, progress=tool_log)
     base = llama_cpp.kld_base(ref, held, tmp / "reference.kld", ctx=ctx, chunks=chunks,
                               progress=tool_log)
-    _say("profiling for the GGUF target")
+    _say("profiling for the GGUF target (reused when the data dir has it)")
     t0 = time.perf_counter()
-    prof = run_profile(str(model), FileProfileStore(tmp / "profiles"), config=cfg,
-                       progress=lambda stage, frac: None)
+    store = FileProfileStore(get_settings().data_dir / "profiles")
+    prof = run_profile(str(model), store, config=cfg, progress=lambda stage, frac: None)
     profile_s = time.perf_counter() - t0
     problem = api.problem(prof)
     config = ExecuteConfig(eval_seqs=QUICK["eval_seqs"] if quick else EVAL_SEQS)
@@ -139,7 +140,8 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
         ours_llama = tmp / f"bitplan-plan-llama-rounding-{mix}.gguf"
         llama_cpp.quantize(ref, ours_llama, "Q8_0", imatrix=imat,
                            tensor_type_file=done.artifact.parent / TYPES_FILE, progress=tool_log)
-        scores = {k: llama_cpp.kld(p, base_file(tmp), ctx=ctx, chunks=chunks, progress=tool_log)
+        scores = {k: llama_cpp.kld(p, tmp / "reference.kld", ctx=ctx, chunks=chunks,
+                                   progress=tool_log)
                   for k, p in (("llama_cpp", theirs), ("bitplan", ours),
                                ("plan_llama_rounding", ours_llama))}
         speeds = _decode_speeds({"llama_cpp": theirs, "bitplan": ours}, quick)
@@ -150,10 +152,6 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
     return {"model": {"path": str(model), "source": source}, "ctx": ctx, "chunks": chunks,
             "reference_ppl": base.get("ppl"), "profile_s": round(profile_s, 1),
             "sizes": rows, "summary": _summary(rows)}
-
-
-def base_file(tmp: Path) -> Path:
-    return tmp / "reference.kld"
 
 
 def _decode_speeds(files: dict[str, Path], quick: bool) -> dict[str, float]:
@@ -167,19 +165,20 @@ def _decode_speeds(files: dict[str, Path], quick: bool) -> dict[str, float]:
     return {k: sorted(v)[len(v) // 2] for k, v in got.items()}
 
 
-def _row(mix, theirs, ours, ours_llama, scores, speeds, plan, done, prof) -> dict:
-    from compressor.artifact.gguf_export import tensor_plan
+def _planned_types(path: Path) -> dict[str, str]:
+    """The 2-D tensors' types in a GGUF file (the kept 1-D ones are F32 in every file)."""
+    return {n: t for n, t in llama_cpp.quantized_types(path).items() if t != "F32"}
 
-    names = tensor_plan(prof.model_ref, done.artifact.parent / "reference.gguf") \
-        if (done.artifact.parent / "reference.gguf").is_file() else None
-    types = {(names[n][0] if names else n): o.gguf_type for n, o in plan.assignments.items()}
+
+def _row(mix, theirs, ours, ours_llama, scores, speeds, plan, done, prof) -> dict:
+    types = _planned_types(ours)
     pick = ("kld", "ppl", "same_top", "kld_p99")
     return {
         "size": mix,
         "llama_cpp": {"mix": mix, "file_bytes": theirs.stat().st_size,
                       **{k: scores["llama_cpp"].get(k) for k in pick},
                       "tok_s": speeds["llama_cpp"],
-                      "type_counts": _counts(llama_cpp.quantized_types(theirs))},
+                      "type_counts": _counts(_planned_types(theirs))},
         "bitplan": {"file_bytes": ours.stat().st_size,
                     **{k: scores["bitplan"].get(k) for k in pick}, "tok_s": speeds["bitplan"],
                     "predicted_kl": plan.predicted_error, "measured_kl_ours": done.metrics["kl"],

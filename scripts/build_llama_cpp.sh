@@ -4,18 +4,22 @@
 # (the only registry this machine reaches), with the cmake, ninja and g++ already installed.
 # Cached outside the clone, so a machine builds once: $XDG_CACHE_HOME/bitplan/llama.cpp/<version>.
 # Prints the directory holding the binaries on its last line. Usage: build_llama_cpp.sh [PIP]
+# [--source]: with --source, only fetch and unpack the source (the converter target gguf runs)
+# and print its directory.
 set -euo pipefail
 
 VERSION=0.3.36                       # llama-cpp-python; its vendor/llama.cpp is the source
 TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-bench)
 PIP=${1:-pip}
+ONLY_SOURCE=${2:-}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/bitplan/llama.cpp/$VERSION
 BIN=$CACHE/build/bin
 
 STAMP=$CACHE/build/.bitplan-log-drain    # built with the log patch below
 have_all() { for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || return 1; done; [ -f "$STAMP" ]; }
 
-if have_all; then echo "$BIN"; exit 0; fi
+src=$CACHE/llama_cpp_python-$VERSION/vendor/llama.cpp
+if [ "$ONLY_SOURCE" != "--source" ] && have_all; then echo "$BIN"; exit 0; fi
 mkdir -p "$CACHE"
 sdist=$CACHE/llama_cpp_python-$VERSION.tar.gz
 if [ ! -f "$sdist" ]; then
@@ -23,7 +27,6 @@ if [ ! -f "$sdist" ]; then
   "$PIP" download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
     "llama-cpp-python==$VERSION" -d "$CACHE" >&2
 fi
-src=$CACHE/llama_cpp_python-$VERSION/vendor/llama.cpp
 if [ ! -f "$src/CMakeLists.txt" ]; then
   echo "extracting vendor/llama.cpp" >&2
   tar -xzf "$sdist" -C "$CACHE" "llama_cpp_python-$VERSION/vendor/llama.cpp"
@@ -35,6 +38,7 @@ grep -q 'common_log_pause(log); });' "$src/common/log.cpp" || sed -i \
   "$src/common/log.cpp"
 grep -q 'common_log_pause(log); });' "$src/common/log.cpp" || {
   echo "could not patch $src/common/log.cpp (the log drain at exit)" >&2; exit 1; }
+if [ "$ONLY_SOURCE" = "--source" ]; then echo "$src"; exit 0; fi
 echo "building ${TOOLS[*]} (about 10 min on 2 cores, once per machine)" >&2
 # static, CPU only, no network code: the tools read and write local GGUF files
 cmake -S "$src" -B "$CACHE/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \

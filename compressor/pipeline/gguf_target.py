@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from compressor.quant.gguf_blocks import GGUFEncoded, encode_gguf
+from compressor.quant.gguf_blocks import GGUFEncoded, HessianFactor, encode_gguf, hessian_factor
 from compressor.quant.problem import fro_sq, h_sq
 from solver.bytes import Option, gguf_option
 from solver.gguf_types import GGUF_MENU, types_for_row
@@ -40,12 +40,13 @@ def row_types(cols: int, menu: Sequence[str] = GGUF_MENU) -> list[str]:
 
 
 @torch.no_grad()
-def encode_for_plan(W: Tensor, type_name: str, H: Tensor | None, lookup: bool) -> GGUFEncoded:
+def encode_for_plan(W: Tensor, type_name: str, H: Tensor | None, lookup: bool,
+                    factor: HessianFactor | None = None) -> GGUFEncoded:
     """What a plan's tensor is stored as: LDLQ under H for a linear, nearest rounding with
     uniform importance for a lookup (its rows are read, never mixed)."""
     if lookup:
         return encode_gguf(W, type_name, None, error_feedback=False)
-    return encode_gguf(W, type_name, H)
+    return encode_gguf(W, type_name, H, factor=factor)
 
 
 @torch.no_grad()
@@ -65,8 +66,9 @@ def sample_gguf(W: Tensor, H: Tensor | None, menu: Sequence[str], lookup: bool
     if not torch.isfinite(W).all():
         raise ValueError("weights have NaN/inf entries; cannot profile this model")
     samples = []
+    factor = None if lookup or H is None else hessian_factor(H)   # once for every type
     for t in row_types(W.shape[1], menu):
-        enc = encode_for_plan(W, t, H, lookup)
+        enc = encode_for_plan(W, t, H, lookup, factor)
         samples.append([t, relative_error(W, enc.w_hat, None if lookup else H)])
         del enc
     return samples, {"kind": GGUF_FIT, "errors": {t: e for t, e in samples}}

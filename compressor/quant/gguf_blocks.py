@@ -164,11 +164,23 @@ def _check(type_name: str, cols: int) -> None:
                          f"{t.block}-element block")
 
 
+HessianFactor = tuple[Tensor, Tensor]   # (damped diag H, U = upper Cholesky factor of H⁻¹)
+
+
+def hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float32) -> HessianFactor:
+    """The O(n³) part of a Hessian-aware encode, which every type's encode of one linear
+    shares: H damped by DEFAULT_DAMP, its diagonal (the importance weights) and U."""
+    Hd = damp_hessian(H.detach().to("cpu", dtype), DEFAULT_DAMP)
+    return Hd.diagonal().clamp(min=torch.finfo(dtype).tiny).clone(), inverse_cholesky_upper(Hd)
+
+
 def encode_gguf(W: torch.Tensor, type_name: str, H: torch.Tensor | None = None, *,
-                error_feedback: bool = True) -> GGUFEncoded:
+                error_feedback: bool = True, factor: HessianFactor | None = None
+                ) -> GGUFEncoded:
     """W [rows, cols] → its GGUF bytes of `type_name` and their decode. H [cols, cols]
     (XᵀX/N over the input columns, undamped: damped here by DEFAULT_DAMP) makes the
-    rounding Hessian-aware (module docstring); None rounds to nearest with w = 1."""
+    rounding Hessian-aware (module docstring); None rounds to nearest with w = 1. `factor`:
+    hessian_factor(H) when the caller encodes one W in several types."""
     if W.dim() != 2:
         raise ValueError(f"encode_gguf wants a 2-d weight, got shape {tuple(W.shape)}")
     rows, cols = W.shape
@@ -187,12 +199,12 @@ def encode_gguf(W: torch.Tensor, type_name: str, H: torch.Tensor | None = None, 
         if H.shape != (cols, cols):
             raise ValueError(f"H must be [{cols}, {cols}] for a row of {cols}, got "
                              f"{tuple(H.shape)}")
-        Hd = damp_hessian(H.detach().to("cpu", dtype), DEFAULT_DAMP)
-        w = Hd.diagonal().clamp(min=torch.finfo(dtype).tiny).reshape(nb, codec.block)
+        diag, U = factor if factor is not None else hessian_factor(H, dtype)
+        w = diag.to(dtype).reshape(nb, codec.block)
     else:
         w = torch.ones(nb, codec.block, dtype=dtype)
     if H is not None and error_feedback:
-        codes, fields = _sweep(X, inverse_cholesky_upper(Hd), codec, w)
+        codes, fields = _sweep(X, U, codec, w)
     else:
         codes, fields = _nearest(X, codec, w)
     data = codec.pack(codes, fields).reshape(rows, -1)

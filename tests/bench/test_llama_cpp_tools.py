@@ -12,17 +12,16 @@ import pytest
 
 from bench import llama_cpp as lc
 from bench.tiny_gguf import CONTEXT, CORPUS, write_tiny_llama_gguf
+from tests.helpers.llama_cpp import llama_cpp_bin
 
 CTX = CONTEXT          # 128: the tiny model's context; every chunk scores its last 63 tokens
 CHUNKS = 8             # 8 x 63 = 504 scored tokens: enough for llama-perplexity's summary
 
 
 def _need_tools() -> None:
-    try:
-        for tool in lc.TOOLS:
-            lc.llama_cpp_bin(tool)
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    llama_cpp_bin()            # built when the cache lacks it (tests/helpers/llama_cpp.py)
+    for tool in lc.TOOLS:
+        lc.llama_cpp_bin(tool)
 
 
 @pytest.fixture(scope="module")

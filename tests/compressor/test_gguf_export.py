@@ -27,6 +27,8 @@ from compressor.artifact.gguf_export import (
     tensor_type_file,
 )
 from compressor.checkpoint.tensor_reader import Checkpoint
+from tests.helpers.llama_cpp import llama_cpp_bin as helper_bin
+from tests.helpers.llama_cpp import llama_cpp_source as helper_source
 
 REPO = Path(__file__).resolve().parents[2]
 Q = gguf.GGMLQuantizationType
@@ -35,14 +37,12 @@ TEXT = ("the quick brown fox jumps over the lazy dog. def return self import if 
 
 
 def _source():
-    try:
-        return gc.llama_cpp_source()
-    except gc.LlamaCppNotFound as exc:
-        pytest.skip(str(exc))
+    helper_source()            # fetched when the cache lacks it (tests/helpers/llama_cpp.py)
+    return gc.llama_cpp_source()
 
 
 def _tiny_llama(out: Path) -> Path:
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     out.mkdir(parents=True)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     buf = io.BytesIO()
@@ -309,10 +309,8 @@ def test_the_tensor_type_file():
 
 # -- llama.cpp runs it ---------------------------------------------------------------------------
 def _bin() -> Path:
-    b = gc.llama_cpp_bin()
-    if b is None or not (b / "llama-quantize").is_file():
-        pytest.skip("llama.cpp's tools are not built (make llama-cpp)")
-    return b
+    helper_bin()               # built when the cache lacks it
+    return gc.llama_cpp_bin()
 
 
 def _perplexity(b: Path, model: Path, text: Path) -> float:
