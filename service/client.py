@@ -114,6 +114,7 @@ class Plan:
     method: str
     constraints: dict
     created_at: str
+    target: str = "native"
     budget_bytes: int | None = None
     total_bytes: int | None = None
     predicted_error: float | None = None
@@ -201,14 +202,18 @@ class BitplanClient:
     def models(self) -> list[Model]:
         return [_take(Model, m) for m in self._get("/v1/models")]
 
-    def feasibility(self, model_id: str) -> dict:
-        return self._get(f"/v1/models/{model_id}/feasibility")
+    def feasibility(self, model_id: str, target: str = "native") -> dict:
+        return self._get(f"/v1/models/{model_id}/feasibility",
+                         **({} if target == "native" else {"target": target}))
 
     def submit_plan(self, model: str, budget: str | int, *, constraints: dict | None = None,
-                    method: str = "exact", compress: bool = False,
+                    method: str = "exact", compress: bool = False, target: str = "native",
                     idempotency_key: str | None = None) -> Accepted:
+        """`target`: "native" (the CALDERA format) or "gguf" (a llama.cpp type per tensor)."""
         body: dict[str, Any] = {"model": model, "budget": budget, "method": method,
                                 "compress": compress}
+        if target != "native":   # an older server, which knows no target, takes native plans
+            body["target"] = target
         if constraints:
             body["constraints"] = constraints
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None

@@ -39,3 +39,8 @@ class Invalid(ServiceError):
 
 class TooManyRequests(ServiceError):
     status, code = 429, "too_many_requests"
+
+
+class Unavailable(ServiceError):
+    """This server lacks what the request needs (e.g. llama.cpp for target gguf)."""
+    status, code = 503, "unavailable"

@@ -16,13 +16,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from compressor.pipeline.planning import GGUF_FIT
 from compressor.quant.gguf_blocks import GGUFEncoded, HessianFactor, encode_gguf, hessian_factor
 from compressor.quant.problem import fro_sq, h_sq
-from solver.bytes import Option, gguf_option
 from solver.gguf_types import GGUF_MENU, types_for_row
 
 TARGETS = ("native", "gguf")
-GGUF_FIT = "gguf"   # the `kind` of a GGUF profile record's fit
 
 
 def check_target(target: str) -> str:
@@ -72,22 +71,3 @@ def sample_gguf(W: Tensor, H: Tensor | None, menu: Sequence[str], lookup: bool
         samples.append([t, relative_error(W, enc.w_hat, None if lookup else H)])
         del enc
     return samples, {"kind": GGUF_FIT, "errors": {t: e for t, e in samples}}
-
-
-def is_gguf_fit(fit: dict) -> bool:
-    return fit.get("kind") == GGUF_FIT
-
-
-def gguf_options(fit: dict) -> tuple[list[Option], list[float]]:
-    """A GGUF record's options and their t², in the record's order."""
-    errors = fit["errors"]
-    return [gguf_option(t) for t in errors], [float(e) for e in errors.values()]
-
-
-def gguf_error(fit: dict, option: Option) -> float:
-    """t² of `option` in a GGUF record; KeyError naming the types when it was not measured."""
-    try:
-        return float(fit["errors"][option.gguf_type])
-    except KeyError:
-        raise KeyError(f"type {option.gguf_type or option.label} was not profiled "
-                       f"(profiled: {', '.join(fit['errors'])})") from None

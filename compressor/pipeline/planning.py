@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from compressor.pipeline.gguf_target import gguf_error, gguf_options, is_gguf_fit
 from compressor.pipeline.profile_store import LinearProfile, Profile
 from solver import AllocationProblem, Constraints, LinearMenu, Option
-from solver.bytes import FP16_BITS
+from solver.bytes import FP16_BITS, gguf_option
 from solver.errormodel import ErrorModel
+
+GGUF_FIT = "gguf"   # the `kind` of a GGUF profile record's fit (gguf_target.sample_gguf)
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,22 @@ def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
 
 def block_of(profile: Profile) -> dict[str, int]:
     return {lp.name: lp.block for lp in profile.linears if lp.block is not None}
+
+
+def is_gguf_fit(fit: dict) -> bool:
+    return fit.get("kind") == GGUF_FIT
+
+
+def gguf_options(fit: dict) -> tuple[list[Option], list[float]]:
+    """A GGUF record's options and their t², in the record's order."""
+    errors = fit["errors"]
+    return [gguf_option(t) for t in errors], [float(e) for e in errors.values()]
+
+
+def gguf_error(fit: dict, option: Option) -> float:
+    """t² of `option` in a GGUF record; KeyError naming the types when it was not measured."""
+    try:
+        return float(fit["errors"][option.gguf_type])
+    except KeyError:
+        raise KeyError(f"type {option.gguf_type or option.label} was not profiled "
+                       f"(profiled: {', '.join(fit['errors'])})") from None

@@ -29,7 +29,8 @@ from compressor.checkpoint.loading import Inventory, KeptParam, discover, load_t
 from compressor.checkpoint.memory import StageClock
 from compressor.checkpoint.stream import BATCH, StreamedModel
 from compressor.pipeline.fisher import make_probes
-from compressor.pipeline.gguf_target import GGUF_MENU, check_target, is_gguf_fit, sample_gguf
+from compressor.pipeline.gguf_target import GGUF_MENU, check_target, sample_gguf
+from compressor.pipeline.planning import is_gguf_fit
 from compressor.pipeline.profile_store import LinearProfile, Profile, ProfileStore, profile_key
 from compressor.pipeline.sensitivity import spearman, summarize
 from compressor.pipeline.vocab import sample_vocab_items, start_vocab_probes

@@ -13,6 +13,7 @@ from solver.budget import MAX_BUDGET_BYTES
 from solver.constraints import Constraints, validate_constraints
 
 Method = Literal["exact", "cpsat", "greedy"]
+Target = Literal["native", "gguf"]
 
 
 class ErrorBody(BaseModel):
@@ -65,6 +66,9 @@ class PlanCreate(BaseModel):
     constraints: ConstraintsIn | None = Field(default=None, description="solver constraints")
     method: Method = "exact"
     compress: bool = False
+    target: Target = Field(default="native", description='what serves the plan: "native" (the '
+                           'CALDERA format, bitplan\'s runtime) or "gguf" (a llama.cpp type per '
+                           'tensor, written as model.gguf); a model has one profile per target')
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -95,7 +99,7 @@ class PlanCreate(BaseModel):
         constraints = None if self.constraints is None \
             else self.constraints.model_dump(exclude_none=True)
         return PlanRequest(model=self.model, budget=self.budget, method=self.method,
-                           constraints=constraints, compress=self.compress)
+                           constraints=constraints, compress=self.compress, target=self.target)
 
 
 class PlanAccepted(BaseModel):
@@ -139,6 +143,7 @@ class PlanPublic(BaseModel):
     budget: str
     method: str
     constraints: dict[str, Any]
+    target: str = "native"
     budget_bytes: int | None = None
     total_bytes: int | None = None
     predicted_error: float | None = None
@@ -159,6 +164,7 @@ class PlanSummary(BaseModel):
     status: str
     model_id: str
     budget: str
+    target: str = "native"
     total_bytes: int | None = None
     predicted_error: float | None = None
     job_id: str | None = None
@@ -225,6 +231,7 @@ class Feasibility(BaseModel):
     min_bytes: int
     max_bytes: int
     source: Literal["profile", "inventory"]
+    target: str = "native"
 
 
 class ArtifactPublic(BaseModel):

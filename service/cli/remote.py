@@ -28,6 +28,9 @@ def register(sub) -> None:
     q.add_argument("model")
     q.add_argument("--budget", required=True, help='bytes, "850MiB", "3.25bpp" or "0.22x"')
     q.add_argument("--method", default="exact", choices=["exact", "cpsat", "greedy"])
+    q.add_argument("--target", default="native", choices=["native", "gguf"],
+                   help="what serves the plan: native (bitplan's CALDERA format, the default) "
+                        "or gguf (a llama.cpp type per tensor, written as a GGUF file)")
     q.add_argument("--constraints", type=Path, default=None, help="constraints JSON file")
     q.add_argument("--compress", action="store_true", help="compress once solved")
     q.add_argument("--no-wait", action="store_true", help="print the ids and return")
@@ -109,7 +112,8 @@ def print_plan(plan: Plan, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(asdict(plan), indent=1))
         return
-    print(f"plan {plan.id}  model {plan.model.get('ref')}  status {plan.status}")
+    target = "" if plan.target == "native" else f"  target {plan.target}"
+    print(f"plan {plan.id}  model {plan.model.get('ref')}  status {plan.status}{target}")
     if plan.total_bytes is None or not plan.budget_bytes:
         return
     print(f"budget {plan.budget} = {format_bytes(plan.budget_bytes)}; plan "
@@ -118,10 +122,14 @@ def print_plan(plan: Plan, as_json: bool = False) -> None:
           f"predicted KL {plan.predicted_error:.4g}")
     for n in plan.notes:
         print(f"note: {n}")
-    print(f"{'linear':<44} {'bits':>4} {'rank':>5} {'group':>5} {'bytes':>10} {'pred. err':>10}")
+    gguf = any(li.get("gguf_type") for li in plan.linears)
+    cols = f"{'type':>16}" if gguf else f"{'bits':>4} {'rank':>5} {'group':>5}"
+    print(f"{'linear':<44} {cols} {'bytes':>10} {'pred. err':>10}")
     for li in plan.linears:
         err = li.get("predicted_error")
-        print(f"{li['name']:<44} {li['bits']:>4} {li['rank']:>5} {li['group_size']:>5} "
+        opt = (f"{li.get('gguf_type', ''):>16}" if gguf else
+               f"{li['bits']:>4} {li['rank']:>5} {li['group_size']:>5}")
+        print(f"{li['name']:<44} {opt} "
               f"{li.get('bytes') or 0:>10} {err if err is None else format(err, '.3g'):>10}")
 
 
@@ -135,7 +143,7 @@ def cmd_plan(args) -> int:
     constraints = json.loads(args.constraints.read_text()) if args.constraints else None
     with client(args) as bp:
         acc = _call(bp.submit_plan, args.model, args.budget, constraints=constraints,
-                    method=args.method, compress=args.compress)
+                    method=args.method, compress=args.compress, target=args.target)
         print(f"plan {acc.plan_id}  job {acc.job_id}", file=sys.stderr)
         if args.no_wait:
             print(json.dumps(asdict(acc)))

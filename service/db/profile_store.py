@@ -99,6 +99,7 @@ class DbProfileStore:
                 if not _finite(values[f]):
                     raise CorruptRecord(f"profile {profile.key}: non-finite {f}")
             values["stats"] = _nan_to_none(values["stats"])   # JSON has no NaN
+            values["target"] = profile_target(profile.config)
             s.execute(update(ProfileRow).where(ProfileRow.id == pid).values(
                 **values, linear_order=[lp.name for lp in profile.linears], complete=True,
                 completed_at=utcnow()))
@@ -142,6 +143,11 @@ class DbProfileStore:
 _CACHE: OrderedDict[tuple[str, str], Profile] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 16
+
+
+def profile_target(config: dict | None) -> str:
+    """A profile's target from its config: ProfileConfig.to_dict() names it only for gguf."""
+    return str((config or {}).get("target") or "native")
 
 
 class CorruptRecord(ValueError):

@@ -13,7 +13,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from compressor.artifact import gguf_convert
 from compressor.checkpoint import headers as checkpoint
+from service.errors import Invalid, Unavailable
 
 MAX_REF_LEN = 500
 
@@ -83,6 +85,20 @@ def check_model_dir(path: Path, ref: str, trust_remote_code: bool) -> dict:
         return checkpoint.check_model_dir(path, ref, trust_remote_code)
     except checkpoint.ModelLoadError as exc:
         raise ModelRefError(str(exc)) from None
+
+
+def check_gguf_convertible(path: Path) -> str:
+    """A gguf request's model must be one llama.cpp's converter knows (it writes the GGUF's
+    metadata, tokenizer and kept tensors): its architecture, else a 422 naming it; a 503 when
+    this server has no llama.cpp source tree (`make llama-cpp`). Reads config.json and the
+    converter's sources only (no torch)."""
+    try:
+        return gguf_convert.check_convertible(path)
+    except gguf_convert.LlamaCppNotFound as exc:
+        raise Unavailable(f"target gguf is not available on this server: {exc}",
+                          code="gguf_unavailable") from None
+    except ValueError as exc:
+        raise Invalid(f"target gguf: {exc}", code="unsupported_architecture") from None
 
 
 def model_inventory(path: Path, ref: str, trust_remote_code: bool) -> checkpoint.Inventory:

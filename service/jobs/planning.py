@@ -17,6 +17,7 @@ from compressor.pipeline.profile_store import Profile
 from solver.budget import MAX_BUDGET_BYTES, BudgetError, InfeasibleBudget
 from solver.bytes import Option, fp16_bytes, option_bytes
 from solver.constraints import validate_constraints
+from solver.gguf_types import GGUF_MENU, gguf_tensor_bytes, types_for_row
 
 _PROBLEMS: OrderedDict[tuple[str, str], solver.AllocationProblem] = OrderedDict()
 _PROBLEMS_LOCK = threading.Lock()
@@ -33,12 +34,25 @@ def inventory_basis(inventory: dict) -> solver.BudgetBasis:
         fixed_bytes=sum(int(k["nbytes"]) for k in kept))
 
 
-def inventory_feasibility(inventory: dict) -> tuple[int, int]:
-    """Bytes range from the layer inventory alone: every linear at 2 bits without correction,
-    and every linear at fp16; kept parameters at their dtype."""
-    kept = sum(int(k["nbytes"]) for k in inventory.get("kept", []))
+def inventory_feasibility(inventory: dict, target: str = "native",
+                          gguf_menu: tuple[str, ...] = GGUF_MENU) -> tuple[int, int]:
+    """Bytes range from the layer inventory alone. Native: every linear at 2 bits without
+    correction, and every linear at fp16; kept parameters at their dtype. GGUF: every tensor at
+    the cheapest type of the menu its rows fit, and at its dearest; kept (1-D) tensors at 4
+    bytes a parameter, as llama.cpp's converter writes them (compressor.pipeline.profile.kept_bytes)."""
     shapes = [(int(li["out_features"]), int(li["in_features"]))
               for li in inventory.get("linears", [])]
+    if target == "gguf":
+        kept = 4 * sum(math.prod(k["shape"]) for k in inventory.get("kept", []))
+        lo = hi = kept
+        for m, n in shapes:
+            sizes = [gguf_tensor_bytes(t, m, n) for t in types_for_row(n, tuple(gguf_menu))]
+            if not sizes:
+                raise BudgetError(f"no GGUF type of {list(gguf_menu)} stores rows of {n} "
+                                  "elements; this model cannot be planned for target gguf")
+            lo, hi = lo + min(sizes), hi + max(sizes)
+        return lo, hi
+    kept = sum(int(k["nbytes"]) for k in inventory.get("kept", []))
     low = Option(bits=2, rank=0)
     return (kept + sum(option_bytes(m, n, low) for m, n in shapes),
             kept + sum(fp16_bytes(m, n) for m, n in shapes))
@@ -57,10 +71,12 @@ def budget_bytes(inventory: dict, budget: str | int | float) -> int:
     return nbytes
 
 
-def check_inventory_minimum(nbytes: int, inventory: dict) -> None:
-    """Before a profile exists: budgets below every-linear-at-2-bits name the feasible range
-    (with a profile, its own problem is the authority: `problem_at`)."""
-    lo, hi = inventory_feasibility(inventory)
+def check_inventory_minimum(nbytes: int, inventory: dict, target: str = "native",
+                            gguf_menu: tuple[str, ...] = GGUF_MENU) -> None:
+    """Before a profile exists: budgets below the inventory's minimum (every linear at 2 bits;
+    for gguf, every tensor at its cheapest type) name the feasible range (with a profile, its
+    own problem is the authority: `problem_at`)."""
+    lo, hi = inventory_feasibility(inventory, target, gguf_menu)
     if nbytes < lo:
         raise InfeasibleBudget(nbytes, lo, hi)
 

@@ -1,5 +1,5 @@
-"""Turning requests into rows and tasks: models seen once, one shared profile job per model,
-plan jobs that wait on it, idempotency keys per team."""
+"""Turning requests into rows and tasks: models seen once, one shared profile job per (model,
+target), plan jobs that wait on it, idempotency keys per team."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -29,14 +30,28 @@ from service.db.models import (
 from service.db.profile_store import DbProfileStore
 from service.db.session import Database, serialize_on
 from service.db.upsert import upsert
-from service.errors import Conflict, NotFound, TooManyRequests
+from service.errors import Conflict, Invalid, NotFound, TooManyRequests
 from service.jobs import planning
-from service.jobs.modelrefs import ResolvedModel, model_inventory, resolve_model
+from service.jobs.modelrefs import (
+    ResolvedModel,
+    check_gguf_convertible,
+    model_inventory,
+    resolve_model,
+)
 from service.jobs.queue import Queue
 from service.jobs.registry import Task
 from service.settings import Settings
+from solver.gguf_types import GGUF_MENU
 
 log = logging.getLogger(__name__)
+TARGETS = ("native", "gguf")
+
+
+def check_target(target: str) -> str:
+    """The request's target (the API's schema already allows only these)."""
+    if target not in TARGETS:
+        raise Invalid(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    return target
 
 
 @dataclass(frozen=True)
@@ -48,14 +63,18 @@ class PlanRequest:
     method: str = "exact"
     constraints: dict | None = None  # solver constraints as JSON; None: none given
     compress: bool = False
+    target: str = "native"           # "native" (CALDERA) or "gguf" (a llama.cpp type per tensor)
 
     def as_dict(self) -> dict:
         """The request as its JSON body (no None values): the idempotency hash and the job's
-        payload, unchanged from when this was the body dict."""
+        payload, unchanged from when this was the body dict (a native request names no
+        target, so its hash is the one it had before targets)."""
         body = {"model": self.model, "budget": self.budget, "method": self.method,
                 "compress": self.compress}
         if self.constraints is not None:
             body["constraints"] = self.constraints
+        if self.target != "native":
+            body["target"] = self.target
         return body
 
 
@@ -97,28 +116,44 @@ def resolve_and_register(db: Database, ref: str, settings: Settings) -> ModelRow
     return get_or_create_model(db, resolved, settings)
 
 
-def latest_profile_id(s: Session, model_id: str) -> str | None:
+def latest_profile_id(s: Session, model_id: str, target: str = "native") -> str | None:
+    """The model's newest complete profile for `target` (one profile per target)."""
     return s.scalar(select(ProfileRow.id).where(ProfileRow.model_id == model_id,
+                                                ProfileRow.target == target,
                                                 ProfileRow.complete.is_(True))
                     .order_by(ProfileRow.completed_at.desc()).limit(1))
 
 
-def ensure_profile_job(s: Session, model: ModelRow, team_id: str) -> tuple[Job, bool]:
-    """The one profile job of this model (shared by all teams). Returns (job, needs_enqueue):
-    True when it was just created, or when an earlier attempt failed and is being retried."""
-    dedup = f"profile:{model.fingerprint}"
+def profile_dedup_key(model: ModelRow, target: str = "native") -> str:
+    """The shared profile job's identity: one per (model, target); a native one keeps the key
+    it had before targets."""
+    return f"profile:{model.fingerprint}" + ("" if target == "native" else f":{target}")
+
+
+def gguf_menu(settings: Settings) -> tuple[str, ...]:
+    """The GGUF types a gguf profile samples (the operator's profile_config may narrow them)."""
+    return tuple((settings.profile_config or {}).get("gguf_types") or GGUF_MENU)
+
+
+def ensure_profile_job(s: Session, model: ModelRow, team_id: str,
+                       target: str = "native") -> tuple[Job, bool]:
+    """The one profile job of this model for `target` (shared by all teams). Returns (job,
+    needs_enqueue): True when it was just created, or when an earlier attempt failed and is
+    being retried."""
+    dedup = profile_dedup_key(model, target)
     new = new_id()
     upsert(s, Job.__table__, [{
         "id": new, "team_id": None, "created_by_team": team_id, "kind": JobKind.PROFILE,
         "status": JobStatus.QUEUED, "stage": "queued", "progress": 0.0, "attempts": 0,
-        "dedup_key": dedup, "model_id": model.id, "payload": {"model": model.ref},
+        "dedup_key": dedup, "model_id": model.id,
+        "payload": {"model": model.ref, "target": target},
         "result": {}, "history": [["queued", utcnow().isoformat()]], "created_at": utcnow(),
         "updated_at": utcnow()}], keys=["dedup_key"], update_cols=[])
     job = s.scalar(select(Job).where(Job.dedup_key == dedup))
     if job.id == new:
         return job, True
     if job.status == JobStatus.FAILED or (job.status == JobStatus.SUCCEEDED
-                                          and latest_profile_id(s, model.id) is None):
+                                          and latest_profile_id(s, model.id, target) is None):
         log.info("re-queuing profile job %s (was %s)", job.id, job.status)
         job.status, job.stage, job.progress = JobStatus.QUEUED, "queued", 0.0
         job.error = job.error_code = None
@@ -166,17 +201,21 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, re
         if replay:
             return replay
     model = resolve_and_register(db, req.model, settings)
+    target = check_target(req.target)
+    if target == "gguf":      # before any work: llama.cpp's converter must know the model
+        check_gguf_convertible(Path(model.path))
     budget_bytes = planning.budget_bytes(model.inventory, req.budget)   # the one parse
     constraints = req.constraints or None
     planning.check_constraints(constraints, model.inventory)
     with db.session() as s:
-        profile_id = latest_profile_id(s, model.id)
+        profile_id = latest_profile_id(s, model.id, target)
         check_team_limit(s, team_id, settings, lock=False)   # fail fast; enforced below
     profile = DbProfileStore(db).get_by_id(profile_id) if profile_id is not None else None
     if profile is not None:   # infeasible budgets fail now, with the solver's message
         planning.problem_at(profile, budget_bytes, constraints, profile_id)
-    else:                     # no profile yet: the inventory's bounds (2-bit Q, no correction)
-        planning.check_inventory_minimum(budget_bytes, model.inventory)
+    else:                     # no profile yet: the inventory's bounds (2-bit Q / cheapest type)
+        planning.check_inventory_minimum(budget_bytes, model.inventory, target,
+                                         gguf_menu(settings))
 
     to_enqueue: list[tuple[str, str]] = []
     try:
@@ -185,7 +224,7 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, re
             if idem_key and (replay := _replay(s, team_id, idem_key, rhash)) is not None:
                 return replay                          # a concurrent twin committed first
             plan = PlanRow(id=new_id(), team_id=team_id, model_id=model.id, profile_id=profile_id,
-                           budget=req.budget, method=req.method,
+                           budget=req.budget, method=req.method, target=target,
                            constraints=req.constraints or {}, compress=req.compress,
                            status=PlanStatus.PENDING,
                            budget_bytes=budget_bytes)
@@ -195,7 +234,7 @@ def submit_plan(db: Database, queue: Queue, settings: Settings, team_id: str, re
                       stage="queued", history=[["queued", utcnow().isoformat()]])
             profile_job_id = None
             if profile_id is None:
-                pjob, needs = ensure_profile_job(s, model, team_id)
+                pjob, needs = ensure_profile_job(s, model, team_id, target)
                 profile_job_id = job.depends_on = pjob.id
                 job.stage = "waiting for profile"
                 if needs:

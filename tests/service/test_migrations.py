@@ -54,3 +54,49 @@ def test_unique_constraints_exist_on_postgres(pg_url):
     assert ("dedup_key",) in uniques["jobs"]
     assert ("plan_id",) in uniques["artifacts"]
     assert ("key_id",) in uniques["api_keys"]
+
+
+def _check_target_migration(url: str) -> None:
+    """0005 adds plans.target and profiles.target: old rows read native, a stored gguf profile
+    (its config names the target) reads gguf; down and up again cleanly."""
+    engine = sa.create_engine(url)
+    now = sa.func.current_timestamp()
+    try:
+        upgrade(url, "0004")
+        meta = sa.MetaData()
+        meta.reflect(engine, only=["teams", "models", "plans", "profiles"])
+        t = meta.tables
+        with engine.begin() as conn:
+            conn.execute(t["teams"].insert().values(id="t1", name="team", created_at=now))
+            conn.execute(t["models"].insert().values(
+                id="m1", ref="tiny", path="/m", fingerprint="f", num_linears=0, linear_params=0,
+                kept_bytes=0, inventory={}, created_at=now))
+            conn.execute(t["plans"].insert().values(
+                id="p1", team_id="t1", model_id="m1", budget="1GB", method="exact",
+                constraints={}, compress=False, status="pending", result={}, created_at=now))
+            for pid, config in (("native", {"q_bits": [2, 4]}), ("gguf", {"target": "gguf"})):
+                conn.execute(t["profiles"].insert().values(
+                    id=pid, key=pid, model_id="m1", config=config, fixed_bytes=0,
+                    linear_order=[], block_sensitivity=[], block_proxy=[], stats={},
+                    complete=True, created_at=now))
+        upgrade(url)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT target FROM plans")).scalar_one() == "native"
+            assert dict(conn.execute(sa.text("SELECT id, target FROM profiles")).all()) == \
+                {"native": "native", "gguf": "gguf"}
+        downgrade(url, "0004")
+        insp = sa.inspect(engine)
+        for table in ("plans", "profiles"):
+            assert "target" not in {c["name"] for c in insp.get_columns(table)}
+        upgrade(url)
+        assert current(url) == head()
+    finally:
+        engine.dispose()
+
+
+def test_target_migration_sqlite(tmp_path):
+    _check_target_migration(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+
+
+def test_target_migration_postgres(fresh_pg_url):
+    _check_target_migration(fresh_pg_url)

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.api.deps import DbDep, SettingsDep, TeamDep
-from service.api.schemas import Feasibility, ModelCreate, ModelPublic, ProfileLinear, ProfilePublic
+from service.api.schemas import (
+    Feasibility,
+    ModelCreate,
+    ModelPublic,
+    ProfileLinear,
+    ProfilePublic,
+    Target,
+)
 from service.db.models import ErrorModel, ErrorSamples, LinearSensitivity, ModelRow, ProfileRow
 from service.db.profile_store import DbProfileStore
 from service.errors import Conflict, NotFound
 from service.jobs import planning
-from service.jobs.submit import latest_profile_id, resolve_and_register
+from service.jobs.modelrefs import check_gguf_convertible
+from service.jobs.submit import gguf_menu, latest_profile_id, resolve_and_register
+from solver.gguf_types import GGUF_MENU
 
 router = APIRouter(tags=["models"])
 MAX_LIST = 500
+TargetQuery = Annotated[Target, Query(description="the plan's target: one profile per target")]
 
 
 def _model(s: Session, model_id: str) -> ModelRow:
@@ -59,19 +72,21 @@ def get_model(model_id: str, team: TeamDep, db: DbDep) -> ModelPublic:
         return model_public(s, _model(s, model_id))
 
 
-def _profile_row(s: Session, model_id: str) -> ProfileRow:
+def _profile_row(s: Session, model_id: str, target: str = "native") -> ProfileRow:
     _model(s, model_id)
-    pid = latest_profile_id(s, model_id)
+    pid = latest_profile_id(s, model_id, target)
     if pid is None:
-        raise Conflict(f"model {model_id} has no profile yet; POST /v1/plans profiles it",
+        what = "profile" if target == "native" else f"{target} profile"
+        raise Conflict(f"model {model_id} has no {what} yet; POST /v1/plans profiles it",
                        code="not_profiled")
     return s.get(ProfileRow, pid)
 
 
 @router.get("/models/{model_id}/profile", response_model=ProfilePublic)
-def get_profile(model_id: str, team: TeamDep, db: DbDep) -> ProfilePublic:
+def get_profile(model_id: str, team: TeamDep, db: DbDep,
+                target: TargetQuery = "native") -> ProfilePublic:
     with db.session() as s:
-        row = _profile_row(s, model_id)
+        row = _profile_row(s, model_id, target)
         n = dict(s.execute(select(ErrorSamples.linear, ErrorSamples.n_samples)
                            .where(ErrorSamples.profile_id == row.id)).all())
         r2 = dict(s.execute(select(ErrorModel.linear, ErrorModel.r2)
@@ -89,14 +104,16 @@ def get_profile(model_id: str, team: TeamDep, db: DbDep) -> ProfilePublic:
                              block_sensitivity=list(row.block_sensitivity),
                              block_proxy=list(row.block_proxy), stats=dict(row.stats),
                              linears=linears,
-                             links={"plot": f"/v1/models/{model_id}/profile/plot.png"})
+                             links={"plot": f"/v1/models/{model_id}/profile/plot.png"
+                                    + ("" if target == "native" else f"?target={target}")})
 
 
 @router.get("/models/{model_id}/profile/plot.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}})
-def get_profile_plot(model_id: str, team: TeamDep, db: DbDep) -> Response:
+def get_profile_plot(model_id: str, team: TeamDep, db: DbDep,
+                     target: TargetQuery = "native") -> Response:
     with db.session() as s:
-        pid = _profile_row(s, model_id).id
+        pid = _profile_row(s, model_id, target).id
     profile = DbProfileStore(db).get_by_id(pid)
     from compressor.research.plots import profile_plot_png  # matplotlib loads on the first plot
 
@@ -104,14 +121,21 @@ def get_profile_plot(model_id: str, team: TeamDep, db: DbDep) -> Response:
 
 
 @router.get("/models/{model_id}/feasibility", response_model=Feasibility)
-def get_feasibility(model_id: str, team: TeamDep, db: DbDep) -> Feasibility:
+def get_feasibility(model_id: str, team: TeamDep, db: DbDep, target: TargetQuery = "native",
+                    settings: SettingsDep = None) -> Feasibility:
+    """The bytes range a plan of `target` may ask for (the dashboard calls this directly)."""
     with db.session() as s:
         row = _model(s, model_id)
-        pid = latest_profile_id(s, model_id)
-        inventory = row.inventory
+        pid = latest_profile_id(s, model_id, target)
+        inventory, path = row.inventory, row.path
     if pid is not None:
         profile = DbProfileStore(db).get_by_id(pid)
         lo, hi = planning.feasibility(profile, None, pid)
-        return Feasibility(model_id=model_id, min_bytes=lo, max_bytes=hi, source="profile")
-    lo, hi = planning.inventory_feasibility(inventory)
-    return Feasibility(model_id=model_id, min_bytes=lo, max_bytes=hi, source="inventory")
+        return Feasibility(model_id=model_id, min_bytes=lo, max_bytes=hi, source="profile",
+                           target=target)
+    if target == "gguf":
+        check_gguf_convertible(Path(path))
+    menu = gguf_menu(settings) if settings is not None else GGUF_MENU
+    lo, hi = planning.inventory_feasibility(inventory, target, menu)
+    return Feasibility(model_id=model_id, min_bytes=lo, max_bytes=hi, source="inventory",
+                       target=target)

@@ -71,7 +71,7 @@ def list_plans(team: TeamDep, db: DbDep, limit: Annotated[int, Query(ge=1, le=50
         rows = s.scalars(select(PlanRow).where(PlanRow.team_id == team.id)
                          .order_by(PlanRow.created_at.desc()).limit(limit)).all()
         return [PlanSummary(id=p.id, status=p.status, model_id=p.model_id, budget=p.budget,
-                            total_bytes=p.total_bytes, predicted_error=p.predicted_error,
+                            target=p.target, total_bytes=p.total_bytes, predicted_error=p.predicted_error,
                             job_id=p.job_id, created_at=p.created_at,
                             links={"self": f"/v1/plans/{p.id}"}) for p in rows]
 
@@ -91,6 +91,7 @@ def get_plan(plan_id: str, team: TeamDep, db: DbDep) -> PlanPublic:
         return PlanPublic(
             id=plan.id, status=plan.status, model=ModelRef(id=model.id, ref=model.ref),
             budget=plan.budget, method=plan.method, constraints=plan.constraints or {},
+            target=plan.target,
             budget_bytes=plan.budget_bytes, total_bytes=plan.total_bytes,
             predicted_error=plan.predicted_error, optimality_gap=plan.optimality_gap,
             notes=list((plan.result or {}).get("notes") or []),

@@ -63,7 +63,8 @@ def plan_request(form: dict[str, str]) -> PlanRequest:
     unit = form.get("unit", "")
     budget = form.get("budget", "").strip()
     body: dict = {"model": form.get("model", ""), "budget": f"{budget}{unit}" if unit else budget,
-                  "method": form.get("method") or "exact", "compress": "compress" in form}
+                  "method": form.get("method") or "exact", "compress": "compress" in form,
+                  "target": form.get("target") or "native"}
     text = form.get("constraints", "").strip()
     if text:
         try:

@@ -16,6 +16,7 @@ from sqlalchemy import select
 import solver
 from compressor import api
 from compressor.artifact.archive import archive_sha256
+from compressor.artifact.gguf_convert import ConversionError, LlamaCppNotFound
 from compressor.pipeline.execute import DirCompressStore, ExecuteConfig, Executed
 from service.db.models import Artifact, ArtifactStatus, Job, JobStatus, ModelRow, PlanRow, utcnow
 from service.db.profile_store import DbProfileStore
@@ -53,11 +54,15 @@ def compress_stage(ctx: StageContext) -> StageResult:
             ctx.report(f"compress/{stage}", {"load": 0.02, "save": 0.86}.get(stage, 0.0))
 
     try:
-        done = api.compress(model_path, profile, plan, root / art_id, config=config, store=store,
-                            progress=progress)
+        try:
+            done = api.compress(model_path, profile, plan, root / art_id, config=config,
+                                store=store, progress=progress)
+        except (LlamaCppNotFound, ConversionError) as exc:   # target gguf: llama.cpp's part
+            raise JobFailed(str(exc), "gguf_unavailable" if isinstance(exc, LlamaCppNotFound)
+                            else "gguf_conversion") from None
         # the digest of the one download (the artifact's deterministic tar), not of one file;
         # read before the transaction opens, so no session is held while GBs are hashed
-        digest, _ = archive_sha256(done.artifact)
+        digest, _ = archive_sha256(artifact_dir(done))
         check_cancelled(ctx.db, ctx.job_id)   # cancelled while saving or measuring
         with ctx.db.session() as s:
             # under the job's lock (as `state.cancel` takes it): a cancel either lands before
@@ -76,10 +81,17 @@ def compress_stage(ctx: StageContext) -> StageResult:
                        links={"artifact_id": art_id, "plan_id": plan_row.id})
 
 
+def artifact_dir(done: Executed) -> Path:
+    """The directory a download archives: the artifact itself (native), or the folder of a
+    gguf target's model.gguf (beside it its reference.gguf and tensor-types.txt)."""
+    return done.artifact if done.artifact.is_dir() else done.artifact.parent
+
+
 def _mark_ready(row: Artifact, done: Executed, digest: str) -> None:
+    folder = artifact_dir(done)
     row.status = ArtifactStatus.READY
-    row.path = str(done.artifact)
-    row.bytes = sum(f.stat().st_size for f in done.artifact.iterdir() if f.is_file())
+    row.path = str(folder)
+    row.bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     row.tensor_bytes = done.tensor_bytes
     row.sha256 = digest
     row.metrics = done.metrics

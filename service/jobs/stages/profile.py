@@ -16,8 +16,9 @@ from service.jobs.state import JobFailed
 from service.settings import Settings
 
 
-def profile_config(settings: Settings) -> ProfileConfig:
-    """The operator's ProfileConfig (part of the profile key: change it, get a new profile)."""
+def profile_config(settings: Settings, target: str = "native") -> ProfileConfig:
+    """The operator's ProfileConfig for `target` (part of the profile key: change it, get a new
+    profile). The target is the job's (its plan request's), never the operator's."""
     def norm(v: object) -> object:   # JSON lists back to the config's tuples
         return tuple(norm(x) for x in v) if isinstance(v, list) else v
 
@@ -27,7 +28,16 @@ def profile_config(settings: Settings) -> ProfileConfig:
     unknown = set(over) - set(ProfileConfig.__dataclass_fields__)
     if unknown:
         raise JobFailed(f"unknown profile_config keys: {sorted(unknown)}", "bad_settings")
-    return ProfileConfig(**over)
+    over["target"] = target
+    try:
+        return ProfileConfig(**over)
+    except ValueError as exc:
+        raise JobFailed(f"profile_config: {exc}", "bad_settings") from None
+
+
+def job_target(job: Job) -> str:
+    """A profile (or shard) job's target; jobs from before targets are native."""
+    return str((job.payload or {}).get("target") or "native")
 
 
 def fit_summary(profile: Profile) -> dict:
@@ -49,11 +59,12 @@ def profile_stage(ctx: StageContext) -> StageResult:
     with ctx.db.session() as s:
         job = s.get(Job, ctx.job_id)
         model = s.get(ModelRow, job.model_id) if job.model_id else None
+        target = job_target(job)
     if model is None:
         raise JobFailed("profile job has no model", "invalid_job")
     store = DbProfileStore(ctx.db)
     settings = ctx.settings
-    cfg = profile_config(settings)
+    cfg = profile_config(settings, target)
 
     def progress(stage: str, frac: float) -> None:   # load/linears/blocks → profile/…
         if stage != "done":
@@ -94,7 +105,10 @@ def profile_stage(ctx: StageContext) -> StageResult:
 
 def shard_stage(ctx: StageContext) -> StageResult:
     """One block range of a sharded profile (service.jobs.stages.shards)."""
-    return shards.run_shard(ctx, profile_config(ctx.settings))
+    with ctx.db.session() as s:
+        job = s.get(Job, ctx.job_id)
+        target = job_target(job) if job is not None else "native"
+    return shards.run_shard(ctx, profile_config(ctx.settings, target))
 
 
 def fit_stage(ctx: StageContext) -> StageResult:

@@ -66,7 +66,7 @@ def create_shards(ctx: StageContext, src: ProfileSource, model: ModelRow, n: int
             s.add(Job(id=sid, team_id=None, kind=JobKind.PROFILE_SHARD, parent_id=ctx.job_id,
                       model_id=model.id, status=JobStatus.QUEUED, stage="queued",
                       payload={"blocks": [blocks.start, blocks.stop], "profile_key": src.key,
-                               "weights_hash": src.weights_hash},
+                               "weights_hash": src.weights_hash, "target": src.cfg.target},
                       history=[["queued", utcnow().isoformat()]]))
             ids.append(sid)
     return ids

@@ -3,15 +3,13 @@ at submit), from the model's stored profile."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
-from service.db.models import Job, PlanRow, PlanStatus, ProfileRow, utcnow
-from service.db.profile_store import DbProfileStore
+from service.db.models import Job, PlanRow, PlanStatus, utcnow
+from service.db.profile_store import DbProfileStore, profile_target
 from service.jobs.context import StageContext, StageResult
 from service.jobs.planning import solve_plan
 from service.jobs.registry import Task
 from service.jobs.state import JobFailed
-from service.jobs.submit import ensure_compress_job
+from service.jobs.submit import ensure_compress_job, latest_profile_id
 
 
 def _profile_for(ctx: StageContext, job: Job, plan: PlanRow) -> str | None:
@@ -22,9 +20,7 @@ def _profile_for(ctx: StageContext, job: Job, plan: PlanRow) -> str | None:
             dep = s.get(Job, job.depends_on)
             if dep is not None and dep.profile_id:
                 return dep.profile_id
-        return s.scalar(select(ProfileRow.id).where(ProfileRow.model_id == plan.model_id,
-                                                    ProfileRow.complete.is_(True))
-                        .order_by(ProfileRow.completed_at.desc()).limit(1))
+        return latest_profile_id(s, plan.model_id, plan.target)
 
 
 def solve_stage(ctx: StageContext) -> StageResult:
@@ -37,6 +33,9 @@ def solve_stage(ctx: StageContext) -> StageResult:
     profile = DbProfileStore(ctx.db).get_by_id(profile_id) if profile_id else None
     if profile is None:
         raise JobFailed("no complete profile for this model", "profile_missing")
+    if profile_target(profile.config) != plan.target:
+        raise JobFailed(f"profile {profile_id} is a {profile_target(profile.config)} profile; "
+                        f"this plan's target is {plan.target}", "profile_mismatch")
     ctx.report("solve", 0.05)
     result = solve_plan(profile, plan.budget_bytes, plan.constraints, plan.method, profile_id)
     follow: list[tuple[str, str]] = []
