@@ -164,9 +164,20 @@ def _fresh(out: Path, model_dir: Path, outtype: str) -> bool:
         return False
 
 
+def check_vocabulary(model_dir: str | os.PathLike) -> None:
+    """The converter's vocabulary pass alone (`--vocab-only`, seconds): a tokenizer it cannot
+    convert — a BPE pre-tokenizer it does not recognise — raises ConversionError before any
+    profiling or compression, instead of after."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bitplan-vocab-") as tmp:
+        convert_reference(model_dir, Path(tmp) / "vocab.gguf", vocab_only=True)
+
+
 def convert_reference(model_dir: str | os.PathLike, out_path: str | os.PathLike,
                       outtype: str = "bf16",
-                      progress: Callable[[str], None] | None = None) -> Path:
+                      progress: Callable[[str], None] | None = None, *,
+                      vocab_only: bool = False) -> Path:
     """llama.cpp's converter run on `model_dir`, writing `out_path` (kept as it is when it is
     already a conversion of the model's current files). `progress` gets each line the
     converter logs. A failure raises ConversionError with the converter's last error line."""
@@ -175,7 +186,7 @@ def convert_reference(model_dir: str | os.PathLike, out_path: str | os.PathLike,
         raise ValueError(f"outtype {outtype!r}: the reference is one of {', '.join(OUTTYPE_FTYPE)}")
     src = llama_cpp_source()
     check_convertible(model_dir, src)
-    if _fresh(out, model_dir, outtype):
+    if not vocab_only and _fresh(out, model_dir, outtype):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".partial")
@@ -183,7 +194,7 @@ def convert_reference(model_dir: str | os.PathLike, out_path: str | os.PathLike,
                PYTHONPATH=os.pathsep.join(filter(None, [str(src / "gguf-py"),
                                                         os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir),
-           "--outtype", outtype, "--outfile", str(part)]
+           "--outtype", outtype, "--outfile", str(part)] + (["--vocab-only"] if vocab_only else [])
     tail: deque[str] = deque(maxlen=400)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             errors="replace", env=env)

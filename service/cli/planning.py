@@ -85,8 +85,8 @@ def stored_profile(model: str, target: str = "native"):
     key = idx.get(_ref_key(model, target))
     prof = FileProfileStore(profile_root()).get(key) if key else None
     if prof is None:
-        flag = "" if target == "native" else f" --target {target}"
-        raise UserError(f"no stored {target} profile for {model!r}; run "
+        what, flag = ("", "") if target == "native" else (f" {target}", f" --target {target}")
+        raise UserError(f"no stored{what} profile for {model!r}; run "
                         f"`bitplan profile {model}{flag}` first")
     return prof
 
@@ -105,11 +105,16 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
     from compressor.pipeline.profile import ProfileConfig  # torch
 
     check_model_ref(model)
-    if target == "gguf":   # before any work: llama.cpp's converter must know the architecture
-        from compressor.artifact.gguf_convert import check_convertible
+    if target == "gguf":   # before any work: llama.cpp's converter must take the model
+        from compressor.artifact.gguf_convert import (
+            ConversionError,
+            check_convertible,
+            check_vocabulary,
+        )
         try:
             check_convertible(Path(model))
-        except ValueError as exc:
+            check_vocabulary(Path(model))
+        except (ValueError, ConversionError, FileNotFoundError) as exc:
             raise UserError(str(exc)) from None
     settings = get_settings()
     cfg = ProfileConfig(target=target)

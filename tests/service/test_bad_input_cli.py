@@ -32,6 +32,9 @@ CLI_CASES = [
     ("unknown method", ["plan", "tiny", "--budget", "1GB", "--method", "magic"], "invalid choice"),
     ("missing budget", ["plan", "tiny"], "--budget"),
     ("no stored profile", ["plan", "other", "--budget", "1GB"], "no stored profile"),
+    ("no stored gguf profile", ["plan", "tiny", "--target", "gguf", "--budget", "1GB"],
+     "no stored gguf profile"),
+    ("unknown target", ["profile", "tiny", "--target", "onnx"], "invalid choice"),
     ("constraints malformed json", ["plan", "tiny", "--budget", "0.5x", "--constraints",
                                     "{d}/bad.json"], "error"),
     ("constraints file missing", ["plan", "tiny", "--budget", "0.5x", "--constraints",
@@ -61,6 +64,25 @@ def test_cli_bad_input_exits_2_with_one_line(cli_home, capsys, case):
     assert "Traceback" not in err
     last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
     assert "error" in last and fragment.lower() in last.lower(), err
+
+
+def test_a_gguf_profile_of_a_tokenizer_llama_cpp_refuses_stops_before_any_work(cli_home,
+                                                                               capsys):
+    """The demo's BPE pre-tokenizer is one llama.cpp's converter does not recognise: `bitplan
+    profile --target gguf` says so in one line (its vocabulary pass, seconds) instead of
+    profiling for minutes and failing at compress."""
+    from service.cli import main
+    from service.settings import DEMO_MODEL
+    from tests.helpers.llama_cpp import llama_cpp_source
+
+    llama_cpp_source()
+    index = (cli_home / "profiles" / "index.json").read_text()
+    code = main(["profile", str(DEMO_MODEL), "--target", "gguf"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
+    assert "converter failed" in last and "pre-tokenizer was not recognized" in last, err
+    assert (cli_home / "profiles" / "index.json").read_text() == index   # nothing profiled
 
 
 @pytest.mark.parametrize("env,argv,status,fragment", [

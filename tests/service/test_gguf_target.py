@@ -211,17 +211,22 @@ def test_each_target_plans_on_its_own_profile(both):
     assert {n: o.to_dict() for n, o in got.items()} ==         {li["name"]: Option.from_dict(li).to_dict() for li in plans["gguf"]["linears"]}
 
 
-def test_a_gguf_plan_profiles_for_gguf_in_shards_and_solves(tmp_path, sqlite_url, model_root,
-                                                            tiny_model):
+def test_a_gguf_plan_profiles_for_gguf_in_shards_and_solves(tmp_path, sqlite_url):
     """The in-process worker end to end: the shared profile job (two block-range shards)
-    profiles the tiny model for target gguf, and the plan solves on it, a type per tensor."""
+    profiles a tiny Llama the converter takes (bench/tiny_llama.py) for target gguf, and the
+    plan solves on it, a type per tensor."""
+    from bench.tiny_llama import write_tiny_llama
+    from tests.helpers.llama_cpp import llama_cpp_source
     from tests.helpers.profiles import TINY_PROFILE
 
-    settings = make_settings(tmp_path, sqlite_url, model_roots=[model_root],
+    llama_cpp_source()   # the profile stage checks the converter takes the tokenizer
+    root = tmp_path / "models"
+    write_tiny_llama(root / "tiny-llama")
+    settings = make_settings(tmp_path, sqlite_url, model_roots=[root],
                              profile_config=TINY_PROFILE, profile_shards=2)
     env = make_env(settings)
     try:
-        a = _plan(env, target="gguf", budget="0.5x").json()
+        a = _plan(env, model="tiny-llama", target="gguf", budget="0.5x").json()
         assert env.queue.wait_idle(240)
         pj = env.client.get(f"/v1/jobs/{a['profile_job_id']}", headers=env.h("alpha")).json()
         assert pj["status"] == "succeeded", pj

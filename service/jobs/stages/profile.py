@@ -4,6 +4,7 @@ through the database store, and check its fitted error models."""
 from __future__ import annotations
 
 from compressor import api
+from compressor.artifact.gguf_convert import ConversionError, LlamaCppNotFound, check_vocabulary
 from compressor.pipeline.profile import ProfileConfig, open_profile
 from compressor.pipeline.profile_store import Profile, seed_shipped_profile
 from compressor.quant.decomposed import DecompositionConfig
@@ -71,6 +72,12 @@ def profile_stage(ctx: StageContext) -> StageResult:
             ctx.report(f"profile/{stage}", 0.95 * frac)
 
     ctx.report("profile", 0.0)
+    if target == "gguf":   # a tokenizer llama.cpp's converter refuses fails now, not at compress
+        try:
+            check_vocabulary(model.path)
+        except (LlamaCppNotFound, ConversionError) as exc:
+            raise JobFailed(str(exc), "gguf_unavailable" if isinstance(exc, LlamaCppNotFound)
+                            else "gguf_conversion") from None
     seed_shipped_profile(store, model.path)
     shard_jobs = state.children(ctx.db, ctx.job_id)
     src = open_profile(model.path, cfg, device=settings.device,
