@@ -121,9 +121,25 @@ def _header(plan: Plan, profile: Profile, problem: AllocationProblem) -> list[st
     ]
 
 
+def _gguf_types(plan: Plan, nbytes: dict[str, int], total: int) -> list[str]:
+    """A GGUF plan's mix: tensors and bytes per llama.cpp type, most bytes first."""
+    count: Counter = Counter()
+    share: Counter = Counter()
+    for name, opt in plan.assignments.items():
+        count[opt.gguf_type] += 1
+        share[opt.gguf_type] += nbytes[name]
+    rows = [f"{'type':>8}{'tensors':>9}{'bytes':>12}{'share':>10}"]
+    for t in sorted(count, key=lambda t: (-share[t], t)):
+        rows.append(f"{t:>8}{count[t]:>9}{format_bytes(share[t]):>12}"
+                    f"{_pct(share[t], total):>10}")
+    return rows
+
+
 def _formats(plan: Plan, problem: AllocationProblem) -> list[str]:
     nbytes = linear_bytes(plan, problem)
     total = sum(nbytes.values())
+    if all(opt.gguf_type for opt in plan.assignments.values()):
+        return _gguf_types(plan, nbytes, total)
     count: Counter = Counter()
     share: Counter = Counter()
     ranks: dict[int, Counter] = defaultdict(Counter)
@@ -192,8 +208,9 @@ def summarize_profile(profile: Profile, peak_rss: int | None = None) -> str:
     lines = [f"profile of {profile.model_ref}: {len(profile.linears)} tensors, "
              f"{st.get('num_blocks', '?')} blocks (key {profile.key})",
              _line("measured", f"{st.get('wall_s', 0):.1f} s ({stages})"),
-             _line("sensitivity", f"α from the {how}; fitted E_i R² "
-                                  f"{st.get('fit_r2_mean', math.nan):.4f}")]
+             _line("sensitivity", f"α from the {how}; " + (
+                 "every GGUF type's error measured by our encoders" if cfg.get("target") ==
+                 "gguf" else f"fitted E_i R² {st.get('fit_r2_mean', math.nan):.4f}"))]
     if peak_rss:
         lines.append(_line("peak memory", f"{format_bytes(peak_rss)} (this process)"))
     blocks = profile.block_sensitivity
