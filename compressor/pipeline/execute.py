@@ -188,16 +188,17 @@ def execute_plan(model_ref: str, profile: Profile, plan: solver.Plan, out_dir: P
 
 
 @torch.no_grad()
-def planned_weights(sm: StreamedModel, calib: torch.Tensor, todo: list[str]
+def planned_weights(sm: StreamedModel, calib: torch.Tensor, todo: list[str],
+                    head_kinds: tuple[str, ...] = ("head",)
                     ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, str | None]]:
     """(name, W, H, vocabulary kind or None) of every linear in `todo`, block by block: the
     calibration stream is the original model's, each block's Hessians exist while it is
-    resident, the embedding and head come last (vocab.py). What every target's compression
-    loop walks."""
+    resident, the embedding and head come last (vocab.py; `head_kinds` get the head's H).
+    What every target's compression loop walks."""
     vocab = {li.name: li for li in vocab_modules(sm.model)}
     X = torch.cat([sm.inputs(calib[i:i + BATCH])[0] for i in range(0, len(calib), BATCH)])
     # an untied head's Hessian needs the final hidden states: then every block runs
-    head = any(vocab[n].kind == "head" for n in todo if n in vocab)
+    head = any(vocab[n].kind in head_kinds for n in todo if n in vocab)
     last = sm.num_blocks - 1 if head else max(
         (block_index(n) for n in todo if n not in vocab), default=-1)
     for j in range(last + 1):
@@ -213,7 +214,7 @@ def planned_weights(sm: StreamedModel, calib: torch.Tensor, todo: list[str]
                 del W
     for name in (n for n in todo if n in vocab):   # the embedding and head (vocab.py)
         li = vocab[name]
-        yield name, sm.vocab_weight(name), vocab_hessian(sm, li, X), li.kind
+        yield name, sm.vocab_weight(name), vocab_hessian(sm, li, X, head_kinds), li.kind
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from compressor.pipeline.gguf_target import encode_for_plan
 from compressor.pipeline.planning import predicted_kl
 from compressor.pipeline.profile import ProfileConfig, calibration
 from compressor.pipeline.profile_store import Profile
+from compressor.pipeline.vocab import head_reads
 from compressor.quant.gguf_blocks import decode_gguf
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,13 @@ def execute_gguf(model_ref: str, profile: Profile, plan: solver.Plan, out_dir: P
     out = out_dir / MODEL_FILE
     total, done = max(len(plan.assignments), 1), 0
     perms = {g: p for g, p in names.values()}
+    kinds = head_reads(cfg)     # the head, and a tied tensor read as one (vocab.py)
     with clock.stage("compress"), GGUFPlanWriter(ref, out, types, perms=perms) as writer:
         for name, W, H, kind in planned_weights(sm, calibration(tok, cfg),
-                                                list(plan.assignments)):
+                                                list(plan.assignments), kinds):
             t0 = time.perf_counter()
             opt = plan.assignments[name]
-            enc = encode_for_plan(W, opt.gguf_type, H, lookup=kind not in (None, "head"))
+            enc = encode_for_plan(W, opt.gguf_type, H, lookup=kind not in (None, *kinds))
             writer.put(names[name][0], enc.data)     # rows in checkpoint order: π is the writer's
             log.info("%s %s: %d bytes, %.2fs", name, opt.gguf_type, enc.data.nbytes,
                      time.perf_counter() - t0)

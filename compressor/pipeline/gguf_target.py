@@ -24,9 +24,11 @@ from solver.gguf_types import GGUF_MENU, types_for_row
 TARGETS = ("native", "gguf")
 
 
-def check_target(target: str) -> str:
+def check_target(target: str, tied: str = "head") -> str:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if tied not in ("head", "lookup"):   # how a GGUF profile rounds a tied tensor (vocab.py)
+        raise ValueError(f"gguf_tied must be head or lookup, got {tied!r}")
     return target
 
 

@@ -33,7 +33,7 @@ from compressor.pipeline.gguf_target import GGUF_MENU, check_target, sample_gguf
 from compressor.pipeline.planning import is_gguf_fit
 from compressor.pipeline.profile_store import LinearProfile, Profile, ProfileStore, profile_key
 from compressor.pipeline.sensitivity import spearman, summarize
-from compressor.pipeline.vocab import sample_vocab_items, start_vocab_probes
+from compressor.pipeline.vocab import head_reads, sample_vocab_items, start_vocab_probes
 from compressor.quant.decompose import decompose, q_only_many
 from compressor.quant.decomposed import DecompositionConfig
 from compressor.quant.hessian import HessianHooks, linear_weight
@@ -44,7 +44,7 @@ from solver.errormodel import ErrorModel, fit, group_factor_samples, sample_tail
 
 Progress = Callable[[str, float], None]
 FISHER = ("sensitivity", "fisher_seqs", "fisher_samples")   # fields a probe profile omits
-GGUF = ("target", "gguf_types")                              # fields a native profile omits
+GGUF = ("target", "gguf_types", "gguf_tied")                # fields a native profile omits
 
 # One outer CALDERA iteration with two L/R alternations: about a third of the default's time.
 # Plans are executed with the same config they were profiled with, so predictions match.
@@ -79,9 +79,10 @@ class ProfileConfig:
     # gguf_target.py: every type of gguf_types a tensor's rows fit is sampled)
     target: str = "native"
     gguf_types: tuple[str, ...] = GGUF_MENU
+    gguf_tied: str = "head"      # a tied tensor rounded as the head it is (vocab.head_reads)
 
     def __post_init__(self) -> None:
-        check_target(self.target)
+        check_target(self.target, self.gguf_tied)
         if self.sensitivity not in ("probe", "fisher"):
             raise ValueError(f"sensitivity must be probe or fisher, got {self.sensitivity!r}")
         if len(set(self.q_bits)) < 3:   # the fit of Q alone (the embedding's) needs 3 points
@@ -96,8 +97,7 @@ class ProfileConfig:
                             "group_bits": list(self.group_bits),
                             "anchors": [list(a) for a in self.anchors],
                             "gguf_types": list(self.gguf_types)}
-        # a probe (or native) profile keeps the dict, so the key, it had before the Fisher
-        # (or GGUF) option
+        # a probe (native) profile keeps the dict, so the key, it had before Fisher (GGUF)
         return {k: v for k, v in d.items() if (self.sensitivity != "probe" or k not in FISHER)
                 and (self.target != "native" or k not in GGUF)}
 
@@ -250,7 +250,7 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
         # the embedding and head: profiled by the sweep holding the last block (vocab.py)
         vocab = [li for li in inv.linears if li.is_vocab and li.name not in records
                  ] if blocks.stop == L else []
-        start_vocab_probes(sm, probes, vocab, cfg.probe_t, cfg.seed)
+        start_vocab_probes(sm, probes, vocab, cfg.probe_t, cfg.seed, head_reads(cfg))
     span = max(len(blocks), 1)
     for j in range(L):
         if j >= blocks.stop and not probes.pending:

@@ -12,6 +12,10 @@ with three differences:
   tied tensor's stream meets the perturbed head too; a head's probe is the clean final stream
   through the perturbed head.
 - Menu: Q alone (rank 0): an L·R correction would make a lookup a matmul.
+- The GGUF target (gguf_target.py) with Fisher α rounds a tied tensor as the head it also is:
+  under the head's Hessian (the normed final states), its α's ratio under the same H
+  (`head_reads`). Its head columns' importance is very uneven (one column of SmolLM2's is 1357×
+  the median): rounded as a lookup, KLD in llama.cpp was 0.0166 where this gives 0.0060.
 The sweep that holds the last block profiles them (it has the final hidden states and carries
 every stream from block 0 anyway), so a sharded profile gets them exactly once.
 """
@@ -49,10 +53,19 @@ def check_vocab_option(name: str, kind: str, option) -> None:
                          f"got rank {option.rank}")
 
 
-def vocab_hessian(sm: StreamedModel, li: LinearInfo, final: Tensor | None) -> Tensor:
+def head_reads(cfg) -> tuple[str, ...]:
+    """The vocabulary kinds rounded, sampled and scaled under the head's Hessian: an untied
+    head always; a tied tensor too for a GGUF profile with Fisher α (module docstring)."""
+    gguf = (getattr(cfg, "target", "native") == "gguf" and cfg.sensitivity == "fisher"
+            and cfg.gguf_tied == "head")
+    return ("head", "tied") if gguf else ("head",)
+
+
+def vocab_hessian(sm: StreamedModel, li: LinearInfo, final: Tensor | None,
+                  kinds: tuple[str, ...] = ("head",)) -> Tensor:
     """H of a vocabulary item: the identity for a lookup, XᵀX / tokens of the normed final
-    hidden states `final` [N, T, D] for an untied head."""
-    if li.kind != "head":
+    hidden states `final` [N, T, D] for an untied head (and the `kinds` read as one)."""
+    if li.kind not in kinds:
         return torch.eye(li.in_features, device=sm.device)
     H = torch.zeros(li.in_features, li.in_features, dtype=torch.float64, device=sm.device)
     for i in range(0, len(final), 8):
@@ -68,7 +81,8 @@ def sample_vocab(li: LinearInfo, W: Tensor, H: Tensor, cfg) -> LinearProfile:
     if not torch.isfinite(W).all():
         raise ValueError(f"{li.name} has NaN/inf weights; cannot profile this model")
     if cfg.target == "gguf":   # every GGUF type its rows fit (gguf_target.py)
-        samples, gguf_fit = sample_gguf(W, H, cfg.gguf_types, lookup=li.kind != "head")
+        samples, gguf_fit = sample_gguf(W, H, cfg.gguf_types,
+                                        lookup=li.kind not in head_reads(cfg))
         return LinearProfile(li.name, None, li.out_features, li.in_features, samples=samples,
                              fit=gguf_fit)
     options = cfg.q_only_options()
@@ -92,11 +106,14 @@ def perturbed_table(W: Tensor, H: Tensor, t: float, seed: int) -> Tensor:
 
 
 def start_vocab_probes(sm: StreamedModel, probes: StreamedProbes | FisherProbes,
-                       items: list[LinearInfo], t: float, seed: int) -> None:
+                       items: list[LinearInfo], t: float, seed: int,
+                       kinds: tuple[str, ...] = ("head",)) -> None:
     """Before block 0: the embedding's (or tied tensor's) perturbed stream; a tied tensor's
     perturbed head is noted for the end. Lookups are scaled against H = I. Fisher probes
     (fisher.py) only note the lookup's weight ratio."""
     for li in items:
+        if li.kind in kinds:          # scaled under the head's H, after the last block
+            continue
         if li.kind in ("embedding", "tied") and isinstance(probes, FisherProbes):
             probes.vocab(li.name, li.kind, sm.vocab_weight(li.name), None)   # H = I
         elif li.kind in ("embedding", "tied"):
@@ -111,7 +128,8 @@ def start_vocab_probes(sm: StreamedModel, probes: StreamedProbes | FisherProbes,
 
 def finish_head_probe(sm: StreamedModel, probes: StreamedProbes | FisherProbes,
                       li: LinearInfo, H: Tensor, t: float, seed: int) -> None:
-    """After the last block: an untied head's probe (its noise scaled against its H)."""
+    """After the last block: an untied head's probe (its noise scaled against its H); a tied
+    tensor read as the head notes its ratio under that H."""
     if isinstance(probes, FisherProbes):
         probes.vocab(li.name, li.kind, sm.vocab_weight(li.name), H)
         return
@@ -124,10 +142,11 @@ def sample_vocab_items(sm: StreamedModel, probes: StreamedProbes | FisherProbes,
     """After the last block (`final`: the calibration's final hidden states): sample every
     vocabulary item not yet in `partial` (each handed to `put` as it is done) and start an
     untied head's probe."""
+    kinds = head_reads(cfg)
     for li in items:
-        H = vocab_hessian(sm, li, final)
+        H = vocab_hessian(sm, li, final, kinds)
         if li.name not in partial:
             partial[li.name] = sample_vocab(li, sm.vocab_weight(li.name), H, cfg)
             put(partial[li.name])
-        if li.kind == "head":
+        if li.kind in kinds:
             finish_head_probe(sm, probes, li, H, cfg.probe_t, cfg.seed)
