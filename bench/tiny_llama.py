@@ -15,8 +15,9 @@ from pathlib import Path
 HIDDEN, INTERMEDIATE, BLOCKS, HEADS, KV_HEADS, VOCAB, CONTEXT = 256, 512, 2, 4, 2, 512, 256
 
 
-def write_tiny_llama(out: Path, *, seed: int = 0) -> Path:
-    """The model directory `out` (config, safetensors, tokenizer.model, tokenizer_config)."""
+def write_tiny_llama(out: Path, *, seed: int = 0, tied: bool = False) -> Path:
+    """The model directory `out` (config, safetensors, tokenizer.model, tokenizer_config);
+    `tied`: the head shares the embedding (as SmolLM2's does)."""
     import sentencepiece as spm
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -36,7 +37,7 @@ def write_tiny_llama(out: Path, *, seed: int = 0) -> Path:
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                       num_hidden_layers=BLOCKS, num_attention_heads=HEADS,
                       num_key_value_heads=KV_HEADS, max_position_embeddings=CONTEXT,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
