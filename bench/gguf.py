@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench import llama_cpp
+from bench.progress import StageProgress
 from compressor import api
 from compressor.artifact.gguf_convert import check_convertible, convert_reference
 from compressor.checkpoint.data import Split, load_text
@@ -116,7 +117,7 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
     _say("profiling for the GGUF target (reused when the data dir has it)")
     t0 = time.perf_counter()
     store = FileProfileStore(get_settings().data_dir / "profiles")
-    prof = run_profile(str(model), store, config=cfg, progress=lambda stage, frac: None)
+    prof = run_profile(str(model), store, config=cfg, progress=StageProgress(_say, "profile"))
     profile_s = time.perf_counter() - t0
     problem = api.problem(prof)
     config = ExecuteConfig(eval_seqs=QUICK["eval_seqs"] if quick else EVAL_SEQS)
@@ -131,7 +132,7 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
         for _ in range(8):   # the file's overhead may differ by a few padding bytes
             plan = api.plan(prof, budget, base=problem)
             done = execute_gguf(str(model), prof, plan, tmp / f"bitplan-{mix}", config,
-                                reference=ref)
+                                StageProgress(_say, f"{mix} compress"), reference=ref)
             excess = done.artifact.stat().st_size - their_bytes
             if excess <= 0:
                 break

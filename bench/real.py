@@ -35,6 +35,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import solver
+from bench.progress import StageProgress
 from bench.tiny_gguf import write_tiny_llama_gguf
 from compressor import api
 from compressor.checkpoint.gguf_import import import_gguf
@@ -63,21 +64,6 @@ TIMED = ("execute_plan stages 'compress' (calibration activations through every 
 
 def _say(line: str) -> None:
     print(f"bench real: {line}", file=sys.stderr, flush=True)
-
-
-class _Progress:
-    """(stage, fraction) callbacks as stderr lines: one per stage kind change or 2 % done."""
-
-    def __init__(self, what: str) -> None:
-        self.what, self.kind, self.frac, self.t0 = what, None, -1.0, time.perf_counter()
-
-    def __call__(self, stage: str, frac: float) -> None:
-        stage = stage.removeprefix(self.what + " ")
-        kind = stage.split()[0] if stage else ""
-        if kind != self.kind or frac - self.frac >= 0.02 or (frac >= 1 > self.frac):
-            self.kind, self.frac = kind, frac
-            _say(f"{self.what}: {stage} {100 * frac:.0f}% "
-                 f"({time.perf_counter() - self.t0:.0f} s)")
 
 
 def _import(gguf: Path, tmp: Path) -> Path:
@@ -153,14 +139,14 @@ def _measure(ref: str, source: str, quick: bool, tmp: Path) -> dict:
     cfg = ProfileConfig()
     t0 = time.perf_counter()
     prof = run_profile(ref, FileProfileStore(tmp / "profiles"), device=device, config=cfg,
-                       progress=_Progress("profile"))
+                       progress=StageProgress(_say, "profile"))
     profile_s = time.perf_counter() - t0
     through = {"profile": peak_rss_bytes()}
 
     base = api.problem(prof)
     plans = {b: api.plan(prof, b, base=base) for b in budgets}
     _say(f"[2/3] compress: the optimal plan at {at}, streamed, into a temporary artifact")
-    ex = api.compress(ref, prof, plans[at], tmp / "artifact", progress=_Progress("compress"),
+    ex = api.compress(ref, prof, plans[at], tmp / "artifact", progress=StageProgress(_say, "compress"),
                       config=ExecuteConfig(device=device, eval_seqs=eval_seqs))
     stage_s = ex.metrics["stage_s"]
     compress_s = stage_s["compress"] + stage_s.get("save", 0.0)
@@ -169,7 +155,7 @@ def _measure(ref: str, source: str, quick: bool, tmp: Path) -> dict:
     _say(f"[3/3] experiment: {len(budgets)} budgets × (optimal + baselines), "
          f"{eval_seqs} test sequences each")
     result = run_experiment(ref, prof, budgets=budgets, eval_seqs=eval_seqs, refine_rounds=0,
-                            progress=_Progress("experiment"), device=device,
+                            progress=StageProgress(_say, "experiment"), device=device,
                             with_section2=False, strategies=("uniform",))
     through["experiment"] = peak_rss_bytes()
 
