@@ -33,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("model")
     p.add_argument("--calib-seqs", type=int, default=None)
     _target_arg(p)
+    p.add_argument("--gguf-types", default=None, metavar="T1,T2,…",
+                   help="target gguf: the llama.cpp types the plan may use (default: all "
+                        "bitplan encodes), e.g. Q4_0,IQ4_NL,Q6_K,Q8_0 to leave out types "
+                        "that decode slowly on your CPU")
     p.add_argument("--plot", type=Path, default=None, help="write the per-block PNG here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
@@ -99,11 +103,25 @@ def check_model_ref(model: str) -> None:
         check_model_dir(path, model, get_settings().trust_remote_code)
 
 
+def _gguf_types(text: str | None, target: str) -> tuple[str, ...]:
+    """--gguf-types as type names, checked (empty: the default menu)."""
+    if not text:
+        return ()
+    from solver.gguf_types import gguf_type
+    if target != "gguf":
+        raise UserError("--gguf-types applies to --target gguf")
+    try:
+        return tuple(gguf_type(t.strip()).name for t in text.split(",") if t.strip())
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = False,
-                   target: str = "native"):
+                   target: str = "native", gguf_types: str | None = None):
     """The stored profile of `model` for `target`, profiling it first when there is none."""
     from compressor.pipeline.profile import ProfileConfig  # torch
 
+    types = _gguf_types(gguf_types, target)
     check_model_ref(model)
     if target == "gguf":   # before any work: llama.cpp's converter must take the model
         from compressor.artifact.gguf_convert import (
@@ -118,6 +136,8 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
             raise UserError(str(exc)) from None
     settings = get_settings()
     cfg = ProfileConfig(target=target)
+    if types:
+        cfg = dataclasses.replace(cfg, gguf_types=types)
     if calib_seqs:
         cfg = dataclasses.replace(cfg, calib_seqs=calib_seqs)
     bar = tqdm(total=100, desc="profile", unit="%", disable=quiet or not sys.stderr.isatty())
@@ -134,7 +154,8 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
 
 
 def cmd_profile(args) -> int:
-    prof = ensure_profile(args.model, args.calib_seqs, target=args.target)
+    prof = ensure_profile(args.model, args.calib_seqs, target=args.target,
+                          gguf_types=args.gguf_types)
     if args.plot:
         from compressor.research.plots import profile_plot_png  # matplotlib
 
