@@ -15,7 +15,8 @@ bitplan's plan handed to llama-quantize as a --tensor-type-file (llama.cpp's rou
 types), which separates what the plan buys from what our rounding buys.
 
 `--quick`: a tiny Llama (bench/tiny_llama.py) and one mix, the same figures computed the same
-way. BITPLAN_BENCH_GGUF_MODEL: another model directory.
+way. BITPLAN_BENCH_GGUF_MODEL: another model directory; BITPLAN_BENCH_GGUF_TYPES: the types
+bitplan may use (comma-separated, default every type it encodes), e.g. only fast-decoding ones.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench import llama_cpp
@@ -37,9 +39,10 @@ from compressor.pipeline.gguf_execute import TYPES_FILE, execute_gguf
 from compressor.pipeline.profile import ProfileConfig, calibration, run_profile
 from compressor.pipeline.profile_store import FileProfileStore
 from service.settings import REPO_ROOT, get_settings
+from solver.gguf_types import gguf_type
 
 SMOLLM2 = REPO_ROOT / "models" / "smollm2-135m"
-ENV = "BITPLAN_BENCH_GGUF_MODEL"
+ENV, ENV_TYPES = "BITPLAN_BENCH_GGUF_MODEL", "BITPLAN_BENCH_GGUF_TYPES"
 MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")
 CTX, KLD_CHUNKS = 512, 16              # held-out: 16 chunks × 512 tokens scored by llama.cpp
 QUICK = {"mixes": ("Q4_K_M",), "ctx": 64, "chunks": 4, "eval_seqs": 2,
@@ -106,6 +109,9 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
     mixes = QUICK["mixes"] if quick else MIXES
     ctx, chunks = (QUICK["ctx"], QUICK["chunks"]) if quick else (CTX, KLD_CHUNKS)
     cfg = ProfileConfig(target="gguf", **(QUICK["profile"] if quick else {}))
+    if os.environ.get(ENV_TYPES):
+        cfg = replace(cfg, gguf_types=tuple(gguf_type(t.strip()).name
+                                            for t in os.environ[ENV_TYPES].split(",")))
     tool_log = lambda line: None   # noqa: E731 (llama.cpp's own lines: too many to echo)
     calib_file, held = _texts(model, cfg, tmp, ctx * chunks)
     _say("converting to the bf16 reference GGUF (llama.cpp's converter)")
@@ -151,6 +157,7 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
              f"{scores['bitplan']['kld']:.4f} at {their_bytes:,} / "
              f"{ours.stat().st_size:,} bytes")
     return {"model": {"path": str(model), "source": source}, "ctx": ctx, "chunks": chunks,
+            "gguf_types": list(cfg.gguf_types),
             "reference_ppl": base.get("ppl"), "profile_s": round(profile_s, 1),
             "sizes": rows, "summary": _summary(rows)}
 
