@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,11 +36,11 @@ from compressor.artifact.gguf_convert import check_convertible, convert_referenc
 from compressor.checkpoint.data import Split, load_text
 from compressor.checkpoint.loading import load_tokenizer
 from compressor.pipeline.execute import ExecuteConfig
-from compressor.pipeline.gguf_execute import TYPES_FILE, execute_gguf
+from compressor.pipeline.gguf_execute import TYPES_FILE, execute_gguf, gguf_tensor_data_bytes
 from compressor.pipeline.profile import ProfileConfig, calibration, run_profile
 from compressor.pipeline.profile_store import FileProfileStore
 from service.settings import REPO_ROOT, get_settings
-from solver.gguf_types import gguf_type
+from solver.gguf_types import parse_types
 
 SMOLLM2 = REPO_ROOT / "models" / "smollm2-135m"
 ENV, ENV_TYPES = "BITPLAN_BENCH_GGUF_MODEL", "BITPLAN_BENCH_GGUF_TYPES"
@@ -82,12 +83,6 @@ def _texts(model: Path, cfg: ProfileConfig, tmp: Path, tokens_needed: int) -> tu
     return calib_file, held
 
 
-def _tensor_data_bytes(path: Path) -> int:
-    import gguf
-
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
-
-
 def run(args) -> dict:
     quick = bool(getattr(args, "quick", False))
     with tempfile.TemporaryDirectory(prefix="bitplan-bench-gguf-") as name:
@@ -110,8 +105,7 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
     ctx, chunks = (QUICK["ctx"], QUICK["chunks"]) if quick else (CTX, KLD_CHUNKS)
     cfg = ProfileConfig(target="gguf", **(QUICK["profile"] if quick else {}))
     if os.environ.get(ENV_TYPES):
-        cfg = replace(cfg, gguf_types=tuple(gguf_type(t.strip()).name
-                                            for t in os.environ[ENV_TYPES].split(",")))
+        cfg = replace(cfg, gguf_types=parse_types(os.environ[ENV_TYPES]))
     tool_log = lambda line: None   # noqa: E731 (llama.cpp's own lines: too many to echo)
     calib_file, held = _texts(model, cfg, tmp, ctx * chunks)
     _say("converting to the bf16 reference GGUF (llama.cpp's converter)")
@@ -133,7 +127,7 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
         theirs = tmp / f"llama-{mix}.gguf"
         llama_cpp.quantize(ref, theirs, mix, imatrix=imat, progress=tool_log)
         their_bytes = theirs.stat().st_size
-        budget = _tensor_data_bytes(theirs)
+        budget = gguf_tensor_data_bytes(theirs)
         _say(f"{mix}: bitplan's plan at {budget:,} tensor bytes, encoded and written")
         for _ in range(8):   # the file's overhead may differ by a few padding bytes
             plan = api.plan(prof, budget, base=problem)
@@ -152,7 +146,7 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
                   for k, p in (("llama_cpp", theirs), ("bitplan", ours),
                                ("plan_llama_rounding", ours_llama))}
         speeds = _decode_speeds({"llama_cpp": theirs, "bitplan": ours}, quick)
-        rows.append(_row(mix, theirs, ours, ours_llama, scores, speeds, plan, done, prof))
+        rows.append(_row(mix, theirs, ours, ours_llama, scores, speeds, plan, done))
         _say(f"{mix}: KLD llama.cpp {scores['llama_cpp']['kld']:.4f} vs bitplan "
              f"{scores['bitplan']['kld']:.4f} at {their_bytes:,} / "
              f"{ours.stat().st_size:,} bytes")
@@ -178,7 +172,7 @@ def _planned_types(path: Path) -> dict[str, str]:
     return {n: t for n, t in llama_cpp.quantized_types(path).items() if t != "F32"}
 
 
-def _row(mix, theirs, ours, ours_llama, scores, speeds, plan, done, prof) -> dict:
+def _row(mix, theirs, ours, ours_llama, scores, speeds, plan, done) -> dict:
     types = _planned_types(ours)
     pick = ("kld", "ppl", "same_top", "kld_p99")
     return {
@@ -199,10 +193,7 @@ def _row(mix, theirs, ours, ours_llama, scores, speeds, plan, done, prof) -> dic
 
 
 def _counts(types: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for t in types.values():
-        out[t] = out.get(t, 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(Counter(types.values()).items()))
 
 
 def _summary(rows: list[dict]) -> dict:

@@ -56,6 +56,11 @@ def gguf_type(name: str) -> GGUFType:
                          f"{', '.join(GGUF_TYPES)}") from None
 
 
+def parse_types(text: str) -> tuple[str, ...]:
+    """A comma-separated list of type names ("Q4_0, IQ4_NL,Q8_0"), each checked (gguf_type)."""
+    return tuple(gguf_type(t.strip()).name for t in text.split(",") if t.strip())
+
+
 def fits_row(name: str, cols: int) -> bool:
     """Whether a row of `cols` elements is a whole number of `name`'s blocks."""
     return cols % gguf_type(name).block == 0

@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.tiny_gguf import write_tiny_llama_gguf
-from service.settings import REPO_ROOT
+from tests.helpers.llama_cpp import llama_cpp_bin
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 
 
 @pytest.fixture(scope="module")
 def llama_bin() -> Path:
-    pip = Path(sys.executable).with_name("pip")
-    out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build_llama_cpp.sh"), str(pip)],
-                         capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return Path(out.stdout.strip().splitlines()[-1])
+    return llama_cpp_bin()     # built by the script when the cache lacks it
 
 
 @pytest.mark.slow

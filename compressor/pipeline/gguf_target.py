@@ -63,9 +63,8 @@ def relative_error(W: Tensor, w_hat: Tensor, H: Tensor | None) -> float:
 def sample_gguf(W: Tensor, H: Tensor | None, menu: Sequence[str], lookup: bool
                 ) -> tuple[list[list], dict]:
     """Samples [[type, t²], …] of every type in `menu` that fits W's rows, and the fit record
-    {"kind": "gguf", "errors": {type: t²}} the planner reads."""
-    if not torch.isfinite(W).all():
-        raise ValueError("weights have NaN/inf entries; cannot profile this model")
+    {"kind": "gguf", "errors": {type: t²}} the planner reads (callers refuse NaN/inf W
+    first, naming the tensor)."""
     samples = []
     factor = None if lookup or H is None else hessian_factor(H)   # once for every type
     for t in row_types(W.shape[1], menu):

@@ -107,11 +107,11 @@ def _gguf_types(text: str | None, target: str) -> tuple[str, ...]:
     """--gguf-types as type names, checked (empty: the default menu)."""
     if not text:
         return ()
-    from solver.gguf_types import gguf_type
+    from solver.gguf_types import parse_types
     if target != "gguf":
         raise UserError("--gguf-types applies to --target gguf")
     try:
-        return tuple(gguf_type(t.strip()).name for t in text.split(",") if t.strip())
+        return parse_types(text)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
