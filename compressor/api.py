@@ -99,7 +99,12 @@ def compress(model_ref: str | Path, profile: Profile, plan: Plan, out: str | Pat
     metrics: ppl, kl, top1, predicted_kl. `store` keeps finished linears so a rerun resumes.
     A GGUF profile's plan (target gguf) is written as `out`/model.gguf instead, for llama.cpp
     (compressor.pipeline.gguf_execute; no store: encoding a tensor costs less than storing
-    it)."""
+    it), and a compressed-tensors one (target compressed-tensors) as the model directory `out`
+    vLLM serves, with `out`/adapter for its LoRA (compressor.pipeline.ct_execute)."""
+    if profile.config.get("target") == "compressed-tensors":
+        from compressor.pipeline.ct_execute import execute_ct  # torch
+
+        return execute_ct(str(model_ref), profile, plan, Path(out), config, progress)
     if profile.config.get("target") == "gguf":
         from compressor.pipeline.gguf_execute import execute_gguf  # torch
 

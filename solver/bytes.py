@@ -10,6 +10,9 @@ Storage format (the compressor's packer writes exactly this, and tests hold it t
 A CALDERA option stores Q [m, n] at `bits`, L [m, r] and R [r, n] at `factor_bits`.
 A GGUF option (`gguf_type` set: the llama.cpp target) stores the tensor in that ggml block type,
 its bytes given by solver.gguf_types (no rank, no factors).
+A compressed-tensors option (`ct` set: the vLLM target) stores the weight pack-quantized, a
+symmetric `bits`-bit scheme with groups of `group_size`, plus an fp16 LoRA adapter of rank
+`rank` (factor_bits 16); its bytes given by solver.ct_schemes.
 
 `check_option_fields` is the one validator of option fields a user writes (a constraint pin, a
 recipe entry): what each field accepts, and the words every such error uses.
@@ -22,7 +25,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from solver.ct_schemes import (
+    CT_GROUPS,
+    DENSE,
+    LORA_BITS,
+    check_scheme,
+    ct_weight_bytes,
+    lora_bytes,
+    scheme_name,
+)
 from solver.gguf_types import GGUF_TYPES, gguf_tensor_bytes, gguf_type
+
+# what a plan is served by: our runtime, llama.cpp (GGUF) or vLLM (compressed-tensors)
+TARGETS = ("native", "gguf", "compressed-tensors")
 
 SCALE_BYTES = 2  # fp16 scale (and fp16 zero point when asymmetric)
 MIN_BITS, MAX_BITS = 2, 8
@@ -39,8 +54,14 @@ class Option:
     group_size: int = 128
     symmetric: bool = False
     gguf_type: str = ""        # a llama.cpp block type (Q4_K …): the GGUF target's options
+    ct: bool = False           # a compressed-tensors scheme (+ LoRA rank): the vLLM target's
 
     def __post_init__(self) -> None:
+        if self.ct:
+            check_scheme(self.bits, self.group_size, self.rank)
+            if not self.symmetric or self.factor_bits != LORA_BITS or self.gguf_type:
+                raise ValueError("a compressed-tensors option is symmetric with fp16 (16-bit) "
+                                 "LoRA factors (use ct_option)")
         if self.gguf_type:
             t = gguf_type(self.gguf_type)
             if (self.bits, self.rank, self.group_size) != (t.bits, 0, t.block):
@@ -60,6 +81,8 @@ class Option:
         d = asdict(self)
         if not self.gguf_type:   # native options keep the dict (and profile keys) they had
             del d["gguf_type"]
+        if not self.ct:
+            del d["ct"]
         return d
 
     @property
@@ -67,6 +90,8 @@ class Option:
         """How a plan table names the option: ``Q4_K`` or ``3b/r40/fb4/g128[/sym]``."""
         if self.gguf_type:
             return self.gguf_type
+        if self.ct:
+            return scheme_name(self.bits, self.group_size) + (f"+r{self.rank}" if self.rank else "")
         return (f"{self.bits}b/r{self.rank}/fb{self.factor_bits}/g{self.group_size}"
                 + ("/sym" if self.symmetric else ""))
 
@@ -82,6 +107,29 @@ def gguf_option(name: str) -> Option:
     """The option storing a tensor as GGUF type `name` (Q4_K, Q8_0, …)."""
     t = gguf_type(name)
     return Option(t.bits, 0, group_size=t.block, gguf_type=t.name)
+
+
+def ct_option(bits: int, group_size: int, rank: int = 0) -> Option:
+    """The option storing a weight as compressed-tensors W{bits}A16 with groups of
+    `group_size`, plus an fp16 LoRA of `rank` (0: none)."""
+    return Option(bits, rank, LORA_BITS, group_size, symmetric=True, ct=True)
+
+
+def ct_dense() -> Option:
+    """The compressed-tensors target's dense option: kept in fp16, in the config's ignore."""
+    return ct_option(FP16_BITS, CT_GROUPS[-1])
+
+
+def ct_option_from_label(label: str) -> Option:
+    """The option a label names (``W4A16-g128`` or ``W4A16-g128+r16``, Option.label's form)."""
+    if label == DENSE:
+        return ct_dense()
+    try:
+        scheme, _, rank = label.partition("+r")
+        w, g = scheme.split("A16-g")
+        return ct_option(int(w.removeprefix("W")), int(g), int(rank or 0))
+    except ValueError as e:
+        raise ValueError(f"not a compressed-tensors option label: {label!r} ({e})") from None
 MAX_RANK = 1 << 16        # the largest rank and group size a request may ask for
 MAX_GROUP_SIZE = 1 << 16
 
@@ -103,6 +151,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "symmetric": (lambda v: isinstance(v, bool), "true or false"),
     "gguf_type": (lambda v: isinstance(v, str) and (v == "" or v in GGUF_TYPES),
                   f"one of {', '.join(GGUF_TYPES)}"),
+    "ct": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -147,6 +196,9 @@ def option_bytes(out_features: int, in_features: int, opt: Option) -> int:
     """Exact bytes of one compressed linear (weights only; biases are kept parameters)."""
     if opt.gguf_type:
         return gguf_tensor_bytes(opt.gguf_type, out_features, in_features)
+    if opt.ct:
+        return (ct_weight_bytes(out_features, in_features, opt.bits, opt.group_size)
+                + lora_bytes(out_features, in_features, opt.rank))
     rank = min(opt.rank, out_features, in_features)
     q = quantized_bytes(out_features, in_features, opt.bits, opt.group_size, opt.symmetric)
     left = quantized_bytes(out_features, rank, opt.factor_bits, opt.group_size, opt.symmetric)

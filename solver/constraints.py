@@ -9,7 +9,14 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from solver.bytes import FP16_BITS, Option, check_option_fields, field_problem, gguf_option
+from solver.bytes import (
+    FP16_BITS,
+    Option,
+    check_option_fields,
+    ct_dense,
+    field_problem,
+    gguf_option,
+)
 
 CONSTRAINT_KEYS = ("min_bits", "max_bits", "pinned", "allowed_ranks", "ties")
 
@@ -128,15 +135,17 @@ class Constraints:
             return None
         if template.gguf_type:   # a GGUF menu's dense option is the F16 type
             template = gguf_option("F16")
+        if template.ct:          # a compressed-tensors menu's is FP16 (in its ignore list)
+            template = ct_dense()
         for glob, pin in self.pinned.items():
             if _pin_bits(pin) == FP16_BITS and fnmatch.fnmatchcase(name, glob):
                 if isinstance(pin, Option):
                     return pin
-                if template.gguf_type:
+                if template.gguf_type or template.ct:
                     return template
                 return replace(template, **({"bits": FP16_BITS, "rank": 0} | dict(pin)))
         if any(v >= FP16_BITS for g, v in self.min_bits.items() if fnmatch.fnmatchcase(name, g)):
-            return template if template.gguf_type else replace(template, bits=FP16_BITS, rank=0)
+            return template if template.gguf_type or template.ct else replace(template, bits=FP16_BITS, rank=0)
         return None
 
     def globs(self) -> list[tuple[str, str]]:

@@ -21,16 +21,6 @@ from compressor.quant.gguf_blocks import GGUFEncoded, HessianFactor, encode_gguf
 from compressor.quant.problem import fro_sq, h_sq
 from solver.gguf_types import GGUF_MENU, types_for_row
 
-TARGETS = ("native", "gguf")
-
-
-def check_target(target: str, tied: str = "head") -> str:
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if tied not in ("head", "lookup"):   # how a GGUF profile rounds a tied tensor (vocab.py)
-        raise ValueError(f"gguf_tied must be head or lookup, got {tied!r}")
-    return target
-
 
 def row_types(cols: int, menu: Sequence[str] = GGUF_MENU) -> list[str]:
     """The types of `menu` a row of `cols` elements fits (k-quants need multiples of 256)."""

@@ -1,6 +1,8 @@
 """From a stored profile to the solver's problem: each linear's option menu with exact bytes
-and predicted damage α_i · E_i(b, r) (or α_i · t²_i(type) for a GGUF profile, whose every type
-was measured), plus the predicted ΔKL of any plan."""
+and predicted damage α_i · E_i(b, r) (or α_i · t²_i(option) for a GGUF or compressed-tensors
+profile, whose every option was measured), plus the predicted ΔKL of any plan. A
+compressed-tensors problem always ties the modules vLLM fuses (q/k/v, gate/up): they share one
+option in the solver itself (solver.problem's super-items), whatever else is asked."""
 
 from __future__ import annotations
 
@@ -9,10 +11,14 @@ from dataclasses import dataclass
 
 from compressor.pipeline.profile_store import LinearProfile, Profile
 from solver import AllocationProblem, Constraints, LinearMenu, Option
-from solver.bytes import FP16_BITS, gguf_option
+from solver.bytes import FP16_BITS, ct_option_from_label, gguf_option
+from solver.ct_schemes import fused_groups
 from solver.errormodel import ErrorModel
 
 GGUF_FIT = "gguf"   # the `kind` of a GGUF profile record's fit (gguf_target.sample_gguf)
+CT_FIT = "ct"       # … of a compressed-tensors one (ct_target.sample_ct)
+# a measured table's kind → how its labels name options
+_MEASURED = {GGUF_FIT: gguf_option, CT_FIT: ct_option_from_label}
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,8 @@ def menu_options(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> list[
 
 
 def linear_menu(lp: LinearProfile, profile: Profile, menu: MenuConfig) -> LinearMenu:
-    if is_gguf_fit(lp.fit):   # a GGUF profile: every type measured, no model to evaluate
-        options, t2 = gguf_options(lp.fit)
+    if is_measured_fit(lp.fit):   # every option measured: no model to evaluate
+        options, t2 = measured_options(lp.fit)
         return LinearMenu(lp.name, lp.out_features, lp.in_features, options,
                           errors=[lp.alpha * e for e in t2])
     model = ErrorModel.from_dict(lp.fit)
@@ -53,6 +59,8 @@ def build_problem(profile: Profile, budget=None, constraints: Mapping | Constrai
     menu = menu or MenuConfig()
     if constraints is not None and not isinstance(constraints, Constraints):
         constraints = Constraints.from_dict(dict(constraints))
+    if profile.config.get("target") == "compressed-tensors":
+        constraints = fused_ties(profile, constraints)
     problem = AllocationProblem([linear_menu(lp, profile, menu) for lp in profile.linears],
                                 fixed_bytes=profile.fixed_bytes, constraints=constraints,
                                 fp16_bytes=profile.stats.get("fp16_bytes"))
@@ -66,8 +74,8 @@ def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
         opt = assignments.get(lp.name)
         if opt is None or opt.bits == FP16_BITS:   # kept as stored / dense: no error
             continue
-        if is_gguf_fit(lp.fit):
-            total += lp.alpha * gguf_error(lp.fit, opt)
+        if is_measured_fit(lp.fit):
+            total += lp.alpha * measured_error(lp.fit, opt)
             continue
         model = ErrorModel.from_dict(lp.fit)
         total += lp.alpha * float(model.predict(opt.bits, opt.rank, opt.group_size))
@@ -78,20 +86,35 @@ def block_of(profile: Profile) -> dict[str, int]:
     return {lp.name: lp.block for lp in profile.linears if lp.block is not None}
 
 
+def fused_ties(profile: Profile, constraints: Constraints | None) -> Constraints:
+    """`constraints` plus one tie per group of modules vLLM fuses (exact names: no glob can
+    reach another block's members)."""
+    c = constraints or Constraints()
+    ties = [list(t) for t in c.ties] + fused_groups([lp.name for lp in profile.linears])
+    return Constraints.from_dict(c.to_dict() | {"ties": ties})
+
+
 def is_gguf_fit(fit: dict) -> bool:
     return fit.get("kind") == GGUF_FIT
 
 
-def gguf_options(fit: dict) -> tuple[list[Option], list[float]]:
-    """A GGUF record's options and their t², in the record's order."""
+def is_measured_fit(fit: dict) -> bool:
+    """A GGUF or compressed-tensors record: a table of measured t² per option label."""
+    return fit.get("kind") in _MEASURED
+
+
+def measured_options(fit: dict) -> tuple[list[Option], list[float]]:
+    """A measured record's options and their t², in the record's order."""
+    parse = _MEASURED[fit["kind"]]
     errors = fit["errors"]
-    return [gguf_option(t) for t in errors], [float(e) for e in errors.values()]
+    return [parse(t) for t in errors], [float(e) for e in errors.values()]
 
 
-def gguf_error(fit: dict, option: Option) -> float:
-    """t² of `option` in a GGUF record; KeyError naming the types when it was not measured."""
+def measured_error(fit: dict, option: Option) -> float:
+    """t² of `option` in a measured record; KeyError naming the options when it was not."""
+    label = option.gguf_type or option.label
     try:
-        return float(fit["errors"][option.gguf_type])
+        return float(fit["errors"][label])
     except KeyError:
-        raise KeyError(f"type {option.gguf_type or option.label} was not profiled "
+        raise KeyError(f"option {label} was not profiled "
                        f"(profiled: {', '.join(fit['errors'])})") from None

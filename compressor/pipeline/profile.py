@@ -15,7 +15,6 @@ only while it is resident, and the calibration activations flow block to block.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -28,23 +27,26 @@ from compressor.checkpoint.data import Split, token_sequences
 from compressor.checkpoint.loading import Inventory, KeptParam, discover, load_tokenizer
 from compressor.checkpoint.memory import StageClock
 from compressor.checkpoint.stream import BATCH, StreamedModel
+from compressor.pipeline.ct_target import CT_RANKS, CT_TARGET
 from compressor.pipeline.fisher import make_probes
-from compressor.pipeline.gguf_target import GGUF_MENU, check_target, sample_gguf
-from compressor.pipeline.planning import is_gguf_fit
-from compressor.pipeline.profile_store import LinearProfile, Profile, ProfileStore, profile_key
+from compressor.pipeline.gguf_target import GGUF_MENU
+from compressor.pipeline.planning import is_measured_fit
+from compressor.pipeline.profile_store import Profile, ProfileStore, profile_key
+from compressor.pipeline.sampling import sample_record
 from compressor.pipeline.sensitivity import spearman, summarize
+from compressor.pipeline.targets import check_target, fixed_bytes, planned_linears, plans_vocab
 from compressor.pipeline.vocab import head_reads, sample_vocab_items, start_vocab_probes
-from compressor.quant.decompose import decompose, q_only_many
 from compressor.quant.decomposed import DecompositionConfig
 from compressor.quant.hessian import HessianHooks, linear_weight
-from compressor.quant.problem import lowrank_error_curve, prepare
 from solver.budget import fp16_reference_bytes
 from solver.bytes import Option
-from solver.errormodel import ErrorModel, fit, group_factor_samples, sample_tail
+from solver.ct_schemes import CT_BITS, CT_GROUPS
+from solver.errormodel import ErrorModel
 
 Progress = Callable[[str, float], None]
 FISHER = ("sensitivity", "fisher_seqs", "fisher_samples")   # fields a probe profile omits
-GGUF = ("target", "gguf_types", "gguf_tied")                # fields a native profile omits
+GGUF = ("gguf_types", "gguf_tied")                # fields only a GGUF profile has
+CT = ("ct_bits", "ct_groups", "ct_ranks")          # fields only a compressed-tensors one has
 
 # One outer CALDERA iteration with two L/R alternations: about a third of the default's time.
 # Plans are executed with the same config they were profiled with, so predictions match.
@@ -75,11 +77,16 @@ class ProfileConfig:
     extra_groups: tuple[int, ...] = (256, 512)
     group_bits: tuple[int, ...] = (2, 4)
     decomposition: DecompositionConfig = field(default_factory=lambda: FAST_DECOMPOSITION)
-    # what the plan is served by: "native" (CALDERA, our runtime) or "gguf" (llama.cpp types,
-    # gguf_target.py: every type of gguf_types a tensor's rows fit is sampled)
+    # what the plan is served by (targets.py): "native" (CALDERA, our runtime), "gguf"
+    # (llama.cpp types, gguf_target.py: every type of gguf_types a tensor's rows fit is
+    # sampled) or "compressed-tensors" (vLLM schemes, ct_target.py: every ct_bits × ct_groups
+    # a linear's rows fit, each with every LoRA rank of ct_ranks)
     target: str = "native"
     gguf_types: tuple[str, ...] = GGUF_MENU
     gguf_tied: str = "head"      # a tied tensor rounded as the head it is (vocab.head_reads)
+    ct_bits: tuple[int, ...] = CT_BITS
+    ct_groups: tuple[int, ...] = CT_GROUPS
+    ct_ranks: tuple[int, ...] = CT_RANKS
 
     def __post_init__(self) -> None:
         check_target(self.target, self.gguf_tied)
@@ -96,10 +103,13 @@ class ProfileConfig:
                             "extra_groups": list(self.extra_groups),
                             "group_bits": list(self.group_bits),
                             "anchors": [list(a) for a in self.anchors],
-                            "gguf_types": list(self.gguf_types)}
-        # a probe (native) profile keeps the dict, so the key, it had before Fisher (GGUF)
+                            "gguf_types": list(self.gguf_types), "ct_bits": list(self.ct_bits),
+                            "ct_groups": list(self.ct_groups), "ct_ranks": list(self.ct_ranks)}
+        # a probe (native) profile keeps the dict, so the key, it had before Fisher (targets)
         return {k: v for k, v in d.items() if (self.sensitivity != "probe" or k not in FISHER)
-                and (self.target != "native" or k not in GGUF)}
+                and (self.target != "native" or k != "target")
+                and (self.target == "gguf" or k not in GGUF)
+                and (self.target == CT_TARGET or k not in CT)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ProfileConfig:
@@ -111,6 +121,8 @@ class ProfileConfig:
         d["group_bits"] = tuple(d.get("group_bits", cls.group_bits))
         d["anchors"] = tuple(tuple(a) for a in d.get("anchors", cls.anchors))
         d["gguf_types"] = tuple(d.get("gguf_types", GGUF_MENU))
+        for k in CT:
+            d[k] = tuple(d.get(k, getattr(cls, k)))
         d.setdefault("sensitivity", "probe")     # profiles made before the Fisher option
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
@@ -137,58 +149,6 @@ def weights_hash_of(model_ref: str) -> str:
     """sha256 of the safetensors files (streaming reads them, so they are always at hand)."""
     from compressor.artifact.native import source_sha256
     return source_sha256(model_ref) or "unknown"
-
-
-@torch.no_grad()
-def sample_linear(W: torch.Tensor, H: torch.Tensor,
-                  cfg: ProfileConfig) -> tuple[list, list, list, dict]:
-    """Error samples [(bits, rank, t²)], the sampled spectral tail S(r) and the group-size
-    factors {str(g): [[bits, κ], …]} of one linear. Every Q-only sample (each bit width at
-    group_size, each group_bits at each extra group) comes from one stacked LDLQ sweep
-    (`q_only_many`); the anchors are full decompositions that share its `Problem` (rotation,
-    factorizations) and start from the Q-only sample at their bits — the same numbers as
-    decomposing from scratch, without recomputing them."""
-    m, n = W.shape
-    R = cfg.max_rank(m, n)
-    dcfg = cfg.decomposition
-    samples: list[list[float]] = []
-    tail_ranks, tail = [0], [1.0]
-    problem = prepare(W, H, dcfg)
-    norm = max(problem.w_norm2 ** 0.5, 1e-30)   # ‖W Xᵀ‖_F (prepare's trace, not a second one)
-    q_only = q_only_many(W, H, cfg.q_only_options(), dcfg, problem)
-    for b, d in zip(cfg.q_bits, q_only[:len(cfg.q_bits)], strict=True):
-        samples.append([b, 0, d.rel_h_err ** 2])
-        if b == cfg.tail_bits:
-            curve = lowrank_error_curve(W - d.w_hat(), H) / norm
-            tail_ranks, tail = sample_tail(curve.tolist(), R)
-    starts = {d.option.bits: d for d in q_only[:len(cfg.q_bits)] if d.config == dcfg}
-    for b, frac in cfg.anchors:
-        r = max(1, round(frac * R))
-        d = decompose(W, H, Option(b, r, cfg.factor_bits, cfg.group_size), dcfg,
-                      problem=problem, q_start=starts.get(b))
-        samples.append([b, r, d.rel_h_err ** 2])
-    groups = group_factor_samples(
-        cfg.group_size, cfg.group_bits, cfg.extra_groups,
-        {int(b): t2 for b, r, t2 in samples if r == 0},
-        [d.rel_h_err ** 2 for d in q_only[len(cfg.q_bits):]]) if cfg.extra_groups else {}
-    return samples, tail_ranks, tail, groups
-
-
-def _sample_record(li, mod: torch.nn.Module, H: torch.Tensor,
-                   cfg: ProfileConfig) -> LinearProfile:
-    """Linear `li`'s samples and fitted error model (its α still to come)."""
-    W = linear_weight(mod).detach().float()
-    if not torch.isfinite(W).all():
-        raise ValueError(f"linear {li.name} has NaN/inf weights; cannot profile this model")
-    if cfg.target == "gguf":
-        samples, gguf_fit = sample_gguf(W, H, cfg.gguf_types, lookup=False)
-        return LinearProfile(li.name, li.block, li.out_features, li.in_features,
-                             samples=samples, fit=gguf_fit)
-    samples, tail_ranks, tail, groups = sample_linear(W, H, cfg)
-    model_fit = fit(samples, tail_ranks, tail)
-    model_fit.group_factors = groups
-    return LinearProfile(li.name, li.block, li.out_features, li.in_features, samples=samples,
-                         fit=json.loads(json.dumps(model_fit.to_dict())))
 
 
 PARTIAL = ":samples"   # store key suffix of records whose α is still pending
@@ -249,7 +209,7 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
         probes = make_probes(sm, calib, cfg, report)
         # the embedding and head: profiled by the sweep holding the last block (vocab.py)
         vocab = [li for li in inv.linears if li.is_vocab and li.name not in records
-                 ] if blocks.stop == L else []
+                 ] if blocks.stop == L and plans_vocab(cfg.target) else []
         start_vocab_probes(sm, probes, vocab, cfg.probe_t, cfg.seed, head_reads(cfg))
     span = max(len(blocks), 1)
     for j in range(L):
@@ -271,7 +231,7 @@ def sweep_blocks(sm: StreamedModel, calib: torch.Tensor, cfg: ProfileConfig, key
                     H = hessians.pop(name)
                     mod = blk.get_submodule(name[len(sm.block_name(j)) + 1:])
                     if name not in partial:
-                        partial[name] = _sample_record(by_name[name], mod, H, cfg)
+                        partial[name] = sample_record(by_name[name], mod, H, cfg)
                         store.put_linear(partial_key(key), partial[name])
                         report("linears", 0.05 + 0.9 * (j - blocks.start + (k + 1) / len(probe))
                                / span)
@@ -331,33 +291,26 @@ def shard_ranges(num_blocks: int, shards: int) -> list[range]:
     return [range(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
-def kept_bytes(inv: Inventory, cfg: ProfileConfig) -> int:
-    """Bytes of the tensors a plan keeps: at their stored dtype in our artifact; in a GGUF,
-    F32, as llama.cpp's converter writes every 1-D tensor (norms, biases)."""
-    if cfg.target == "gguf":
-        return 4 * sum(math.prod(k.shape) for k in inv.kept)
-    return inv.kept_bytes
-
-
 def assemble_profile(src: ProfileSource, store: ProfileStore, block_influence: list[float],
                      stats: dict) -> Profile:
     """The stored profile from every linear's record (each with its α) and the per-block
     influence measured by whichever sweep held the block; stored under `src.key`."""
     inv = src.inventory
     records = store.linear_records(src.key)
-    missing = [li.name for li in inv.linears if li.name not in records]
+    planned = planned_linears(inv, src.cfg.target)
+    missing = [li.name for li in planned if li.name not in records]
     if missing:
         raise ValueError(f"profile {src.key[:12]} lacks {len(missing)} linears "
                          f"(first: {missing[0]}); run the missing blocks again")
-    linears = [records[li.name] for li in inv.linears]
+    linears = [records[li.name] for li in planned]
     sens = summarize({lp.name: lp.alpha for lp in linears}, block_influence)
     for lp in linears:
         lp.proxy = sens.block_influence[lp.block] if lp.block is not None else 0.0
-    fits = [ErrorModel.from_dict(lp.fit) for lp in linears if not is_gguf_fit(lp.fit)]
+    fits = [ErrorModel.from_dict(lp.fit) for lp in linears if not is_measured_fit(lp.fit)]
     profile = Profile(
         key=src.key, model_ref=src.model_ref, weights_hash=src.weights_hash,
         calib_hash=tensor_hash(src.calib), config=src.cfg.to_dict(),
-        fixed_bytes=kept_bytes(inv, src.cfg), linears=linears, block_sensitivity=sens.block_alpha,
+        fixed_bytes=fixed_bytes(inv, src.cfg.target), linears=linears, block_sensitivity=sens.block_alpha,
         block_proxy=sens.block_influence,
         stats={"fit_r2_mean": sum(f.r2_fit or 0 for f in fits) / max(len(fits), 1),
                "spearman_alpha_vs_proxy": spearman(sens.block_alpha, sens.block_influence),

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from compressor.quant.grids import QuantMeta, group_params, quantize
+from compressor.quant.grids import QuantMeta, group_params, quantize, signed_params
 from solver.bytes import FP16_BITS, MAX_BITS, MIN_BITS
 
 # Lazy-batch block size B per device type (any B is exact; it only regroups float sums).
@@ -75,7 +75,8 @@ def ldlq(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: bool = Fal
 
 def ldlq_many(W: Tensor, H: Tensor, variants: Sequence[tuple[int, int]],
               symmetric: bool = False, block_size: int | None = None,
-              inv_chol: Tensor | None = None) -> list[tuple[Tensor, QuantMeta]]:
+              inv_chol: Tensor | None = None, signed: bool = False
+              ) -> list[tuple[Tensor, QuantMeta]]:
     """LDLQ / GPTQ roundings of one W [m, n] against one positive-definite H [n, n] at every
     (bits, group_size) of `variants`, in ONE column sweep → [(codes, meta)] in `variants`' order.
 
@@ -95,7 +96,11 @@ def ldlq_many(W: Tensor, H: Tensor, variants: Sequence[tuple[int, int]],
     `lazy_block(W.device)`. Variants that round identically (the same bits, group sizes both
     ≥ n) are computed once; 16 bits is a plain fp16 cast. `inv_chol`: U of H when the caller
     already has it (`inverse_cholesky_upper(H)`, any float dtype: a linear's Q and R roundings
-    share one H, and its O(n³) float64 factorizations dominate wide linears on a CPU)."""
+    share one H, and its O(n³) float64 factorizations dominate wide linears on a CPU).
+    `signed`: the signed integer grid with zero 2^(b−1) (grids.signed_params, compressed-
+    tensors' symmetric int; no rotation is applied here or anywhere in this function)."""
+    if signed and symmetric:
+        raise ValueError("the signed grid stores its zero (2^(b-1)): pass symmetric=False")
     m, n = W.shape
     out: list[tuple[Tensor, QuantMeta] | None] = [None] * len(variants)
     todo: dict[tuple[int, int], list[int]] = {}   # (bits, effective group) → variant indices
@@ -113,7 +118,7 @@ def ldlq_many(W: Tensor, H: Tensor, variants: Sequence[tuple[int, int]],
         U = (inverse_cholesky_upper(H.to(dtype)) if inv_chol is None else inv_chol.to(dtype)
              ).to(W.device)
         block = block_size or lazy_block(W.device)
-        rounded = _ldlq_stacked(W.detach().to(dtype), U, list(todo), symmetric, block)
+        rounded = _ldlq_stacked(W.detach().to(dtype), U, list(todo), symmetric, block, signed)
         for (codes, scale, zero), idx in zip(rounded, todo.values(), strict=True):
             for j, k in enumerate(idx):
                 if j:  # callers own their tensors: duplicates get copies
@@ -125,7 +130,8 @@ def ldlq_many(W: Tensor, H: Tensor, variants: Sequence[tuple[int, int]],
 
 
 def _ldlq_stacked(W: Tensor, U: Tensor, variants: list[tuple[int, int]], symmetric: bool,
-                  block: int) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+                  block: int, signed: bool = False
+                  ) -> list[tuple[Tensor, Tensor, Tensor | None]]:
     """The sweep behind `ldlq_many` on W and U of one float dtype, group sizes ≤ n → per variant
     (codes [m, n] uint8, scale, zero). Works on X = [Wᵀ Wᵀ …] ([n, k·m]), so a column of every
     variant is one contiguous row and the trailing update is one [n−i2, B]·[B, k·m] product."""
@@ -157,7 +163,7 @@ def _ldlq_stacked(W: Tensor, U: Tensor, variants: list[tuple[int, int]], symmetr
                     end = min(col + g, n)     # later columns up on this block's pending updates
                     tail = X[i2:end, r] - U[i1:col, i2:end].T @ err[:i, r]
                     x = torch.cat([x, tail])
-                s, z = group_params(x.T, bits, symmetric)
+                s, z = signed_params(x.T, bits) if signed else group_params(x.T, bits, symmetric)
                 scales[v][:, col // g] = s
                 if z is not None:
                     zeros[v][:, col // g] = z

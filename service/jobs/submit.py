@@ -41,10 +41,10 @@ from service.jobs.modelrefs import (
 from service.jobs.queue import Queue
 from service.jobs.registry import Task
 from service.settings import Settings
+from solver.bytes import TARGETS
 from solver.gguf_types import GGUF_MENU
 
 log = logging.getLogger(__name__)
-TARGETS = ("native", "gguf")
 
 
 def check_target(target: str) -> str:

@@ -17,12 +17,13 @@ from solver.recipes import plan_from_yaml
 
 GOOD = {"bits": [2, 3, 8, 16], "factor_bits": [2, 8, 16], "rank": [0, 1, MAX_RANK],
         "group_size": [1, 128, MAX_GROUP_SIZE], "symmetric": [True, False],
-        "gguf_type": ["", "Q4_K", "IQ4_NL", "F16"]}
+        "gguf_type": ["", "Q4_K", "IQ4_NL", "F16"], "ct": [True, False]}
 BAD = [("bits", 1), ("bits", 9), ("bits", 15), ("bits", 99), ("bits", "four"), ("bits", 4.0),
        ("bits", True), ("factor_bits", 1), ("factor_bits", 17), ("rank", -8),
        ("rank", MAX_RANK + 1), ("rank", True), ("group_size", 0), ("group_size", -128),
        ("group_size", MAX_GROUP_SIZE + 1), ("symmetric", "yes"), ("symmetric", 1),
-       ("gguf_type", "Q9_K"), ("gguf_type", "q4_k"), ("gguf_type", 4)]
+       ("gguf_type", "Q9_K"), ("gguf_type", "q4_k"), ("gguf_type", 4), ("ct", "yes"),
+       ("ct", 1)]
 
 
 def test_every_option_field_has_a_rule_and_its_edges_are_accepted():

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.pipeline.profile import ProfileConfig, sample_linear
+from compressor.pipeline.profile import ProfileConfig
+from compressor.pipeline.sampling import sample_linear
 from compressor.quant import grids as quant
 from compressor.quant.decompose import decompose, q_only_many
 from compressor.quant.decomposed import Decomposed, DecompositionConfig, Rounding
