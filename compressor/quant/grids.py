@@ -154,27 +154,22 @@ def group_params(x: Tensor, bits: int, symmetric: bool,
 
 
 def signed_params(x: Tensor, bits: int, clip: bool = True) -> tuple[Tensor, Tensor]:
-    """fp16 scale s and the fixed zero 2^(b−1) for groups along the last dim of `x` on the
-    signed integer grid ŵ = q·s, q ∈ [−2^(b−1), 2^(b−1) − 1] — compressed-tensors' symmetric
-    int (solver.ct_schemes), written here as codes c = q + 2^(b−1) ∈ [0, 2^b − 1] with zero
-    z = 2^(b−1) (exact in fp16), so `dequantize_with` reads it unchanged. The scale fits the
-    side that needs more (max/(2^(b−1)−1) or −min/2^(b−1)), clipped to the least squared
-    error over CLIP_GRID with `clip` (the same search as `group_params`)."""
+    """fp16 scale s and fixed zero 2^(b−1) for groups along x's last dim on the signed grid
+    ŵ = q·s, q ∈ [−2^(b−1), 2^(b−1) − 1] (compressed-tensors' symmetric int), as codes
+    c = q + 2^(b−1) with zero z = 2^(b−1), which `dequantize_with` reads unchanged. The scale
+    fits the side that needs more, clipped to the least squared error over CLIP_GRID."""
     half = 1 << (bits - 1)
     qmax = (1 << bits) - 1
     xf = x.float()
     lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)
     need = torch.maximum(hi / max(half - 1, 1), -lo / half)
 
-    def scale_of(p: float) -> Tensor:
-        return (need * p).clamp(FP16_TINY, FP16_MAX).half()
-
     zero = torch.full_like(lo, float(half)).half()
-    best_s = scale_of(1.0)
+    best_s = need.clamp(FP16_TINY, FP16_MAX).half()
     if clip:
         best_e = _clip_err(xf, best_s, zero, qmax)
         for p in CLIP_GRID[1:]:
-            s = scale_of(p)
+            s = (need * p).clamp(FP16_TINY, FP16_MAX).half()
             e = _clip_err(xf, s, zero, qmax)
             better = e < best_e
             best_e, best_s = torch.where(better, e, best_e), torch.where(better, s, best_s)
