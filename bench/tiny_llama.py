@@ -15,9 +15,11 @@ from pathlib import Path
 HIDDEN, INTERMEDIATE, BLOCKS, HEADS, KV_HEADS, VOCAB, CONTEXT = 256, 512, 2, 4, 2, 512, 256
 
 
-def write_tiny_llama(out: Path, *, seed: int = 0, tied: bool = False) -> Path:
+def write_tiny_llama(out: Path, *, seed: int = 0, tied: bool = False,
+                     intermediate: int = INTERMEDIATE) -> Path:
     """The model directory `out` (config, safetensors, tokenizer.model, tokenizer_config);
-    `tied`: the head shares the embedding (as SmolLM2's does)."""
+    `tied`: the head shares the embedding (as SmolLM2's does); `intermediate`: the MLP width
+    (e.g. one no 32-group divides, as the demo model's 520)."""
     import sentencepiece as spm
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,7 +36,7 @@ def write_tiny_llama(out: Path, *, seed: int = 0, tied: bool = False) -> Path:
         minloglevel=2, num_threads=1)
     (out / "tokenizer.model").write_bytes(buf.getvalue())
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=intermediate,
                       num_hidden_layers=BLOCKS, num_attention_heads=HEADS,
                       num_key_value_heads=KV_HEADS, max_position_embeddings=CONTEXT,
                       tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)

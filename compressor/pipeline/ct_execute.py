@@ -42,10 +42,11 @@ Progress = Callable[[str, float], None]
 
 class CTWeights(Mapping[str, torch.Tensor]):
     """The planned linears of a written compressed-tensors directory, each decoded from its
-    stored tensors (ŵ = q·s in fp16, plus lora_B·lora_A from the adapter when it has one):
-    the lazy mapping stream_evaluate takes, holding nothing between lookups."""
+    stored tensors (ŵ = q·s in fp16, plus lora_B·lora_A from the adapter when it has one and
+    `lora`): the lazy mapping stream_evaluate takes, holding nothing between lookups."""
 
-    def __init__(self, model_dir: Path, names: list[str], device: torch.device | str = "cpu"):
+    def __init__(self, model_dir: Path, names: list[str], device: torch.device | str = "cpu",
+                 *, lora: bool = True) -> None:
         from safetensors import safe_open
 
         self.dir = Path(model_dir)
@@ -55,7 +56,7 @@ class CTWeights(Mapping[str, torch.Tensor]):
         self._bits = {n: g["weights"]["num_bits"] for g in qc["config_groups"].values()
                       for n in g["targets"]}
         adapter = self.dir / ADAPTER_DIR / "adapter_model.safetensors"
-        self._lora = safe_open(str(adapter), "pt") if adapter.is_file() else None
+        self._lora = safe_open(str(adapter), "pt") if lora and adapter.is_file() else None
         self._lora_keys = set(self._lora.keys()) if self._lora else set()
         self.device = torch.device(device)
 

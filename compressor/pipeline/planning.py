@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from compressor.pipeline.profile_store import LinearProfile, Profile
-from solver import AllocationProblem, Constraints, LinearMenu, Option
-from solver.bytes import FP16_BITS, ct_option_from_label, gguf_option
+from solver import AllocationProblem, Constraints, LinearMenu, Option, Plan
+from solver.bytes import FP16_BITS, ct_dense, ct_option_from_label, gguf_option
 from solver.ct_schemes import fused_groups
 from solver.errormodel import ErrorModel
 
@@ -84,6 +84,19 @@ def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
 
 def block_of(profile: Profile) -> dict[str, int]:
     return {lp.name: lp.block for lp in profile.linears if lp.block is not None}
+
+
+def uniform_ct_plan(problem: AllocationProblem, bits: int, group: int = 128) -> Plan:
+    """Every linear at W{bits}A16 with the largest group ≤ `group` its rows take (dense where
+    none does): the uniform compressed-tensors model a team would write, as a Plan."""
+    assignments = {}
+    for lin in problem.linears:
+        fits = [o for o in lin.options if o.ct and o.bits == bits and not o.rank
+                and o.group_size <= group]
+        assignments[lin.name] = max(fits, key=lambda o: o.group_size) if fits else ct_dense()
+    total, err = problem.evaluate(assignments)
+    return Plan(assignments, total, err, method=f"uniform W{bits}A16", optimal=False,
+                fixed_bytes=problem.fixed_bytes)
 
 
 def fused_ties(profile: Profile, constraints: Constraints | None) -> Constraints:
