@@ -11,7 +11,8 @@ import json
 # name -> module under bench exposing `run(args)`. Options live here, not in the bench modules:
 # registering them must not import torch for every CLI call.
 BENCHES = ["quant", "solver", "profile", "api", "e2e", "load", "runtime", "sampling", "scale",
-           "real", "gguf"]
+           "real", "gguf", "compressed-tensors"]
+MODULES = {"compressed-tensors": "vllm_export"}   # names that are not module names
 
 
 def register(sub) -> None:
@@ -29,9 +30,9 @@ def register(sub) -> None:
 
 def _run_one(name: str, args) -> dict:
     try:
-        mod = importlib.import_module(f"bench.{name}")
+        mod = importlib.import_module(f"bench.{MODULES.get(name, name)}")
     except ModuleNotFoundError as exc:
-        if exc.name == f"bench.{name}":
+        if exc.name == f"bench.{MODULES.get(name, name)}":
             return {"error": f"benchmark {name!r} is not available in this build"}
         raise
     out = mod.run(args)

@@ -209,7 +209,8 @@ class BitplanClient:
     def submit_plan(self, model: str, budget: str | int, *, constraints: dict | None = None,
                     method: str = "exact", compress: bool = False, target: str = "native",
                     idempotency_key: str | None = None) -> Accepted:
-        """`target`: "native" (the CALDERA format) or "gguf" (a llama.cpp type per tensor)."""
+        """`target`: "native" (the CALDERA format), "gguf" (a llama.cpp type per tensor) or
+        "compressed-tensors" (a vLLM scheme per module)."""
         body: dict[str, Any] = {"model": model, "budget": budget, "method": method,
                                 "compress": compress}
         if target != "native":   # an older server, which knows no target, takes native plans

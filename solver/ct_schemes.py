@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+CT_TARGET = "compressed-tensors"   # the target's name (solver.bytes.TARGETS)
 CT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 CT_GROUPS: tuple[int, ...] = (32, 64, 128)
 LORA_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)   # vLLM's --max-lora-rank values
@@ -88,3 +89,15 @@ def fused_groups(names: list[str]) -> list[list[str]]:
             if leaf in members:
                 out.setdefault((parent, k), []).append(n)
     return [g for g in out.values() if len(g) > 1]
+
+
+def menu_bytes_range(rows: int, cols: int, max_rank: int,
+                     ranks: tuple[int, ...] = LORA_RANKS) -> tuple[int, int]:
+    """(cheapest, dearest) bytes of a linear's default menu: every scheme its rows fit, each
+    with every rank ≤ max_rank (dense fp16 alone when none fits)."""
+    fits = [(b, g) for g in CT_GROUPS if fits_cols(g, cols) for b in CT_BITS]
+    if not fits:
+        return rows * cols * 2, rows * cols * 2
+    top = max([0] + [r for r in ranks if r <= max_rank])
+    costs = [ct_weight_bytes(rows, cols, b, g) for b, g in fits]
+    return min(costs), max(costs) + lora_bytes(rows, cols, top)

@@ -122,6 +122,20 @@ class CTModelWriter:
         self._writer.abort()
 
 
+def serve_command(model_dir: Path) -> str:
+    """The `vllm serve` line for a written directory: the base, and its adapter (requests then
+    name the model "bitplan-lr" to get Q + L·R) when it has one. vLLM picks the kernels per
+    scheme itself (Marlin for 4/8 bits, its mixed-precision W2–W7 A16 kernels otherwise)."""
+    model_dir = Path(model_dir).resolve()
+    line = f"vllm serve {model_dir} --dtype float16"
+    cfg = model_dir / ADAPTER_DIR / "adapter_config.json"
+    if cfg.is_file():
+        rank = json.loads(cfg.read_text())["r"]
+        line += (f" --enable-lora --max-lora-rank {rank} "
+                 f"--lora-modules bitplan-lr={model_dir / ADAPTER_DIR}")
+    return line
+
+
 def write_adapter(out: Path, ranks: dict[str, int], tensors: dict[str, torch.Tensor],
                   base: Path) -> Path:
     """A PEFT LoRA adapter directory (module docstring) for `ranks` (module → rank)."""

@@ -26,14 +26,13 @@ from compressor.checkpoint.headers import read_header
 from compressor.checkpoint.loading import load_tokenizer
 from compressor.checkpoint.memory import StageClock
 from compressor.checkpoint.stream import StreamedModel
-from compressor.pipeline.ct_target import CT_TARGET
 from compressor.pipeline.evaluate import eval_sequences, stream_evaluate
 from compressor.pipeline.execute import ExecuteConfig, Executed, planned_weights
 from compressor.pipeline.planning import predicted_kl
 from compressor.pipeline.profile import ProfileConfig, calibration
 from compressor.pipeline.profile_store import Profile
 from compressor.quant.ct_int import dequantize_ct, encode_ct, unpack_int32
-from solver.ct_schemes import DENSE_BITS
+from solver.ct_schemes import CT_TARGET, DENSE_BITS
 
 log = logging.getLogger(__name__)
 

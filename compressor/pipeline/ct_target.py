@@ -24,9 +24,9 @@ from compressor.quant.ct_int import dequantize_ct, round_ct_many
 from compressor.quant.gguf_blocks import hessian_factor
 from compressor.quant.problem import h_sq, lowrank_error_curve
 from solver.bytes import ct_dense, ct_option
-from solver.ct_schemes import CT_BITS, CT_GROUPS, LORA_RANKS, fits_cols
+from solver.ct_schemes import CT_BITS, CT_GROUPS, CT_TARGET, LORA_RANKS, fits_cols
 
-CT_TARGET = "compressed-tensors"
+__all__ = ["CT_RANKS", "CT_TARGET", "sample_ct", "schemes_for"]
 CT_RANKS: tuple[int, ...] = LORA_RANKS[:-1]   # 8 … 256: 512 exceeds half of most widths
 _STACK = 6                # schemes per stacked sweep (memory: _STACK · rows · cols floats)
 

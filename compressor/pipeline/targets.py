@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 
 from compressor.checkpoint.loading import Inventory
-from compressor.pipeline.ct_target import CT_TARGET
 from solver.bytes import TARGETS
+from solver.ct_schemes import CT_TARGET
 
 
 def check_target(target: str, tied: str = "head") -> str:
@@ -18,6 +18,17 @@ def check_target(target: str, tied: str = "head") -> str:
     if tied not in ("head", "lookup"):   # how a GGUF profile rounds a tied tensor (vocab.py)
         raise ValueError(f"gguf_tied must be head or lookup, got {tied!r}")
     return target
+
+
+def check_target_model(inv: Inventory, target: str) -> None:
+    """Refuse, before any work, a model the target cannot serve: compressed-tensors quantizes
+    nn.Linear modules (GPT-2's Conv1D weights are stored transposed: not supported)."""
+    if target == CT_TARGET:
+        odd = [li.name for li in inv.linears if not li.is_vocab and li.kind != "linear"]
+        if odd:
+            raise ValueError(f"target {CT_TARGET} quantizes nn.Linear modules; {odd[0]} is a "
+                             f"{next(li.kind for li in inv.linears if li.name == odd[0])} "
+                             f"({len(odd)} such): use --target native or gguf")
 
 
 def plans_vocab(target: str) -> bool:

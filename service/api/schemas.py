@@ -13,7 +13,7 @@ from solver.budget import MAX_BUDGET_BYTES
 from solver.constraints import Constraints, validate_constraints
 
 Method = Literal["exact", "cpsat", "greedy"]
-Target = Literal["native", "gguf"]
+Target = Literal["native", "gguf", "compressed-tensors"]   # solver.bytes.TARGETS
 
 
 class ErrorBody(BaseModel):
@@ -67,8 +67,10 @@ class PlanCreate(BaseModel):
     method: Method = "exact"
     compress: bool = False
     target: Target = Field(default="native", description='what serves the plan: "native" (the '
-                           'CALDERA format, bitplan\'s runtime) or "gguf" (a llama.cpp type per '
-                           'tensor, written as model.gguf); a model has one profile per target')
+                           'CALDERA format, bitplan\'s runtime), "gguf" (a llama.cpp type per '
+                           'tensor, written as model.gguf) or "compressed-tensors" (a vLLM '
+                           'scheme per module, written as a model directory, L·R as a LoRA '
+                           'adapter); a model has one profile per target')
 
     @field_validator("budget", mode="before")
     @classmethod

@@ -121,16 +121,19 @@ def _header(plan: Plan, profile: Profile, problem: AllocationProblem) -> list[st
     ]
 
 
-def _gguf_types(plan: Plan, nbytes: dict[str, int], total: int) -> list[str]:
-    """A GGUF plan's mix: tensors and bytes per llama.cpp type, most bytes first."""
+def _by_label(plan: Plan, nbytes: dict[str, int], total: int) -> list[str]:
+    """A GGUF or compressed-tensors plan's mix: tensors and bytes per llama.cpp type or vLLM
+    scheme (+ LoRA rank), most bytes first."""
     count: Counter = Counter()
     share: Counter = Counter()
     for name, opt in plan.assignments.items():
-        count[opt.gguf_type] += 1
-        share[opt.gguf_type] += nbytes[name]
-    rows = [f"{'type':>8}{'tensors':>9}{'bytes':>12}{'share':>10}"]
+        count[opt.label] += 1
+        share[opt.label] += nbytes[name]
+    w = max(8, *(len(t) + 2 for t in count))
+    rows = [f"{'type' if any(o.gguf_type for o in plan.assignments.values()) else 'scheme':>{w}}"
+            f"{'tensors':>9}{'bytes':>12}{'share':>10}"]
     for t in sorted(count, key=lambda t: (-share[t], t)):
-        rows.append(f"{t:>8}{count[t]:>9}{format_bytes(share[t]):>12}"
+        rows.append(f"{t:>{w}}{count[t]:>9}{format_bytes(share[t]):>12}"
                     f"{_pct(share[t], total):>10}")
     return rows
 
@@ -138,8 +141,8 @@ def _gguf_types(plan: Plan, nbytes: dict[str, int], total: int) -> list[str]:
 def _formats(plan: Plan, problem: AllocationProblem) -> list[str]:
     nbytes = linear_bytes(plan, problem)
     total = sum(nbytes.values())
-    if all(opt.gguf_type for opt in plan.assignments.values()):
-        return _gguf_types(plan, nbytes, total)
+    if all(opt.gguf_type or opt.ct for opt in plan.assignments.values()):
+        return _by_label(plan, nbytes, total)
     count: Counter = Counter()
     share: Counter = Counter()
     ranks: dict[int, Counter] = defaultdict(Counter)
@@ -210,7 +213,9 @@ def summarize_profile(profile: Profile, peak_rss: int | None = None) -> str:
              _line("measured", f"{st.get('wall_s', 0):.1f} s ({stages})"),
              _line("sensitivity", f"α from the {how}; " + (
                  "every GGUF type's error measured by our encoders" if cfg.get("target") ==
-                 "gguf" else f"fitted E_i R² {st.get('fit_r2_mean', math.nan):.4f}"))]
+                 "gguf" else "every compressed-tensors scheme and LoRA rank measured"
+                 if cfg.get("target") == "compressed-tensors"
+                 else f"fitted E_i R² {st.get('fit_r2_mean', math.nan):.4f}"))]
     if peak_rss:
         lines.append(_line("peak memory", f"{format_bytes(peak_rss)} (this process)"))
     blocks = profile.block_sensitivity

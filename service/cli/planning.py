@@ -21,6 +21,8 @@ from compressor.pipeline.profile_store import FileProfileStore
 from service.cli.plan_summary import summarize_plan, summarize_profile
 from service.errors import UserError
 from service.settings import DEMO_MODEL, get_settings
+from solver.bytes import TARGETS
+from solver.ct_schemes import CT_TARGET
 from solver.recipes import plan_to_yaml
 
 # The commands below import torch-backed modules (compressor.pipeline.profile, .execute, .experiment, …)
@@ -58,9 +60,11 @@ def register(sub) -> None:
 
 
 def _target_arg(p) -> None:
-    p.add_argument("--target", default="native", choices=["native", "gguf"],
+    p.add_argument("--target", default="native", choices=list(TARGETS),
                    help="what serves the plan: native (CALDERA W = Q + L·R, bitplan's runtime; "
-                        "default) or gguf (a llama.cpp type per tensor, written as a GGUF file)")
+                        "default), gguf (a llama.cpp type per tensor, written as a GGUF file) "
+                        "or compressed-tensors (a vLLM scheme per module, written as a model "
+                        "directory, L·R as a LoRA adapter)")
 
 
 def profile_root() -> Path:
@@ -134,6 +138,15 @@ def ensure_profile(model: str, calib_seqs: int | None = None, quiet: bool = Fals
             check_vocabulary(Path(model))
         except (ValueError, ConversionError, FileNotFoundError) as exc:
             raise UserError(str(exc)) from None
+    if target == CT_TARGET:   # before any work: compressed-tensors quantizes nn.Linear only
+        from compressor.checkpoint.headers import header_inventory
+        from compressor.pipeline.targets import check_target_model
+        path = Path(model).expanduser()
+        if path.is_dir():
+            try:
+                check_target_model(header_inventory(path, model), target)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
     settings = get_settings()
     cfg = ProfileConfig(target=target)
     if types:
@@ -210,7 +223,8 @@ def register_execution(sub) -> None:
     g.add_argument("--budget", help="solve for this budget from the stored profile first")
     p.add_argument("--out", type=Path, required=True,
                    help="artifact directory (gguf: it gets model.gguf, the bf16 reference the "
-                        "converter wrote and tensor-types.txt)")
+                        "converter wrote and tensor-types.txt; compressed-tensors: the model "
+                        "directory vLLM serves, with adapter/ for L·R)")
     _target_arg(p)
     p.set_defaults(func=cmd_compress)
 
@@ -243,9 +257,13 @@ def compress_to_artifact(model_ref: str, prof, plan, out: Path, quiet: bool = Fa
     done = api.compress(model_ref, prof, plan, out, config=config, progress=progress)
     bar.close()
     m = done.metrics
-    return {"artifact": str(done.artifact), "planned_bytes": plan.total_bytes,
-            "artifact_bytes": done.tensor_bytes, "ppl": m["ppl"], "kl": m["kl"],
-            "top1": m["top1"], "predicted_kl": m["predicted_kl"]}
+    out = {"artifact": str(done.artifact), "planned_bytes": plan.total_bytes,
+           "artifact_bytes": done.tensor_bytes, "ppl": m["ppl"], "kl": m["kl"],
+           "top1": m["top1"], "predicted_kl": m["predicted_kl"]}
+    if prof.config.get("target") == CT_TARGET:
+        from compressor.artifact.ct_export import serve_command
+        out["serve"] = serve_command(done.artifact)
+    return out
 
 
 def cmd_compress(args) -> int:

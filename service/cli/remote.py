@@ -13,6 +13,7 @@ from pathlib import Path
 from service.client import BitplanClient, BitplanError, Job, Plan
 from service.errors import UserError
 from solver.budget import format_bytes
+from solver.bytes import TARGETS, Option
 
 BAR = 30
 
@@ -28,9 +29,10 @@ def register(sub) -> None:
     q.add_argument("model")
     q.add_argument("--budget", required=True, help='bytes, "850MiB", "3.25bpp" or "0.22x"')
     q.add_argument("--method", default="exact", choices=["exact", "cpsat", "greedy"])
-    q.add_argument("--target", default="native", choices=["native", "gguf"],
-                   help="what serves the plan: native (bitplan's CALDERA format, the default) "
-                        "or gguf (a llama.cpp type per tensor, written as a GGUF file)")
+    q.add_argument("--target", default="native", choices=list(TARGETS),
+                   help="what serves the plan: native (bitplan's CALDERA format, the default), "
+                        "gguf (a llama.cpp type per tensor, written as a GGUF file) or "
+                        "compressed-tensors (a vLLM scheme per module)")
     q.add_argument("--constraints", type=Path, default=None, help="constraints JSON file")
     q.add_argument("--compress", action="store_true", help="compress once solved")
     q.add_argument("--no-wait", action="store_true", help="print the ids and return")
@@ -122,12 +124,12 @@ def print_plan(plan: Plan, as_json: bool = False) -> None:
           f"predicted KL {plan.predicted_error:.4g}")
     for n in plan.notes:
         print(f"note: {n}")
-    gguf = any(li.get("gguf_type") for li in plan.linears)
+    gguf = any(li.get("gguf_type") or li.get("ct") for li in plan.linears)
     cols = f"{'type':>16}" if gguf else f"{'bits':>4} {'rank':>5} {'group':>5}"
     print(f"{'linear':<44} {cols} {'bytes':>10} {'pred. err':>10}")
     for li in plan.linears:
         err = li.get("predicted_error")
-        opt = (f"{li.get('gguf_type', ''):>16}" if gguf else
+        opt = (f"{li.get('gguf_type') or Option.from_dict(li).label:>16}" if gguf else
                f"{li['bits']:>4} {li['rank']:>5} {li['group_size']:>5}")
         print(f"{li['name']:<44} {opt} "
               f"{li.get('bytes') or 0:>10} {err if err is None else format(err, '.3g'):>10}")

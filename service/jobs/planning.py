@@ -13,10 +13,12 @@ from typing import Any
 
 import solver
 from compressor import api
+from compressor.checkpoint.headers import VOCAB_KINDS
 from compressor.pipeline.profile_store import Profile
 from solver.budget import MAX_BUDGET_BYTES, BudgetError, InfeasibleBudget
 from solver.bytes import Option, fp16_bytes, option_bytes
 from solver.constraints import validate_constraints
+from solver.ct_schemes import CT_TARGET, menu_bytes_range
 from solver.gguf_types import GGUF_MENU, gguf_tensor_bytes, types_for_row
 
 _PROBLEMS: OrderedDict[tuple[str, str], solver.AllocationProblem] = OrderedDict()
@@ -39,7 +41,9 @@ def inventory_feasibility(inventory: dict, target: str = "native",
     """Bytes range from the layer inventory alone. Native: every linear at 2 bits without
     correction, and every linear at fp16; kept parameters at their dtype. GGUF: every tensor at
     the cheapest type of the menu its rows fit, and at its dearest; kept (1-D) tensors at 4
-    bytes a parameter, as llama.cpp's converter writes them (compressor.pipeline.profile.kept_bytes)."""
+    bytes a parameter, as llama.cpp's converter writes them (compressor.pipeline.targets
+    .fixed_bytes). compressed-tensors: every block linear's cheapest and dearest scheme (+ its
+    largest LoRA), the rest in fp16."""
     shapes = [(int(li["out_features"]), int(li["in_features"]))
               for li in inventory.get("linears", [])]
     if target == "gguf":
@@ -51,6 +55,16 @@ def inventory_feasibility(inventory: dict, target: str = "native",
                 raise BudgetError(f"no GGUF type of {list(gguf_menu)} stores rows of {n} "
                                   "elements; this model cannot be planned for target gguf")
             lo, hi = lo + min(sizes), hi + max(sizes)
+        return lo, hi
+    if target == CT_TARGET:   # the embedding and head stay fp16 (compressor.pipeline.targets)
+        vocab = [li for li in inventory.get("linears", []) if li.get("kind") in VOCAB_KINDS]
+        lo = hi = 2 * (sum(math.prod(k["shape"]) for k in inventory.get("kept", []))
+                       + sum(int(li["out_features"]) * int(li["in_features"]) for li in vocab))
+        for li in inventory.get("linears", []):
+            if li.get("kind") not in VOCAB_KINDS:
+                m, n = int(li["out_features"]), int(li["in_features"])
+                a, b = menu_bytes_range(m, n, max(1, min(m, n) // 2))
+                lo, hi = lo + a, hi + b
         return lo, hi
     kept = sum(int(k["nbytes"]) for k in inventory.get("kept", []))
     low = Option(bits=2, rank=0)
