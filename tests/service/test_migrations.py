@@ -58,7 +58,8 @@ def test_unique_constraints_exist_on_postgres(pg_url):
 
 def _check_target_migration(url: str) -> None:
     """0005 adds plans.target and profiles.target: old rows read native, a stored gguf profile
-    (its config names the target) reads gguf; down and up again cleanly."""
+    (its config names the target) reads gguf; 0006 makes room for "compressed-tensors"; down
+    and up again cleanly."""
     engine = sa.create_engine(url)
     now = sa.func.current_timestamp()
     try:
@@ -84,6 +85,11 @@ def _check_target_migration(url: str) -> None:
             assert conn.execute(sa.text("SELECT target FROM plans")).scalar_one() == "native"
             assert dict(conn.execute(sa.text("SELECT id, target FROM profiles")).all()) == \
                 {"native": "native", "gguf": "gguf"}
+        with engine.begin() as conn:   # 0006: wide enough for the vLLM target's name
+            conn.execute(sa.text("UPDATE plans SET target = 'compressed-tensors'"))
+            assert conn.execute(sa.text("SELECT target FROM plans")).scalar_one() == \
+                "compressed-tensors"
+            conn.execute(sa.text("UPDATE plans SET target = 'native'"))   # 0005 cannot hold it
         downgrade(url, "0004")
         insp = sa.inspect(engine)
         for table in ("plans", "profiles"):
