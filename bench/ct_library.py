@@ -26,17 +26,35 @@ def planned_modules(model_dir: Path) -> list[str]:
     return sorted({n for g in qc["config_groups"].values() for n in g["targets"]})
 
 
-def library_model(model_dir: Path, *, adapter: bool = False,
-                  dtype: torch.dtype = torch.float32, run_compressed: bool | None = None):
-    """The export loaded by transformers + compressed-tensors (+ PEFT with `adapter`, on the
-    decompressed base: PEFT wraps nn.Linear weights, which a still-packed module lacks)."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+def library_model(model_dir: Path, *, adapter: bool = False, dtype: torch.dtype = torch.float16,
+                  run_compressed: bool | None = None, compute_float32: bool = True):
+    """The export loaded by transformers + compressed-tensors (+ PEFT with `adapter`).
 
-    if adapter and run_compressed is None:
-        run_compressed = False
+    Loaded in fp16, its dtype, so the library decompresses each weight to ŵ = q·s in fp16 as
+    vLLM's kernels do (a float32 load would compute q·s exactly instead: another model, by up
+    to 2^-11 a weight). `compute_float32`: those decompressed weights are then moved into a
+    plain float32 copy of the architecture, so the forward pass is not fp16 CPU arithmetic
+    (a quantized model refuses `.float()`); PEFT wraps that copy (it needs nn.Linear weights,
+    which a still-packed module lacks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
+
+    if compute_float32 or adapter:
+        run_compressed = False if run_compressed is None else run_compressed
     kw = {} if run_compressed is None else {
         "quantization_config": CompressedTensorsConfig(run_compressed=run_compressed)}
     model = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype, **kw)
+    if compute_float32:
+        config = AutoConfig.from_pretrained(Path(model_dir))
+        del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        want = plain.state_dict()
+        got = {k: v.float() for k, v in model.state_dict().items() if k in want}
+        missing = set(want) - set(got)   # quantization parameters (weight_scale …) are left out
+        if missing:
+            raise ValueError(f"the library's model lacks {sorted(missing)[:3]}")
+        plain.load_state_dict(got)
+        plain.tie_weights()
+        model = plain
     if adapter:
         from peft import PeftModel
 
@@ -46,9 +64,13 @@ def library_model(model_dir: Path, *, adapter: bool = False,
 
 @torch.no_grad()
 def our_model(source: Path, model_dir: Path, *, adapter: bool = True):
-    """The source model (float32) with bitplan's decode of every planned linear swapped in."""
+    """The source's architecture (float32) holding bitplan's own decode of the written files:
+    every planned linear from its stored codes and scales (+ B·A), every other tensor as the
+    export stores it (fp16)."""
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    from compressor.artifact.ct_export import MODEL_FILE
     from compressor.pipeline.ct_execute import CTWeights
 
     model = AutoModelForCausalLM.from_pretrained(Path(source), dtype=torch.float32).eval()
@@ -56,6 +78,11 @@ def our_model(source: Path, model_dir: Path, *, adapter: bool = True):
     weights = CTWeights(Path(model_dir), names, lora=adapter)
     for n in names:
         model.get_submodule(n).weight.copy_(weights[n])
+    params = dict(model.named_parameters())
+    with safe_open(str(Path(model_dir) / MODEL_FILE), "pt") as f:
+        for key in f.keys():
+            if key in params:
+                params[key].copy_(f.get_tensor(key).float())
     return model
 
 

@@ -8,8 +8,8 @@ where the rows allow, else 64: SmolLM2's 576-wide inputs take 64 at most) and W8
 bitplan's exact plan at each uniform's bytes. Every plan is written by execute_ct, then loaded
 by transformers' compressed-tensors integration (+ PEFT for an adapter) and scored against the
 original model on held-out text (the test split): KL(original ‖ export) per token and top-1
-agreement. `max_logit_rel_diff`: the library-loaded model against bitplan's own decode of the
-same files (≤ 1e-3 is the contract), `ties_respected`: q/k/v and gate/up share a scheme in
+agreement. `max_logit_rel_diff`: the library-loaded model (fp16, as the library decompresses
+it, run in float32) against bitplan's own decode of the same files (≤ 1e-3 is the contract), `ties_respected`: q/k/v and gate/up share a scheme in
 every written config. vLLM itself does not run here (no GPU): the JSON gives the `vllm serve`
 line of each export.
 
@@ -113,7 +113,8 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
                 "bits_per_linear_weight": round(8 * (plan.total_bytes - prof.fixed_bytes)
                                                 / linear_params, 4),
                 "kl": got["kl"], "top1": got["top1"], "tokens": got["tokens"],
-                "streamed_kl": done.metrics["kl"], "predicted_kl": done.metrics["predicted_kl"],
+                "streamed_kl": done.metrics["kl"], "streamed_kl_seqs": config.eval_seqs,
+                "predicted_kl": done.metrics["predicted_kl"],
                 "max_logit_rel_diff": ours["max_logit_rel_diff"],
                 "ties_respected": fused_schemes(config_json, groups),
                 "lora_modules": sum(1 for o in plan.assignments.values() if o.rank),

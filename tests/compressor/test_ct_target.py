@@ -128,24 +128,27 @@ def test_export_loads_in_transformers_and_peft_with_our_logits(tied):
     assert planned_modules(out) == sorted(plan.assignments)
 
     # the library's fp16 weights are bitplan's decode, bit for bit
-    lib16 = library_model(out, dtype=torch.float16, run_compressed=False)
+    lib16 = library_model(out, run_compressed=False, compute_float32=False)
     base = CTWeights(out, list(plan.assignments), lora=False)
     for n in plan.assignments:
         assert torch.equal(lib16.get_submodule(n).weight.float(), base[n]), n
     tok = load_tokenizer(str(model))
     seqs = eval_sequences(tok, EVAL.eval_seq_len, EVAL.eval_seqs)
     ours_q = our_model(model, out, adapter=False)
-    assert compare(ours_q, library_model(out), seqs)["max_logit_rel_diff"] <= 1e-3
+    assert compare(ours_q, library_model(out), seqs)["max_logit_rel_diff"] <= 1e-5
     ours = our_model(model, out)
     with_adapter = compare(ours, library_model(out, adapter=True), seqs)
     without = compare(ours, library_model(out), seqs)
-    assert with_adapter["max_logit_rel_diff"] <= 1e-3
+    assert with_adapter["max_logit_rel_diff"] <= 1e-5   # the issue asks ≤ 1e-3
     assert without["max_logit_rel_diff"] > 10 * with_adapter["max_logit_rel_diff"]
     # execute_ct's streamed measurement is the full model's, from the same tensors
     source = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     full = compare(source, ours, seqs)
     assert done.metrics["kl"] == pytest.approx(full["kl"], rel=1e-3)
     assert lib16.generate(seqs[:1, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
+    # as the integration loads it by default (compressed modules, fp16 arithmetic on the CPU)
+    packed = library_model(out, compute_float32=False)
+    assert compare(ours_q, packed, seqs[:2])["max_logit_rel_diff"] <= 2e-2
 
 
 def test_dense_modules_are_ignored_and_uniform_models_load(odd):
@@ -163,4 +166,4 @@ def test_dense_modules_are_ignored_and_uniform_models_load(odd):
         assert set(downs) <= set(qc["ignore"])
         assert [g["weights"]["num_bits"] for g in qc["config_groups"].values()] == [bits]
         got = compare(our_model(model, out), library_model(out), seqs)
-        assert got["max_logit_rel_diff"] <= 1e-3
+        assert got["max_logit_rel_diff"] <= 1e-5
