@@ -5,7 +5,10 @@ exporter, our GPTQ rounding) at the same bytes, and every model scored as the li
 On SmolLM2-135M (`make smollm2`): one compressed-tensors profile (every scheme and LoRA rank
 of every linear measured; reused when the data dir has it); the uniform W4A16 (groups of 128
 where the rows allow, else 64: SmolLM2's 576-wide inputs take 64 at most) and W8A16 plans;
-bitplan's exact plan at each uniform's bytes. Every plan is written by execute_ct, then loaded
+bitplan's exact plan at each uniform's bytes ("bitplan_profile"), at the W4 bytes also put
+through the non-additivity guard (compressor.research.ct_eval: blocks' measured KL shares on
+the validation split rescale their α, re-solved; "bitplan" is the guard's plan when it
+measured lower there, else the profile's). Every plan is written by execute_ct, then loaded
 by transformers' compressed-tensors integration (+ PEFT for an adapter) and scored against the
 original model on held-out text (the test split): KL(original ‖ export) per token and top-1
 agreement. `max_logit_rel_diff`: the library-loaded model (fp16, as the library decompresses
@@ -36,6 +39,7 @@ from compressor.pipeline.execute import ExecuteConfig
 from compressor.pipeline.planning import build_problem, uniform_ct_plan
 from compressor.pipeline.profile import ProfileConfig, run_profile
 from compressor.pipeline.profile_store import FileProfileStore
+from compressor.research.ct_eval import refine_ct
 from service.settings import REPO_ROOT, get_settings
 from solver import solve
 from solver.ct_schemes import CT_TARGET, fused_groups
@@ -43,7 +47,9 @@ from solver.ct_schemes import CT_TARGET, fused_groups
 SMOLLM2 = REPO_ROOT / "models" / "smollm2-135m"
 ENV = "BITPLAN_BENCH_CT_MODEL"
 EVAL_SEQS, EVAL_LEN = 24, 256           # held-out tokens the libraries' models are scored on
-QUICK = {"uniform": (4,), "eval_seqs": 4, "eval_len": 128,
+TUNE_SEQS = 4                           # validation sequences the guard measures blocks on
+GUARD_BITS = (4,)                       # the rows whose plan goes through the guard
+QUICK = {"uniform": (4,), "eval_seqs": 4, "eval_len": 128, "tune_seqs": 2,
          "profile": {"calib_seqs": 8, "fisher_seqs": 4, "seq_len": 128}}
 
 
@@ -125,14 +131,27 @@ def _measure(model: Path, source: str, quick: bool, tmp: Path) -> dict:
         uniform = uniform_ct_plan(problem, bits)
         name = f"W{bits}A16"
         base = scored(uniform, f"uniform-{name}")
-        plan = solve(problem.with_budget(uniform.total_bytes), "exact")
-        ours = scored(plan, f"bitplan-at-{name}")
-        rows.append({"budget": f"uniform {name}'s bytes", "budget_bytes": uniform.total_bytes,
-                     "uniform": base, "bitplan": ours,
-                     "kl_vs_uniform_pct": round(100 * (ours["kl"] / base["kl"] - 1), 2)})
+        budgeted = problem.with_budget(uniform.total_bytes)
+        plan = solve(budgeted, "exact")
+        row = {"budget": f"uniform {name}'s bytes", "budget_bytes": uniform.total_bytes,
+               "uniform": base, "bitplan_profile": scored(plan, f"bitplan-at-{name}")}
+        row["bitplan"] = row["bitplan_profile"]
+        if bits in GUARD_BITS:
+            _say(f"{name}: the non-additivity guard (each block's measured share of the KL on "
+                 "the validation split rescales its α; re-solved, kept only if it measures "
+                 "lower there)")
+            guard = refine_ct(str(model), prof, budgeted, plan,
+                              tune_seqs=QUICK["tune_seqs"] if quick else TUNE_SEQS,
+                              progress=StageProgress(_say, f"{name} guard"))
+            row["guard"] = {k: v for k, v in guard.items() if k != "plan"}
+            if guard["plan"] is not plan:
+                row["bitplan"] = scored(guard["plan"], f"bitplan-guarded-at-{name}")
+        ours = row["bitplan"]
+        row["kl_vs_uniform_pct"] = round(100 * (ours["kl"] / base["kl"] - 1), 2)
+        rows.append(row)
         _say(f"{name}: KL {ours['kl']:.4g} vs uniform {base['kl']:.4g} "
              f"({rows[-1]['kl_vs_uniform_pct']:+.1f} %)")
-    every = [r[k] for r in rows for k in ("uniform", "bitplan")]
+    every = [r[k] for r in rows for k in ("uniform", "bitplan", "bitplan_profile")]
     return {"model": source, "profile_key": prof.key, "profile_s": round(profile_s, 1),
             "fixed_bytes": prof.fixed_bytes, "linear_params": linear_params,
             "eval": {"seqs": len(seqs), "seq_len": int(seqs.shape[1]), "split": "test"},

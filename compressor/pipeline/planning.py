@@ -67,19 +67,20 @@ def build_problem(profile: Profile, budget=None, constraints: Mapping | Constrai
     return problem.with_budget(budget) if budget is not None else problem
 
 
+def option_error(lp: LinearProfile, opt: Option) -> float:
+    """E_i(option) of one linear, before its α: measured t² (GGUF, compressed-tensors) or the
+    fitted model's prediction; 0 for an option kept as stored (16 bits, dense)."""
+    if opt.bits == FP16_BITS:
+        return 0.0
+    if is_measured_fit(lp.fit):
+        return measured_error(lp.fit, opt)
+    return float(ErrorModel.from_dict(lp.fit).predict(opt.bits, opt.rank, opt.group_size))
+
+
 def predicted_kl(profile: Profile, assignments: Mapping[str, Option]) -> float:
     """Σ α_i · E_i(option_i): the profile's prediction of KL to the original model."""
-    total = 0.0
-    for lp in profile.linears:
-        opt = assignments.get(lp.name)
-        if opt is None or opt.bits == FP16_BITS:   # kept as stored / dense: no error
-            continue
-        if is_measured_fit(lp.fit):
-            total += lp.alpha * measured_error(lp.fit, opt)
-            continue
-        model = ErrorModel.from_dict(lp.fit)
-        total += lp.alpha * float(model.predict(opt.bits, opt.rank, opt.group_size))
-    return total
+    return sum(lp.alpha * option_error(lp, assignments[lp.name])
+               for lp in profile.linears if lp.name in assignments)
 
 
 def block_of(profile: Profile) -> dict[str, int]:

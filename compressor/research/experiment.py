@@ -23,13 +23,12 @@ from compressor.checkpoint.data import Split, token_sequences
 from compressor.checkpoint.loading import load_tokenizer
 from compressor.checkpoint.stream import StreamedModel
 from compressor.pipeline.evaluate import EvalResult
-from compressor.pipeline.planning import block_of, build_problem, predicted_kl
+from compressor.pipeline.planning import block_of, build_problem, option_error, predicted_kl
 from compressor.pipeline.profile import ProfileConfig, calibration
 from compressor.pipeline.profile_store import LinearProfile, Profile
 from compressor.research.plan_eval import PlanEvaluator
 from compressor.research.report import write_report
 from compressor.research.streamed_eval import StreamedPlanEvaluator
-from solver.errormodel import ErrorModel
 from solver.strategies import STRATEGIES, baseline
 
 DEFAULT_BUDGETS = ("2.4bpp", "2.75bpp", "3.25bpp", "3.75bpp", "4.5bpp")
@@ -96,9 +95,7 @@ def refine(ev: PlanEvaluator | StreamedPlanEvaluator, prof: Profile, problem,
         pred = {b: 0.0 for b in scale}
         for lp in prof.linears:
             if (u := unit[lp.name]) is not None:
-                o = current[lp.name]
-                e = float(ErrorModel.from_dict(lp.fit).predict(o.bits, o.rank, o.group_size))
-                pred[u] += scale[u] * lp.alpha * e
+                pred[u] += scale[u] * lp.alpha * option_error(lp, current[lp.name])
         for b, r in zip(scale, res[1:], strict=True):
             delta = cur_kl - r.kl
             if pred[b] > 0:  # a floor keeps every α positive when a block measures ≤ 0
