@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bench import llama_cpp
 from bench.progress import StageProgress
+from bench.tiny_llama import bench_model
 from compressor import api
 from compressor.artifact.gguf_convert import check_convertible, convert_reference
 from compressor.checkpoint.data import Split, load_text
@@ -39,10 +40,9 @@ from compressor.pipeline.execute import ExecuteConfig
 from compressor.pipeline.gguf_execute import TYPES_FILE, execute_gguf, gguf_tensor_data_bytes
 from compressor.pipeline.profile import ProfileConfig, calibration, run_profile
 from compressor.pipeline.profile_store import FileProfileStore
-from service.settings import REPO_ROOT, get_settings
+from service.settings import get_settings
 from solver.gguf_types import parse_types
 
-SMOLLM2 = REPO_ROOT / "models" / "smollm2-135m"
 ENV, ENV_TYPES = "BITPLAN_BENCH_GGUF_MODEL", "BITPLAN_BENCH_GGUF_TYPES"
 MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")
 CTX, KLD_CHUNKS = 512, 16              # held-out: 16 chunks × 512 tokens scored by llama.cpp
@@ -54,19 +54,6 @@ SLACK = 64                              # bytes a re-plan steps down per try bel
 
 def _say(line: str) -> None:
     print(f"bench gguf: {line}", file=sys.stderr, flush=True)
-
-
-def _model(quick: bool, tmp: Path) -> tuple[Path | None, str]:
-    given = os.environ.get(ENV)
-    if given:
-        return (Path(given), given) if (Path(given) / "config.json").is_file() else \
-            (None, f"{ENV}={given} is not a model directory (no config.json)")
-    if quick:
-        from bench.tiny_llama import write_tiny_llama
-        return write_tiny_llama(tmp / "tiny"), "bench/tiny_llama.py, written in this run"
-    if (SMOLLM2 / "config.json").is_file():
-        return SMOLLM2, str(SMOLLM2)
-    return None, f"no model at {SMOLLM2}: run `make smollm2` first (~1 min)"
 
 
 def _texts(model: Path, cfg: ProfileConfig, tmp: Path, tokens_needed: int) -> tuple[Path, Path]:
@@ -90,7 +77,7 @@ def run(args) -> dict:
         try:
             for tool in llama_cpp.TOOLS:
                 llama_cpp.llama_cpp_bin(tool)
-            model, source = _model(quick, tmp)
+            model, source = bench_model(ENV, quick, tmp)
             if model is None:
                 raise ValueError(source)
             check_convertible(model)

@@ -15,6 +15,27 @@ from pathlib import Path
 HIDDEN, INTERMEDIATE, BLOCKS, HEADS, KV_HEADS, VOCAB, CONTEXT = 256, 512, 2, 4, 2, 512, 256
 
 
+def bench_model(env: str, quick: bool, tmp: Path, *, tied: bool = False
+                ) -> tuple[Path | None, str]:
+    """(model directory, where it came from) for a bench over real models: the directory `env`
+    names, else (quick) a tiny Llama written into `tmp`, else SmolLM2 (`make smollm2`); None
+    and the reason, in words, when there is none."""
+    import os
+
+    from service.settings import REPO_ROOT
+
+    smollm2 = REPO_ROOT / "models" / "smollm2-135m"
+    given = os.environ.get(env)
+    if given:
+        return (Path(given), given) if (Path(given) / "config.json").is_file() else \
+            (None, f"{env}={given} is not a model directory (no config.json)")
+    if quick:
+        return write_tiny_llama(tmp / "tiny", tied=tied), "bench/tiny_llama.py, written in this run"
+    if (smollm2 / "config.json").is_file():
+        return smollm2, str(smollm2)
+    return None, f"no model at {smollm2}: run `make smollm2` first (~1 min)"
+
+
 def write_tiny_llama(out: Path, *, seed: int = 0, tied: bool = False,
                      intermediate: int = INTERMEDIATE) -> Path:
     """The model directory `out` (config, safetensors, tokenizer.model, tokenizer_config);

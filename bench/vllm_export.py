@@ -23,7 +23,6 @@ the same way. BITPLAN_BENCH_CT_MODEL: another model directory.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.progress import StageProgress
+from bench.tiny_llama import bench_model
 from compressor.artifact.ct_export import fused_schemes, serve_command
 from compressor.checkpoint.loading import load_tokenizer
 from compressor.pipeline.ct_execute import execute_ct
@@ -40,11 +40,11 @@ from compressor.pipeline.planning import build_problem, uniform_ct_plan
 from compressor.pipeline.profile import ProfileConfig, run_profile
 from compressor.pipeline.profile_store import FileProfileStore
 from compressor.research.ct_eval import refine_ct
-from service.settings import REPO_ROOT, get_settings
+from service.settings import get_settings
 from solver import solve
-from solver.ct_schemes import CT_TARGET, fused_groups
+from solver.ct_schemes import CT_TARGET
+from solver.problem import fused_groups
 
-SMOLLM2 = REPO_ROOT / "models" / "smollm2-135m"
 ENV = "BITPLAN_BENCH_CT_MODEL"
 EVAL_SEQS, EVAL_LEN = 24, 256           # held-out tokens the libraries' models are scored on
 TUNE_SEQS = 4                           # validation sequences the guard measures blocks on
@@ -57,24 +57,11 @@ def _say(line: str) -> None:
     print(f"bench compressed-tensors: {line}", file=sys.stderr, flush=True)
 
 
-def _model(quick: bool, tmp: Path) -> tuple[Path | None, str]:
-    given = os.environ.get(ENV)
-    if given:
-        return (Path(given), given) if (Path(given) / "config.json").is_file() else \
-            (None, f"{ENV}={given} is not a model directory (no config.json)")
-    if quick:
-        from bench.tiny_llama import write_tiny_llama
-        return write_tiny_llama(tmp / "tiny", tied=True), "bench/tiny_llama.py, written here"
-    if (SMOLLM2 / "config.json").is_file():
-        return SMOLLM2, str(SMOLLM2)
-    return None, f"no model at {SMOLLM2}: run `make smollm2` first (~1 min)"
-
-
 def run(args) -> dict:
     quick = bool(getattr(args, "quick", False))
     with tempfile.TemporaryDirectory(prefix="bitplan-bench-ct-") as name:
         tmp = Path(name)
-        model, source = _model(quick, tmp)
+        model, source = bench_model(ENV, quick, tmp, tied=True)
         if model is None:
             _say(source)
             return {"error": source}

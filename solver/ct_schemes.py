@@ -80,17 +80,6 @@ def lora_bytes(rows: int, cols: int, rank: int) -> int:
     return rank * (rows + cols) * LORA_BITS // 8
 
 
-def fused_groups(names: list[str]) -> list[list[str]]:
-    """The modules vLLM fuses, per parent: [[…q_proj, …k_proj, …v_proj], [gate, up], …]."""
-    out: dict[tuple[str, int], list[str]] = {}
-    for n in names:
-        parent, _, leaf = n.rpartition(".")
-        for k, members in enumerate(FUSED):
-            if leaf in members:
-                out.setdefault((parent, k), []).append(n)
-    return [g for g in out.values() if len(g) > 1]
-
-
 def menu_bytes_range(rows: int, cols: int, max_rank: int,
                      ranks: tuple[int, ...] = LORA_RANKS) -> tuple[int, int]:
     """(cheapest, dearest) bytes of a linear's default menu: every scheme its rows fit, each

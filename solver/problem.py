@@ -20,6 +20,7 @@ import numpy as np
 from solver.budget import BudgetBasis, BudgetError, InfeasibleBudget, format_bytes, parse_budget
 from solver.bytes import Option, option_bytes
 from solver.constraints import Constraints, describe_options
+from solver.ct_schemes import FUSED
 from solver.mckp import LPCurve, Menu, lp_curve, pareto_menus
 from solver.plan import Plan
 
@@ -305,6 +306,11 @@ def tie_per_block(names: Sequence[str], suffixes: Sequence[str] = (
         if last in suffixes:
             groups.setdefault(head, []).append(n)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def fused_groups(names: Sequence[str]) -> list[list[str]]:
+    """The modules vLLM fuses (ct_schemes.FUSED: q/k/v, gate/up), one tie group per parent."""
+    return [g for suffixes in FUSED for g in tie_per_block(names, suffixes)]
 
 
 def _with_dense(lin: LinearMenu, cons: Constraints) -> LinearMenu:

@@ -8,8 +8,8 @@ quant.problem.lowrank_error_curve). The fit record is the table
 {"kind": "ct", "errors": {label: t²}} with t² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ).
 
 The embedding and head are not in the menu: vLLM serves compressed-tensors embeddings and
-heads dense, so they stay in the model's dtype, counted in the fixed bytes (`ct_fixed`).
-Modules vLLM fuses (q/k/v, gate/up) are tied in the solver (planning.build_problem).
+heads dense, so they stay in the model's dtype, counted in the fixed bytes (targets.fixed_bytes).
+Modules vLLM fuses (q/k/v, gate/up) are tied in the solver (planning.fused_ties).
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from compressor.quant.ct_int import dequantize_ct, round_ct_many
 from compressor.quant.gguf_blocks import hessian_factor
 from compressor.quant.problem import h_sq, lowrank_error_curve
 from solver.bytes import ct_dense, ct_option
-from solver.ct_schemes import CT_BITS, CT_GROUPS, CT_TARGET, LORA_RANKS, fits_cols
+from solver.ct_schemes import CT_BITS, CT_GROUPS, LORA_RANKS, fits_cols
 
-__all__ = ["CT_RANKS", "CT_TARGET", "sample_ct", "schemes_for"]
 CT_RANKS: tuple[int, ...] = LORA_RANKS[:-1]   # 8 … 256: 512 exceeds half of most widths
 _STACK = 6                # schemes per stacked sweep (memory: _STACK · rows · cols floats)
 

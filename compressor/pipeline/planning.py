@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from compressor.pipeline.profile_store import LinearProfile, Profile
 from solver import AllocationProblem, Constraints, LinearMenu, Option, Plan
 from solver.bytes import FP16_BITS, ct_dense, ct_option_from_label, gguf_option
-from solver.ct_schemes import fused_groups
+from solver.ct_schemes import CT_TARGET
 from solver.errormodel import ErrorModel
+from solver.problem import fused_groups
 
 GGUF_FIT = "gguf"   # the `kind` of a GGUF profile record's fit (gguf_target.sample_gguf)
 CT_FIT = "ct"       # … of a compressed-tensors one (ct_target.sample_ct)
@@ -59,7 +60,7 @@ def build_problem(profile: Profile, budget=None, constraints: Mapping | Constrai
     menu = menu or MenuConfig()
     if constraints is not None and not isinstance(constraints, Constraints):
         constraints = Constraints.from_dict(dict(constraints))
-    if profile.config.get("target") == "compressed-tensors":
+    if profile.config.get("target") == CT_TARGET:
         constraints = fused_ties(profile, constraints)
     problem = AllocationProblem([linear_menu(lp, profile, menu) for lp in profile.linears],
                                 fixed_bytes=profile.fixed_bytes, constraints=constraints,

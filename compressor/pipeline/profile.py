@@ -27,7 +27,7 @@ from compressor.checkpoint.data import Split, token_sequences
 from compressor.checkpoint.loading import Inventory, KeptParam, discover, load_tokenizer
 from compressor.checkpoint.memory import StageClock
 from compressor.checkpoint.stream import BATCH, StreamedModel
-from compressor.pipeline.ct_target import CT_RANKS, CT_TARGET
+from compressor.pipeline.ct_target import CT_RANKS
 from compressor.pipeline.fisher import make_probes
 from compressor.pipeline.gguf_target import GGUF_MENU
 from compressor.pipeline.planning import is_measured_fit
@@ -40,7 +40,7 @@ from compressor.quant.decomposed import DecompositionConfig
 from compressor.quant.hessian import HessianHooks, linear_weight
 from solver.budget import fp16_reference_bytes
 from solver.bytes import Option
-from solver.ct_schemes import CT_BITS, CT_GROUPS
+from solver.ct_schemes import CT_BITS, CT_GROUPS, CT_TARGET
 from solver.errormodel import ErrorModel
 
 Progress = Callable[[str, float], None]

@@ -8,13 +8,14 @@ import json
 
 import torch
 
-from compressor.pipeline.ct_target import CT_TARGET, sample_ct
+from compressor.pipeline.ct_target import sample_ct
 from compressor.pipeline.gguf_target import sample_gguf
 from compressor.pipeline.profile_store import LinearProfile
 from compressor.quant.decompose import decompose, q_only_many
 from compressor.quant.hessian import linear_weight
 from compressor.quant.problem import lowrank_error_curve, prepare
 from solver.bytes import Option
+from solver.ct_schemes import CT_TARGET
 from solver.errormodel import fit, group_factor_samples, sample_tail
 
 

@@ -21,7 +21,6 @@ from compressor.checkpoint.stream import StreamedModel
 from compressor.pipeline.profile import ProfileConfig, calibration
 from compressor.pipeline.profile_store import Profile
 from compressor.quant.ct_int import CTEncoded, encode_ct
-from compressor.quant.hessian import HessianHooks, linear_weight
 from compressor.research.experiment import refine
 from compressor.research.streamed_eval import Key, StreamedPlanEvaluator
 from solver.bytes import Option
@@ -49,19 +48,10 @@ class CTPlanEvaluator(StreamedPlanEvaluator):
     def w_hat(self, name: str, opt: Option) -> Tensor:
         return self.decomposed(name, opt)
 
-    def _calibrate(self, blk, j: int, X: Tensor, todo: list[Key]) -> Tensor:
-        prefix = self.sm.block_name(j) + "."
-        names = sorted({n for n, _ in todo})
-        hooks = HessianHooks(blk, names, prefix=prefix) if names else None
-        X = self.sm.run(blk, X, self.batch_size)
-        H = hooks.result(self.calib.numel()) if hooks else {}
-        for name, opt in todo:
-            W = linear_weight(blk.get_submodule(name[len(prefix):])).detach().float()
-            self._enc[(name, opt)] = (W.half() if opt.bits == DENSE_BITS else
-                                      encode_ct(W, H[name], opt.bits, opt.group_size, opt.rank))
-            self.decompositions += 1
-            del W
-        return X
+    def _make(self, name: str, opt: Option, W: Tensor, H: Tensor) -> None:
+        self._enc[(name, opt)] = (W.half() if opt.bits == DENSE_BITS else
+                                  encode_ct(W, H, opt.bits, opt.group_size, opt.rank))
+        self.decompositions += 1
 
     def _decompose_vocab(self, name: str, opt: Option, final: Tensor | None) -> None:
         raise ValueError(f"{name}: a compressed-tensors plan keeps the embedding and head dense")

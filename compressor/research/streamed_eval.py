@@ -222,9 +222,13 @@ class StreamedPlanEvaluator:
         H = hooks.result(self.calib.numel()) if hooks else {}
         for name, opt in todo:
             W = linear_weight(blk.get_submodule(name[len(prefix):])).detach().float()
-            self._put(name, opt, decompose(W, H[name], opt, self.config))
+            self._make(name, opt, W, H[name])
             del W
         return X
+
+    def _make(self, name: str, opt: Option, W: Tensor, H: Tensor) -> None:
+        """Compress one linear at `opt` from its Hessian and keep it (the cache)."""
+        self._put(name, opt, decompose(W, H, opt, self.config))
 
     def _decompose_vocab(self, name: str, opt: Option, final: Tensor | None) -> None:
         li = self.vocab[name]

@@ -25,7 +25,7 @@ from compressor.quant.ct_int import dequantize_ct, encode_ct, pack_int32, unpack
 from compressor.quant.grids import signed_params
 from compressor.quant.problem import h_sq
 from solver.bytes import ct_dense, ct_option, option_bytes
-from solver.ct_schemes import fused_groups
+from solver.problem import fused_groups
 
 CFG = ProfileConfig(target="compressed-tensors", calib_seqs=8, fisher_seqs=4, seq_len=128)
 EVAL = ExecuteConfig(eval_seqs=4, eval_seq_len=128)

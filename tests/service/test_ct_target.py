@@ -12,7 +12,8 @@ import sqlalchemy as sa
 
 from service.db.models import Job, ModelRow, PlanRow
 from solver.bytes import Option
-from solver.ct_schemes import fused_groups, menu_bytes_range
+from solver.ct_schemes import menu_bytes_range
+from solver.problem import fused_groups
 from tests.helpers.api import RecordingQueue, make_env, make_settings
 
 CT = "compressed-tensors"
